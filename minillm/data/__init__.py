@@ -1,0 +1,1 @@
+"""Data: corpora, the embedded default corpus, sharding and batches for every objective."""
