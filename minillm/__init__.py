@@ -1,0 +1,16 @@
+"""minillm: a from-scratch Transformer library to read, train and benchmark.
+
+    from minillm import preset, build_model
+    model = build_model(preset("tiny"), "causal-lm")
+
+Start reading at `minillm/model.py`.
+"""
+
+from minillm.config import ModelConfig, preset, PRESETS
+from minillm.model import CausalLM, MaskedLM, ModelOutput, Seq2SeqLM, SequenceClassifier, build_model
+
+__all__ = [
+    "ModelConfig", "preset", "PRESETS", "build_model",
+    "CausalLM", "MaskedLM", "SequenceClassifier", "Seq2SeqLM", "ModelOutput",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""The one place that decides how attention and normalisation run.
+
+The model calls `attention(...)`, `layer_norm(...)` and `rms_norm(...)` from here and never knows
+how a kernel is launched; kernels never import model code. Each function takes a `backend` name
+from the model config and picks an implementation by backend, device and dtype:
+
+attention backends
+    reference  the explicit `softmax(QK^T / sqrt(d_k)) V` in PyTorch (kernels/attention.py, section 1)
+    sdpa       torch.nn.functional.scaled_dot_product_attention (flash / efficient / cuDNN / math)
+    triton     minillm's fused FlashAttention-2 kernel (CUDA tensors; CPU tensors only when the
+               Triton interpreter is on, which is how the tests run it)
+    auto       sdpa, everywhere. Triton is chosen only where a GPU benchmark has shown it faster than
+               SDPA, and no such measurement exists yet (see benchmarks/attention.py).
+
+norm backends
+    torch      torch.nn.functional.layer_norm / rms_norm
+    triton     minillm's fused norm kernels (same device rule as attention)
+    auto       triton on CUDA, torch elsewhere
+
+A backend that cannot run the inputs it is given raises a ValueError; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from minillm.kernels.attention import attention_reference
+
+
+def _triton_can_run(x: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _require_triton(x: torch.Tensor, what: str) -> None:
+    if not _triton_can_run(x):
+        raise ValueError(
+            f"{what}='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got device {x.device}. "
+            f"Use {what}='auto', 'sdpa' or 'reference' on this device."
+        )
+
+
+def resolve_attention_backend(backend: str, query: torch.Tensor) -> str:
+    """Map "auto" to a concrete backend for this tensor; check the others can run here."""
+    if backend == "auto":
+        return "sdpa"
+    if backend == "triton":
+        _require_triton(query, "attn_backend")
+    elif backend not in ("reference", "sdpa"):
+        raise ValueError(f"attn_backend: got {backend!r}, expected one of 'auto', 'reference', 'sdpa', 'triton'")
+    return backend
+
+
+def attention(
+    query: torch.Tensor,  # (B, H, Tq, D)
+    key: torch.Tensor,  # (B, Hkv, Tk, D)
+    value: torch.Tensor,  # (B, Hkv, Tk, D)
+    *,
+    attn_mask: torch.Tensor | None = None,  # bool, True = attend, broadcastable to (B, H, Tq, Tk)
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:  # (B, H, Tq, D)
+    """softmax(Q K^T / sqrt(D) + mask) V with grouped-query heads, by the chosen backend."""
+    enable_gqa = query.shape[1] != key.shape[1]
+    chosen = resolve_attention_backend(backend, query)
+    if chosen == "reference":
+        return attention_reference(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=enable_gqa
+        )
+    if chosen == "sdpa":
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=enable_gqa
+        )
+    from minillm.kernels.attention import scaled_dot_product_attention
+
+    return scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=enable_gqa
+    )
+
+
+def _use_triton_norm(x: torch.Tensor, backend: str) -> bool:
+    if backend == "auto":
+        return x.is_cuda
+    if backend == "triton":
+        _require_triton(x, "norm_backend")
+        return True
+    if backend == "torch":
+        return False
+    raise ValueError(f"norm_backend: got {backend!r}, expected one of 'auto', 'torch', 'triton'")
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, backend: str = "auto"
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension."""
+    if _use_triton_norm(x, backend):
+        from minillm.kernels.layer_norm import layer_norm as triton_layer_norm
+
+        return triton_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: str = "auto") -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+    if _use_triton_norm(x, backend):
+        from minillm.kernels.layer_norm import rms_norm as triton_rms_norm
+
+        return triton_rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)

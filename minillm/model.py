@@ -1,0 +1,786 @@
+"""The Transformer in plain PyTorch: BERT (encoder), GPT (decoder) and the original encoder-decoder.
+
+Read it top to bottom; each section uses only what came before it.
+
+    1. Norms                 LayerNorm, RMSNorm
+    2. Positions             learned table, sinusoidal table, rotary (RoPE)
+    3. Embeddings            token + position + segment
+    4. Attention             multi-head, grouped-query, self and cross, with a KV cache
+    5. MLP                   GELU / ReLU MLP and the gated SwiGLU variant
+    6. Block                 attention + MLP around residual connections, pre- or post-norm
+    7. The stack             Encoder (bidirectional) and Decoder (causal, optional cross-attention)
+    8. Heads                 LM head, MLM head, NSP head, pooler, classifier
+    9. Task models           CausalLM (GPT), MaskedLM (BERT), SequenceClassifier, Seq2SeqLM
+   10. Initialisation and build_model
+
+Shape legend (the same letters everywhere in minillm)
+    B  batch                       T  sequence length (Tq queries, Tk keys)
+    C  model width (d_model)       V  vocabulary size
+    H  query heads                 Hkv key/value heads (H for multi-head, 1 for multi-query)
+    D  head dim = C / H            F  feed-forward width (d_ff)
+
+How attention and norms actually run (reference math, PyTorch SDPA, or our Triton kernels) is
+decided in one place, `minillm.dispatch`; this file only says *what* is computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from minillm import dispatch
+from minillm.config import ModelConfig
+
+IGNORE_INDEX = -100  # label value that the losses skip (padding, unmasked MLM positions)
+
+
+# =============================================================================================
+# 1. Norms
+# =============================================================================================
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias, over the last dim (Ba et al., 2016)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich, 2019): no centring, no bias."""
+
+    def __init__(self, dim: int, eps: float, backend: str = "auto"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.rms_norm(x, self.weight, self.eps, self.backend)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps, config.norm_backend)
+    return LayerNorm(config.d_model, config.norm_eps, bias=config.bias, backend=config.norm_backend)
+
+
+# =============================================================================================
+# 2. Positions
+# =============================================================================================
+
+
+def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/C)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/C)).
+
+    Vaswani et al. (2017): each pair of dimensions is a clock at its own frequency, so a fixed
+    offset between positions is a fixed rotation, which attention can learn to read.
+    """
+    position = torch.arange(max_len, dtype=torch.float32)[:, None]  # (T, 1)
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (C/2,)
+    table = torch.zeros(max_len, dim)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)
+    return table  # (T, C)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al., 2021): rotate query and key features by an angle proportional to position.
+
+    Pair feature i with feature i + D/2 and rotate the pair by pos * theta^(-2i/D). Then
+    q_m . k_n depends on m and n only through m - n: relative position, with no learned table.
+    """
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, D/2)
+        # Derived from the config, so not saved in checkpoints.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # x: (B, H, T, D), position_ids: (B, T)
+        cos = self.cos[position_ids][:, None].to(x.dtype)  # (B, 1, T, D/2)
+        sin = self.sin[position_ids][:, None].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# =============================================================================================
+# 3. Embeddings
+# =============================================================================================
+
+
+class Embeddings(nn.Module):
+    """token + position (+ segment) embeddings, then (post-norm models) a norm, then dropout."""
+
+    def __init__(self, config: ModelConfig, token: nn.Embedding | None = None):
+        super().__init__()
+        # An encoder-decoder passes one shared token table to both of its stacks.
+        self.token = token if token is not None else nn.Embedding(config.vocab_size, config.d_model)
+        self.position = None
+        if config.pos_encoding == "learned":
+            self.position = nn.Embedding(config.max_seq_len, config.d_model)
+        elif config.pos_encoding == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoidal_table(config.max_seq_len, config.d_model), persistent=False)
+        # RoPE adds nothing here: it rotates queries and keys inside attention.
+        self.token_type = nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
+        # BERT normalises the summed embeddings; pre-norm models normalise inside each block instead.
+        self.norm = make_norm(config) if config.norm_placement == "post" else nn.Identity()
+        self.dropout = nn.Dropout(config.embed_dropout)
+        # Vaswani et al. scale token embeddings by sqrt(C) so they are not drowned by the sinusoids.
+        self.token_scale = math.sqrt(config.d_model) if config.pos_encoding == "sinusoidal" else 1.0
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = self.token(input_ids) * self.token_scale  # (B, T, C)
+        if self.position is not None:
+            x = x + self.position(position_ids)
+        elif hasattr(self, "sinusoid"):
+            x = x + self.sinusoid[position_ids].to(x.dtype)
+        if self.token_type is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+# =============================================================================================
+# 4. Attention
+# =============================================================================================
+
+
+@dataclass
+class LayerCache:
+    """What one block keeps between decoding steps: keys and values it has already computed."""
+
+    self_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, Hkv, T_past, D) each
+    cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # encoder keys/values, computed once
+
+
+class MultiHeadAttention(nn.Module):
+    """Attention(Q, K, V) = softmax(Q K^T / sqrt(D) + mask) V, in H heads (Vaswani et al., 2017).
+
+    Queries come from x. Keys and values come from x (self-attention) or from the encoder's output
+    (cross-attention). With Hkv < H key/value heads, each key/value head serves H / Hkv query
+    heads (grouped-query attention; Hkv = 1 is multi-query).
+    """
+
+    def __init__(self, config: ModelConfig, causal: bool, cross: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.causal, self.cross = causal, cross
+        self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
+        self.out_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
+        self.attn_dropout = config.attn_dropout
+        self.resid_dropout = nn.Dropout(config.resid_dropout)
+        self.backend = config.attn_backend
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, Tq, C)
+        attn_mask: torch.Tensor | None,  # bool (B, 1, Tq, Tk), True = attend
+        is_causal: bool,  # True only when no mask is needed beyond plain top-left causality
+        context: torch.Tensor | None = None,  # (B, Tk, C) encoder output, for cross-attention
+        rotary: RotaryEmbedding | None = None,
+        position_ids: torch.Tensor | None = None,  # (B, Tq)
+        past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.n_heads)  # (B, H, Tq, D)
+        if self.cross and past_kv is not None:
+            k, v = past_kv  # the encoder output does not change while decoding
+        else:
+            source = context if self.cross else x
+            k = rearrange(self.k_proj(source), "b t (h d) -> b h t d", h=self.n_kv_heads)  # (B, Hkv, Tk, D)
+            v = rearrange(self.v_proj(source), "b t (h d) -> b h t d", h=self.n_kv_heads)  # (B, Hkv, Tk, D)
+            if rotary is not None:  # self-attention only: positions of queries and new keys match
+                q, k = rotary(q, position_ids), rotary(k, position_ids)
+            if past_kv is not None:  # append this step's keys/values to the cached ones
+                k = torch.cat((past_kv[0], k), dim=2)  # (B, Hkv, T_past + Tq, D)
+                v = torch.cat((past_kv[1], v), dim=2)
+        out = dispatch.attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal,
+            backend=self.backend,
+        )  # (B, H, Tq, D)
+        out = rearrange(out, "b h t d -> b t (h d)")  # (B, Tq, C): heads side by side again
+        return self.resid_dropout(self.out_proj(out)), (k, v)
+
+
+def self_attention_mask(
+    key_keep: torch.Tensor | None, q_len: int, past_len: int, causal: bool, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """Boolean mask (B or 1, 1, Tq, Tk), True = may attend, and whether plain `is_causal` suffices.
+
+    key_keep: (B, Tk) bool, False at padding keys; Tk = past_len + q_len. Query i sits at
+    position past_len + i of the whole sequence, so causal means key j <= past_len + i
+    (bottom-right alignment once a cache exists).
+    """
+    if key_keep is None and (not causal or q_len == 1 or past_len == 0):
+        # No padding: nothing to mask, or exactly the top-left causal pattern SDPA builds itself.
+        return None, causal and past_len == 0 and q_len > 1
+    k_len = past_len + q_len
+    q_pos = torch.arange(past_len, k_len, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+    allowed = (k_pos <= q_pos) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+    if key_keep is not None:
+        allowed = allowed & key_keep[:, None, None, :]  # (B, 1, Tq, Tk)
+    # A padding query may have no key left at all; letting it see itself keeps its softmax finite.
+    # Its output is never used (its labels are ignored), so this changes no real position.
+    allowed = allowed | (k_pos == q_pos)[None, None]
+    return allowed, False
+
+
+# =============================================================================================
+# 5. MLP
+# =============================================================================================
+
+
+class MLP(nn.Module):
+    """MLP(x) = W_out act(W_in x + b_in) + b_out, with W_in: C -> F and W_out: F -> C."""
+
+    ACTIVATIONS = {
+        "gelu": nn.GELU(),  # exact GELU, x * Phi(x): BERT
+        "gelu_tanh": nn.GELU(approximate="tanh"),  # tanh approximation: GPT-2
+        "relu": nn.ReLU(),  # the original Transformer
+    }
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.act = self.ACTIVATIONS[config.activation]
+        self.fc_out = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(self.act(self.fc_in(x))))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU (Shazeer, 2020): W_out (silu(W_gate x) * W_up x). The gate decides what passes."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc_gate = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.fc_in = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.fc_out = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(F.silu(self.fc_gate(x)) * self.fc_in(x)))
+
+
+def make_mlp(config: ModelConfig) -> nn.Module:
+    return GatedMLP(config) if config.activation == "swiglu" else MLP(config)
+
+
+# =============================================================================================
+# 6. Block
+# =============================================================================================
+
+
+class Block(nn.Module):
+    """Self-attention, then (decoder of an encoder-decoder) cross-attention, then the MLP.
+
+    Each sub-layer f sits on the residual stream in one of two ways:
+        pre-norm  (GPT-2):             x = x + f(norm(x))     stable deep training
+        post-norm (BERT, Vaswani):     x = norm(x + f(x))     the original layout
+    """
+
+    def __init__(self, config: ModelConfig, causal: bool, cross: bool):
+        super().__init__()
+        self.pre_norm = config.norm_placement == "pre"
+        self.attn_norm = make_norm(config)
+        self.attn = MultiHeadAttention(config, causal=causal)
+        self.cross_norm = make_norm(config) if cross else None
+        self.cross_attn = MultiHeadAttention(config, causal=False, cross=True) if cross else None
+        self.mlp_norm = make_norm(config)
+        self.mlp = make_mlp(config)
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> tuple[torch.Tensor, object]:
+        if self.pre_norm:
+            out, extra = sublayer(norm(x))
+            return x + out, extra
+        out, extra = sublayer(x)
+        return norm(x + out), extra
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        self_mask: torch.Tensor | None,
+        is_causal: bool,
+        rotary: RotaryEmbedding | None,
+        position_ids: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> tuple[torch.Tensor, LayerCache]:
+        cache = cache or LayerCache()
+        x, self_kv = self._residual(
+            x, self.attn_norm,
+            lambda h: self.attn(h, self_mask, is_causal, rotary=rotary, position_ids=position_ids, past_kv=cache.self_kv),
+        )
+        cross_kv = None
+        if self.cross_attn is not None:
+            x, cross_kv = self._residual(
+                x, self.cross_norm,
+                lambda h: self.cross_attn(h, context_mask, False, context=context, past_kv=cache.cross_kv),
+            )
+        x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None))
+        return x, LayerCache(self_kv=self_kv, cross_kv=cross_kv)
+
+
+# =============================================================================================
+# 7. The stack: Encoder and Decoder
+# =============================================================================================
+
+
+def check_model_inputs(
+    config: ModelConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    past_len: int,
+) -> None:
+    """Reject bad inputs with a message naming the argument, before they reach an index kernel."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids: expected an integer tensor (int64), got {input_ids.dtype}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: expected shape (B, T) with T >= 1, got {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if past_len + T > config.max_seq_len:
+        raise ValueError(
+            f"input_ids: sequence length {past_len + T} (cached {past_len} + new {T}) exceeds "
+            f"max_seq_len={config.max_seq_len}"
+        )
+    if torch.compiler.is_compiling():  # data-dependent checks would break the compiled graph
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= config.vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids: id {bad} is outside the vocabulary [0, vocab_size={config.vocab_size})")
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, past_len + T):
+        raise ValueError(
+            f"attention_mask: expected shape (B, T_past + T) = {(B, past_len + T)} (1 = keep, 0 = pad), "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    if token_type_ids is not None:
+        if config.type_vocab_size == 0:
+            raise ValueError("token_type_ids: this model has no segment embeddings (type_vocab_size=0)")
+        if tuple(token_type_ids.shape) != (B, T):
+            raise ValueError(f"token_type_ids: expected shape {(B, T)}, got {tuple(token_type_ids.shape)}")
+        if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= config.type_vocab_size:
+            raise ValueError(f"token_type_ids: values must lie in [0, type_vocab_size={config.type_vocab_size})")
+
+
+class TransformerStack(nn.Module):
+    """Embeddings, n blocks, and (pre-norm) a final norm: the body shared by every model."""
+
+    def __init__(self, config: ModelConfig, n_layers: int, causal: bool, cross: bool, token: nn.Embedding | None = None):
+        super().__init__()
+        self.config, self.causal = config, causal
+        self.embeddings = Embeddings(config, token)
+        self.rotary = (
+            RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+            if config.pos_encoding == "rope"
+            else None
+        )
+        self.blocks = nn.ModuleList(Block(config, causal=causal, cross=cross) for _ in range(n_layers))
+        # Pre-norm leaves the residual stream un-normalised, so one last norm precedes the heads.
+        self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T_past + T), 1 = keep, 0 = pad
+        token_type_ids: torch.Tensor | None = None,  # (B, T)
+        position_ids: torch.Tensor | None = None,  # (B, T)
+        context: torch.Tensor | None = None,  # (B, Tk, C) encoder output
+        context_mask: torch.Tensor | None = None,  # (B, Tk)
+        cache: list[LayerCache] | None = None,
+    ) -> tuple[torch.Tensor, list[LayerCache]]:
+        past_len = cache[0].self_kv[0].shape[2] if cache else 0
+        check_model_inputs(self.config, input_ids, attention_mask, token_type_ids, past_len)
+        T = input_ids.shape[1]
+        key_keep = attention_mask.bool() if attention_mask is not None else None
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, past_len, T, input_ids.device)
+        x = self.embeddings(input_ids, position_ids, token_type_ids)  # (B, T, C)
+        self_mask, is_causal = self_attention_mask(key_keep, T, past_len, self.causal, input_ids.device)
+        cross_mask = context_mask.bool()[:, None, None, :] if context_mask is not None else None  # (B, 1, 1, Tk)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(
+                x, self_mask, is_causal, self.rotary, position_ids,
+                context=context, context_mask=cross_mask, cache=cache[i] if cache else None,
+            )
+            new_cache.append(layer_cache)
+        return self.final_norm(x), new_cache
+
+
+def default_position_ids(
+    attention_mask: torch.Tensor | None, past_len: int, q_len: int, device: torch.device
+) -> torch.Tensor:
+    """Positions count real tokens only, so a left- or right-padded sequence gets the same
+    positions as the sequence alone (padding invariance). Shape (B or 1, Tq)."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + q_len, device=device)[None]
+    positions = attention_mask.long().cumsum(dim=-1) - 1  # (B, T_past + T)
+    return positions[:, -q_len:].clamp(min=0)
+
+
+class Encoder(TransformerStack):
+    """Every token attends to every other (non-padding) token: BERT's body."""
+
+    def __init__(self, config: ModelConfig, token: nn.Embedding | None = None):
+        super().__init__(config, config.n_layers, causal=False, cross=False, token=token)
+
+
+class Decoder(TransformerStack):
+    """Token t attends only to tokens <= t: GPT's body. With `cross=True` each block also attends
+    to an encoder's output (the decoder of the original Transformer)."""
+
+    def __init__(self, config: ModelConfig, n_layers: int | None = None, cross: bool = False, token: nn.Embedding | None = None):
+        super().__init__(config, n_layers or config.n_layers, causal=True, cross=cross, token=token)
+
+
+# =============================================================================================
+# 8. Heads
+# =============================================================================================
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's MLM head: dense -> activation -> norm -> decoder to the vocabulary (+ its own bias)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.act = MLP.ACTIVATIONS.get(config.activation, nn.GELU())  # SwiGLU models use plain GELU here
+        self.norm = make_norm(config)
+        self.decoder = nn.Linear(config.d_model, config.vocab_size, bias=False)  # tied to the token table
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(hidden)))) + self.bias  # (B, T, V)
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(W h_[CLS] + b), a summary vector taken from the first token."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))  # (B, T, C) -> (B, C)
+
+
+def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Hidden state of the last non-padding token of each row: a decoder's summary of the sequence."""
+    if attention_mask is None:
+        return hidden[:, -1]  # (B, C)
+    # Index of the last 1 in each row, wherever the padding is (left or right).
+    T = attention_mask.shape[1]
+    last = T - 1 - attention_mask.long().flip(-1).argmax(dim=-1)  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+# =============================================================================================
+# 9. Task models
+# =============================================================================================
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V) for language models, (B, num_labels) for classifiers
+    loss: torch.Tensor | None = None
+    nsp_logits: torch.Tensor | None = None  # (B, 2): BERT pretraining
+    cache: list[LayerCache] | None = None  # for the next decoding step
+    hidden_states: torch.Tensor | None = None  # (B, T, C) output of the last block (after final norm)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Cross-entropy over positions whose label is not IGNORE_INDEX.
+
+    reduction="mean" averages over those tokens; "sum" lets a trainer divide by the token count of
+    the whole accumulated batch, so gradient accumulation equals one large batch exactly.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction: got {reduction!r}, expected 'mean' or 'sum'")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
+
+
+def _check_labels(name: str, labels: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(labels.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(labels.shape)}")
+
+
+class Model(nn.Module):
+    """What every minillm model shares: its config, parameter counting, optimizer groups, FLOPs."""
+
+    config: ModelConfig
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (tied weights counted once)."""
+        params = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in params.values())
+        if exclude_embeddings:
+            total -= sum(m.weight.numel() for m in {id(m): m for m in self.modules() if isinstance(m, nn.Embedding)}.values())
+        return total
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay matrices; never decay biases, norm weights or embeddings."""
+        no_decay_ids = set()
+        for module in self.modules():
+            if isinstance(module, (nn.Embedding, LayerNorm, RMSNorm)):
+                no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+        decay, no_decay, seen = [], [], set()
+        for name, param in self.named_parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            is_bias = name.endswith("bias")
+            (no_decay if is_bias or id(param) in no_decay_ids or param.dim() < 2 else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N (forward + backward through N non-embedding weights) plus
+        attention scores 12 L C T (Kaplan et al., 2020; PaLM appendix B)."""
+        n_layers = self.config.n_layers + (self.config.decoder_layers if self.config.arch == "encoder-decoder" else 0)
+        return 6 * self.num_parameters(exclude_embeddings=True) + 12 * n_layers * self.config.d_model * seq_len
+
+
+class CausalLM(Model):
+    """GPT: a decoder whose output at position t predicts the token at t + 1."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "decoder":
+            raise ValueError(f"config.arch: CausalLM needs 'decoder', got {config.arch!r}")
+        self.config = config
+        self.decoder = Decoder(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:  # one matrix both reads and writes tokens
+            self.lm_head.weight = self.decoder.embeddings.token.weight
+        init_weights(self, config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T_past + T)
+        labels: torch.Tensor | None = None,  # (B, T), usually input_ids; shifted here
+        position_ids: torch.Tensor | None = None,
+        cache: list[LayerCache] | None = None,
+        loss_reduction: str = "mean",
+    ) -> ModelOutput:
+        hidden, new_cache = self.decoder(input_ids, attention_mask, position_ids=position_ids, cache=cache)
+        logits = self.lm_head(hidden)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            _check_labels("labels", labels, tuple(input_ids.shape))
+            # Position t predicts token t + 1: drop the last prediction and the first label.
+            loss = token_loss(logits[:, :-1], labels[:, 1:], loss_reduction)
+        return ModelOutput(logits=logits, loss=loss, cache=new_cache, hidden_states=hidden)
+
+
+class MaskedLM(Model):
+    """BERT: an encoder that predicts masked tokens (MLM) and, with `nsp=True`, whether sentence B
+    followed sentence A (next-sentence prediction, from the pooled [CLS] token)."""
+
+    def __init__(self, config: ModelConfig, nsp: bool = False):
+        super().__init__()
+        if config.arch != "encoder":
+            raise ValueError(f"config.arch: MaskedLM needs 'encoder', got {config.arch!r}")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.mlm_head = MaskedLMHead(config)
+        if config.tie_embeddings:
+            self.mlm_head.decoder.weight = self.encoder.embeddings.token.weight
+        self.pooler = Pooler(config) if nsp else None
+        self.nsp_head = nn.Linear(config.d_model, 2) if nsp else None
+        init_weights(self, config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T)
+        token_type_ids: torch.Tensor | None = None,  # (B, T)
+        labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX except at masked positions
+        next_sentence_label: torch.Tensor | None = None,  # (B,), 0 = B follows A, 1 = random B
+        loss_reduction: str = "mean",
+    ) -> ModelOutput:
+        hidden, _ = self.encoder(input_ids, attention_mask, token_type_ids)
+        logits = self.mlm_head(hidden)  # (B, T, V)
+        nsp_logits = self.nsp_head(self.pooler(hidden)) if self.nsp_head is not None else None  # (B, 2)
+        loss = None
+        if labels is not None:
+            _check_labels("labels", labels, tuple(input_ids.shape))
+            loss = token_loss(logits, labels, loss_reduction)
+        if next_sentence_label is not None:
+            if nsp_logits is None:
+                raise ValueError("next_sentence_label: this model has no NSP head (build it with nsp=True)")
+            _check_labels("next_sentence_label", next_sentence_label, (input_ids.shape[0],))
+            nsp_loss = token_loss(nsp_logits, next_sentence_label, loss_reduction)
+            loss = nsp_loss if loss is None else loss + nsp_loss
+        return ModelOutput(logits=logits, loss=loss, nsp_logits=nsp_logits, hidden_states=hidden)
+
+
+class SequenceClassifier(Model):
+    """A label for a whole sequence (or sentence pair). An encoder reads the pooled [CLS] token;
+    a decoder reads its last non-padding token, the only one that has seen everything."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch == "encoder-decoder":
+            raise ValueError("config.arch: SequenceClassifier needs 'encoder' or 'decoder', got 'encoder-decoder'")
+        self.config = config
+        self.body = Encoder(config) if config.arch == "encoder" else Decoder(config)
+        self.pooler = Pooler(config) if config.arch == "encoder" else None
+        self.dropout = nn.Dropout(config.resid_dropout)
+        self.classifier = nn.Linear(config.d_model, config.num_labels)
+        init_weights(self, config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,  # (B,) class ids, or floats when num_labels == 1
+        loss_reduction: str = "mean",
+    ) -> ModelOutput:
+        hidden, _ = self.body(input_ids, attention_mask, token_type_ids)
+        summary = self.pooler(hidden) if self.pooler is not None else last_token(hidden, attention_mask)  # (B, C)
+        logits = self.classifier(self.dropout(summary))  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            _check_labels("labels", labels, (input_ids.shape[0],))
+            if self.config.num_labels == 1:  # regression (e.g. STS-B similarity scores)
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction=loss_reduction)
+            else:
+                loss = token_loss(logits, labels, loss_reduction)
+        return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
+
+
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: [start, y_0, ..., y_{T-2}], with ignored labels as pad."""
+    shifted = torch.full_like(labels, pad_id)
+    shifted[:, 0] = start_id
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad_id)
+
+
+class Seq2SeqLM(Model):
+    """The original Transformer: an encoder reads the source; a decoder writes the target one
+    token at a time, attending to its own past (causal) and to the whole source (cross)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "encoder-decoder":
+            raise ValueError(f"config.arch: Seq2SeqLM needs 'encoder-decoder', got {config.arch!r}")
+        self.config = config
+        shared = nn.Embedding(config.vocab_size, config.d_model)  # one table for source, target, output
+        self.encoder = Encoder(config, token=shared)
+        self.decoder = Decoder(config, n_layers=config.decoder_layers, cross=True, token=shared)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = shared.weight
+        init_weights(self, config)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden, _ = self.encoder(input_ids, attention_mask)
+        return hidden  # (B, Ts, C)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,  # (B, Ts) source
+        attention_mask: torch.Tensor | None = None,  # (B, Ts)
+        decoder_input_ids: torch.Tensor | None = None,  # (B, Tt); built from labels when omitted
+        decoder_attention_mask: torch.Tensor | None = None,  # (B, T_past + Tt)
+        labels: torch.Tensor | None = None,  # (B, Tt) target, not shifted
+        encoder_hidden: torch.Tensor | None = None,  # (B, Ts, C), reused while decoding
+        cache: list[LayerCache] | None = None,
+        loss_reduction: str = "mean",
+    ) -> ModelOutput:
+        if encoder_hidden is None:
+            if input_ids is None:
+                raise ValueError("input_ids: required unless encoder_hidden is given")
+            encoder_hidden = self.encode(input_ids, attention_mask)
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("decoder_input_ids: required unless labels are given")
+            decoder_input_ids = shift_right(labels, self.config.bos_token_id, self.config.pad_token_id)
+        hidden, new_cache = self.decoder(
+            decoder_input_ids, decoder_attention_mask, context=encoder_hidden, context_mask=attention_mask, cache=cache
+        )
+        logits = self.lm_head(hidden)  # (B, Tt, V)
+        loss = None
+        if labels is not None:
+            _check_labels("labels", labels, tuple(decoder_input_ids.shape))
+            loss = token_loss(logits, labels, loss_reduction)
+        return ModelOutput(logits=logits, loss=loss, cache=new_cache, hidden_states=hidden)
+
+
+# =============================================================================================
+# 10. Initialisation and build_model
+# =============================================================================================
+
+
+def init_weights(model: nn.Module, config: ModelConfig) -> None:
+    """GPT-2/BERT initialisation: weights ~ N(0, 0.02), biases 0, norms 1.
+
+    The projections that write into the residual stream (attention out_proj, MLP fc_out) get
+    std 0.02 / sqrt(2 L): the stream sums 2 L of them, so its variance stays O(1) at any depth.
+    """
+    n_residual = 2 * config.n_layers + (3 * config.decoder_layers if config.arch == "encoder-decoder" else 0)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            is_residual_out = name.endswith(("out_proj", "fc_out"))
+            std = config.init_std / math.sqrt(n_residual) if is_residual_out else config.init_std
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
+    # Tied output layers share the embedding table, which was initialised last: nothing to redo.
+
+
+TASKS = ("causal-lm", "mlm", "mlm-nsp", "classification", "seq2seq")
+
+
+def build_model(config: ModelConfig, task: str) -> Model:
+    """The model for a training objective: causal-lm, mlm, mlm-nsp, classification, seq2seq."""
+    if task == "causal-lm":
+        return CausalLM(config)
+    if task in ("mlm", "mlm-nsp"):
+        return MaskedLM(config, nsp=task == "mlm-nsp")
+    if task == "classification":
+        return SequenceClassifier(config)
+    if task == "seq2seq":
+        return Seq2SeqLM(config)
+    raise ValueError(f"task: got {task!r}, expected one of {TASKS}")
