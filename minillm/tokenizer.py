@@ -1,0 +1,352 @@
+"""Sentencepiece tokenizer with fixed special-token ids.
+
+A minillm tokenizer is one sentencepiece ``.model`` file. Training one here lays out the
+vocabulary the same way every time:
+
+==========  ====  ===========  ==================================================
+constant    id    piece        used by
+==========  ====  ===========  ==================================================
+PAD_ID      0     ``[PAD]``    padding in every collator (``attention_mask`` 0)
+UNK_ID      1     ``[UNK]``    characters outside the vocabulary (rare: byte fallback)
+CLS_ID      2     ``[CLS]``    first token of MLM / NSP / classification inputs
+SEP_ID      3     ``[SEP]``    end of each segment in MLM / NSP / classification
+MASK_ID     4     ``[MASK]``   masked positions in MLM
+BOS_ID      5     ``[BOS]``    decoder start token (seq2seq)
+EOS_ID      6     ``[EOS]``    end of every document in token shards, end of targets
+7 ..        ...   ``<sentinel_i>``  T5 span-corruption sentinels (``n_sentinels``, default 16)
+next        ...   ``"\\n"``     a newline is one piece, so line structure survives
+==========  ====  ===========  ==================================================
+
+then 256 byte pieces ``<0x00>`` .. ``<0xFF>`` (byte fallback: any UTF-8 text encodes without
+``[UNK]``) and the learned pieces. ``[CLS]``, ``[SEP]``, ``[MASK]`` and the sentinels are
+*control* pieces: text that happens to contain the string ``"[MASK]"`` is tokenised as ordinary
+characters, never as the mask token, and ``decode`` drops control pieces.
+
+Normalisation is the identity (no NFKC, whitespace kept as is), so for a tokenizer trained
+here ``decode(encode(text)) == text`` for every string.
+
+Foreign models. ``Tokenizer.load`` accepts any sentencepiece ``.model``. Its pad/unk/bos/eos
+ids come from the model itself; CLS/SEP/MASK are looked up by piece name (``[CLS]``/``<cls>``,
+``[SEP]``/``<sep>``, ``[MASK]``/``<mask>``). An id the model lacks is ``None`` on the instance
+(``tok.mask_id is None``) and an objective that needs it raises a ``ValueError`` naming the
+token. Sentinels are the pieces named ``<sentinel_i>`` or ``<extra_id_i>`` (T5); a model with
+neither uses the top ``n`` ids of its vocabulary (those pieces become ambiguous: documented
+limit).
+
+Whole-word masking uses sentencepiece's word-start marker ``"▁"`` (U+2581):
+``word_start[id]`` is True for pieces beginning with it and for stand-alone pieces (control,
+user-defined such as the newline, unknown); ``standalone[id]`` marks the latter, after which
+the next piece also starts a word. This works for any sentencepiece vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID = 0
+UNK_ID = 1
+CLS_ID = 2
+SEP_ID = 3
+MASK_ID = 4
+BOS_ID = 5
+EOS_ID = 6
+
+SPECIAL_PIECES = {
+    PAD_ID: "[PAD]",
+    UNK_ID: "[UNK]",
+    CLS_ID: "[CLS]",
+    SEP_ID: "[SEP]",
+    MASK_ID: "[MASK]",
+    BOS_ID: "[BOS]",
+    EOS_ID: "[EOS]",
+}
+
+WORD_START = "\u2581"  # sentencepiece's "▁": the piece begins a new whitespace-separated word
+
+# sentencepiece skips training sentences longer than this many bytes; longer lines are cut.
+_MAX_SENTENCE_BYTES = 4096
+
+
+def _training_sentences(texts_or_files: Iterable, stats: dict) -> Iterator[str]:
+    """Yield non-empty lines (cut to sentencepiece's limit) from texts, Documents or files.
+
+    ``str`` items are text; ``pathlib.Path`` items are read as UTF-8 text files; objects with a
+    ``.text`` attribute (``minillm.data.corpus.Document``) give their text.
+    """
+    from minillm.data.corpus import read_text_file  # local: keeps tokenizer importable alone
+
+    for item in texts_or_files:
+        if isinstance(item, Path):
+            texts: Iterable[str] = (doc.text for doc in read_text_file(item))
+        elif isinstance(item, str):
+            texts = (item,)
+        elif hasattr(item, "text"):
+            texts = (item.text,)
+        else:
+            raise TypeError(
+                f"Tokenizer.train: texts_or_files items must be str, pathlib.Path or Document, "
+                f"got {type(item).__name__}"
+            )
+        for text in texts:
+            for line in text.split("\n"):
+                if not line.strip():
+                    continue
+                stats["bytes"] += len(line.encode("utf-8"))
+                # Cut long lines on character boundaries well under the byte limit.
+                step = _MAX_SENTENCE_BYTES // 4
+                for start in range(0, len(line), step):
+                    stats["sentences"] += 1
+                    yield line[start : start + step]
+
+
+class Tokenizer:
+    """A sentencepiece model plus the special-token ids and word-start tables minillm needs.
+
+    Build one with :meth:`train` or :meth:`load`; the constructor takes the serialised model.
+    """
+
+    def __init__(self, model_proto: bytes, path: Path | None = None):
+        self.model_proto = model_proto
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        sp = self.sp
+        n = sp.get_piece_size()
+
+        def piece_id(*names: str) -> int | None:
+            for name in names:
+                i = sp.piece_to_id(name)
+                if i != sp.unk_id() or name == sp.id_to_piece(sp.unk_id()):
+                    return i
+            return None
+
+        def sp_id(i: int) -> int | None:
+            return None if i < 0 else i
+
+        self.pad_id = sp_id(sp.pad_id())
+        self.unk_id = sp_id(sp.unk_id())
+        self.bos_id = sp_id(sp.bos_id())
+        self.eos_id = sp_id(sp.eos_id())
+        self.cls_id = piece_id("[CLS]", "<cls>")
+        self.sep_id = piece_id("[SEP]", "<sep>")
+        self.mask_id = piece_id("[MASK]", "<mask>")
+
+        pieces = [sp.id_to_piece(i) for i in range(n)]
+        standalone = np.array(
+            [sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or self._is_user_defined(i) for i in range(n)],
+            dtype=bool,
+        )
+        self.standalone = standalone
+        """``standalone[id]``: control/unknown/user-defined piece; the piece after it starts a word."""
+        self.word_start = np.array([p.startswith(WORD_START) for p in pieces], dtype=bool) | standalone
+        """``word_start[id]``: the piece begins a new word (whole-word masking)."""
+        self.special = np.array([sp.is_control(i) or sp.is_unknown(i) for i in range(n)], dtype=bool)
+        """``special[id]``: never chosen for masking or random replacement (control and unknown)."""
+
+        found: list[int] = []
+        for k in range(n):  # <sentinel_0>, <sentinel_1>, ... until the first one missing
+            i = piece_id(f"<sentinel_{k}>", f"<extra_id_{k}>")
+            if i is None:
+                break
+            found.append(i)
+        self._sentinel_ids = found
+
+    def _is_user_defined(self, i: int) -> bool:
+        # sentencepiece's Python API has no is_user_defined; a user-defined piece is the only
+        # non-control, non-byte piece with score 0 that the trainer did not learn. Checking the
+        # model proto is exact, so parse it once lazily.
+        if not hasattr(self, "_user_defined"):
+            from sentencepiece import sentencepiece_model_pb2 as pb  # shipped with sentencepiece
+
+            model = pb.ModelProto()
+            model.ParseFromString(self.model_proto)
+            user = pb.ModelProto.SentencePiece.USER_DEFINED
+            self._user_defined = {k for k, p in enumerate(model.pieces) if p.type == user}
+        return i in self._user_defined
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def train(
+        cls,
+        texts_or_files: Iterable,
+        path: str | os.PathLike,
+        vocab_size: int,
+        model_type: str = "bpe",
+        *,
+        n_sentinels: int = 16,
+        character_coverage: float = 0.9995,
+        max_sentences: int = 2_000_000,
+        num_threads: int | None = None,
+        seed: int = 0,
+    ) -> "Tokenizer":
+        """Train a sentencepiece model and write it atomically to ``path`` (``.model`` added).
+
+        Args:
+            texts_or_files: iterable of ``str`` (text), ``pathlib.Path`` (UTF-8 text file) or
+                ``Document``. It is streamed to sentencepiece; no temporary text file is written.
+            path: where to write the ``.model`` file.
+            vocab_size: total pieces, specials and the 256 byte pieces included (so at least
+                ~300 + ``n_sentinels``). Too large for the corpus is a ``ValueError`` that says
+                the largest size the corpus supports.
+            model_type: ``"bpe"`` or ``"unigram"``.
+            n_sentinels: T5 sentinel pieces reserved after the specials (0 for none).
+            character_coverage: fraction of characters covered by pieces; the rest use bytes.
+            max_sentences: sentencepiece samples at most this many lines (memory bound).
+            num_threads: trainer threads (default: all cores).
+            seed: seed for sentencepiece's sampling of training lines.
+        """
+        if model_type not in ("bpe", "unigram"):
+            raise ValueError(f"Tokenizer.train: model_type must be 'bpe' or 'unigram', got {model_type!r}")
+        if not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"Tokenizer.train: vocab_size must be a positive int, got {vocab_size!r}")
+        if n_sentinels < 0:
+            raise ValueError(f"Tokenizer.train: n_sentinels must be >= 0, got {n_sentinels}")
+        path = Path(path)
+        if path.suffix != ".model":
+            path = path.with_name(path.name + ".model")
+        control = ["[CLS]", "[SEP]", "[MASK]"] + [f"<sentinel_{k}>" for k in range(n_sentinels)]
+        minimum = len(control) + 4 + 1 + 256
+        if vocab_size <= minimum:
+            raise ValueError(
+                f"Tokenizer.train: vocab_size={vocab_size} leaves no room for learned pieces: "
+                f"{minimum} ids are taken by specials, sentinels, the newline and 256 byte pieces"
+            )
+
+        stats = {"bytes": 0, "sentences": 0}
+        sentences = _training_sentences(texts_or_files, stats)
+        first = next(sentences, None)
+        if first is None:
+            raise ValueError("Tokenizer.train: the corpus is empty (no non-blank line in texts_or_files)")
+
+        def all_sentences() -> Iterator[str]:
+            yield first
+            yield from sentences
+
+        import io
+
+        buffer = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=all_sentences(),
+                model_writer=buffer,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                pad_piece="[PAD]", unk_piece="[UNK]", bos_piece="[BOS]", eos_piece="[EOS]",
+                control_symbols=control,
+                user_defined_symbols=["\n"],
+                byte_fallback=True,
+                normalization_rule_name="identity",  # exact round trip
+                remove_extra_whitespaces=False,
+                add_dummy_prefix=True,
+                split_digits=True,  # numbers as digits: a small vocabulary need not learn them
+                character_coverage=character_coverage,
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                max_sentence_length=_MAX_SENTENCE_BYTES * 4,
+                num_threads=num_threads or os.cpu_count() or 1,
+                random_seed=seed,
+                minloglevel=2,
+            )
+        except RuntimeError as err:
+            message = str(err)
+            if "Vocabulary size" in message or "vocab_size" in message:
+                raise ValueError(
+                    f"Tokenizer.train: vocab_size={vocab_size} is larger than the corpus supports "
+                    f"({stats['sentences']} lines, {stats['bytes']} bytes); sentencepiece says: "
+                    f"{message.split(']')[-1].strip()}"
+                ) from None
+            raise
+        tok = cls(buffer.getvalue(), path)
+        tok._write_atomic(path)
+        return tok
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load any sentencepiece ``.model`` file (or a directory holding ``tokenizer.model``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        if not path.is_file():
+            raise FileNotFoundError(f"Tokenizer.load: no sentencepiece model at {path}")
+        data = path.read_bytes()
+        try:
+            return cls(data, path)
+        except RuntimeError as err:
+            raise ValueError(f"Tokenizer.load: {path} is not a sentencepiece model ({err})") from None
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Copy the model into ``directory/tokenizer.model`` (atomic) and return that path.
+
+        Every run directory and checkpoint carries its tokenizer this way.
+        """
+        target = Path(directory) / "tokenizer.model"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._write_atomic(target)
+        return target
+
+    def _write_atomic(self, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.model_proto)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ------------------------------------------------------------------ encode / decode
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces; model embeddings need exactly this many rows."""
+        return self.sp.get_piece_size()
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """Span-corruption sentinel ids, ``sentinel_ids[0]`` first (see module docstring)."""
+        if self._sentinel_ids:
+            return list(self._sentinel_ids)
+        return list(range(self.vocab_size - 1, max(self.vocab_size - 101, 0), -1))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no specials added)."""
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        """Token ids of many texts at once; sentencepiece encodes them in C++ threads."""
+        return self.sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; control pieces (specials, sentinels) decode to nothing."""
+        return self.sp.decode([int(i) for i in ids])
+
+    def decode_batch(self, batch: Iterable[Iterable[int]], num_threads: int = -1) -> list[str]:
+        """Texts of many id lists at once."""
+        return self.sp.decode([[int(i) for i in ids] for ids in batch], num_threads=num_threads)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def is_word_start(self, i: int) -> bool:
+        """True when piece ``i`` starts a new word (see ``word_start``)."""
+        return bool(self.word_start[i])
+
+    def require(self, name: str) -> int:
+        """The id of special token ``name`` ("pad", "cls", ...), or a ValueError naming it."""
+        value = getattr(self, f"{name}_id")
+        if value is None:
+            where = self.path or "this sentencepiece model"
+            raise ValueError(f"{where} has no {name.upper()} token; it is needed here")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, path={str(self.path)!r})"
+
