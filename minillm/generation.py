@@ -1,0 +1,224 @@
+"""Text generation: greedy and sampled decoding for GPT, greedy and beam search for encoder-decoders.
+
+Decoding is a loop: run the model, look at the logits of the last position, pick a token, append
+it, repeat. The KV cache makes each step cost one token instead of the whole prefix: the keys and
+values of earlier positions never change in a causal model, so each block keeps them
+(`LayerCache`) and the next step feeds only the new token.
+
+Padding: rows of a batch have different prompt lengths. Generation needs every row's last real
+token at the same column, so prompts are left-padded (right-padded ones are moved to the left
+here). Position ids count only real tokens, so padding never changes what a row generates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minillm.model import CausalLM, LayerCache, Seq2SeqLM
+
+
+def _check_decoding_args(max_new_tokens, temperature, top_k, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected None or a value in (0, 1], got {top_p!r}")
+
+
+def _check_prompt(input_ids, attention_mask, max_len: int, max_new_tokens: int) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids: expected a (B, T) tensor of token ids with T >= 1, got {shape}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    if input_ids.shape[1] + max_new_tokens > max_len:
+        raise ValueError(
+            f"max_new_tokens: prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
+            f"model's max_seq_len={max_len}"
+        )
+
+
+def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's padding to the left, keeping the order of its real tokens."""
+    order = torch.argsort(attention_mask.long(), dim=1, stable=True)  # pads (0) first, tokens in order
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def sample_next_token(
+    logits: torch.Tensor,  # (B, V) logits of the last position
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:  # (B,)
+    """Greedy: argmax. Sampling: softmax(logits / temperature), restricted to the k most likely
+    tokens (top-k) and/or to the smallest set whose probability reaches p (top-p, nucleus)."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach p; the best token always stays.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = drop_sorted.scatter(1, sorted_index, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: CausalLM,
+    input_ids: torch.Tensor,  # (B, T) prompt
+    attention_mask: torch.Tensor | None = None,  # (B, T), 1 = token, 0 = pad
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:  # (B, T + new), prompt (left-padded) followed by the generated tokens
+    """Continue each prompt by up to `max_new_tokens` tokens.
+
+    A row that produces `eos_token_id` is finished: it gets `pad_token_id` from then on, and the
+    loop stops once every row is finished. With `use_cache=False` every step recomputes the whole
+    prefix (slow; it exists to check the cache).
+    """
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"model: generate() needs a CausalLM, got {type(model).__name__}")
+    _check_decoding_args(max_new_tokens, temperature, top_k, top_p)
+    _check_prompt(input_ids, attention_mask, model.config.max_seq_len, max_new_tokens)
+    pad_token_id = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ids, mask = left_pad(input_ids, attention_mask.long())
+    was_training = model.training
+    model.eval()
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    cache: list[LayerCache] | None = None
+    step_input = ids
+    for _ in range(max_new_tokens):
+        out = model(step_input, attention_mask=mask, cache=cache)
+        next_token = sample_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)  # (B,)
+        if eos_token_id is not None:
+            next_token = next_token.masked_fill(finished, pad_token_id)
+            finished |= next_token == eos_token_id
+        ids = torch.cat((ids, next_token[:, None]), dim=1)
+        mask = torch.cat((mask, torch.ones_like(next_token[:, None])), dim=1)
+        if use_cache:
+            cache, step_input = out.cache, next_token[:, None]  # next step feeds only the new token
+        else:
+            step_input = ids
+        if eos_token_id is not None and bool(finished.all()):
+            break
+    model.train(was_training)
+    return ids
+
+
+def _reorder_cache(cache: list[LayerCache], index: torch.Tensor) -> list[LayerCache]:
+    """Select batch rows of every cached tensor (beam search keeps the surviving beams)."""
+
+    def pick(kv):
+        return None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+
+    return [LayerCache(self_kv=pick(c.self_kv), cross_kv=pick(c.cross_kv)) for c in cache]
+
+
+@torch.no_grad()
+def generate_seq2seq(
+    model: Seq2SeqLM,
+    input_ids: torch.Tensor,  # (B, Ts) source
+    attention_mask: torch.Tensor | None = None,  # (B, Ts)
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> torch.Tensor:  # (B, 1 + new): decoder start token, then the output
+    """Greedy decoding (num_beams=1) or beam search for an encoder-decoder.
+
+    Beam search keeps the `num_beams` best partial outputs by total log-probability. A beam that
+    emits EOS becomes a finished hypothesis, scored as sum(log p) / length^length_penalty; a row
+    stops once it has `num_beams` finished hypotheses, and the best one is returned.
+    """
+    if not isinstance(model, Seq2SeqLM):
+        raise TypeError(f"model: generate_seq2seq() needs a Seq2SeqLM, got {type(model).__name__}")
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams!r}")
+    _check_decoding_args(max_new_tokens, 1.0, None, None)
+    _check_prompt(input_ids, attention_mask, model.config.max_seq_len, 0)
+    if max_new_tokens + 1 > model.config.max_seq_len:
+        raise ValueError(f"max_new_tokens: {max_new_tokens} + 1 exceeds max_seq_len={model.config.max_seq_len}")
+    pad_token_id = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    was_training = model.training
+    model.eval()
+    B, K = input_ids.shape[0], num_beams
+    encoder_hidden = model.encode(input_ids, attention_mask)  # (B, Ts, C)
+    # Every row is searched with K beams side by side: (B, ...) -> (B * K, ...)
+    encoder_hidden = encoder_hidden.repeat_interleave(K, dim=0)
+    source_mask = attention_mask.repeat_interleave(K, dim=0) if attention_mask is not None else None
+    tokens = torch.full((B * K, 1), model.config.bos_token_id, dtype=torch.long, device=input_ids.device)
+    beam_scores = torch.zeros(B, K, device=input_ids.device)
+    beam_scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    hypotheses: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
+    done = [False] * B
+    cache = None
+    for step in range(max_new_tokens):
+        out = model(
+            attention_mask=source_mask, decoder_input_ids=tokens[:, -1:], encoder_hidden=encoder_hidden, cache=cache
+        )
+        log_probs = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B * K, V)
+        V = log_probs.shape[-1]
+        candidates = (beam_scores.reshape(B * K, 1) + log_probs).reshape(B, K * V)
+        # 2K candidates guarantee K that do not end in EOS.
+        top_scores, top_index = torch.topk(candidates, 2 * K, dim=-1)  # (B, 2K)
+        next_scores = torch.full((B, K), float("-inf"), device=tokens.device)
+        # Rows that are done keep pointing at their own first beam; their scores stay -inf.
+        next_source = torch.arange(B, device=tokens.device)[:, None].repeat(1, K) * K
+        next_token = torch.full((B, K), pad_token_id, dtype=torch.long, device=tokens.device)
+        for b in range(B):
+            filled = 0
+            for score, index in zip(top_scores[b].tolist(), top_index[b].tolist()):
+                if done[b] or filled == K or score == float("-inf"):
+                    break
+                beam, token = divmod(index, V)
+                if eos_token_id is not None and token == eos_token_id:
+                    output = torch.cat((tokens[b * K + beam], tokens.new_tensor([token])))
+                    hypotheses[b].append((score / (step + 1) ** length_penalty, output))
+                    continue
+                next_scores[b, filled], next_source[b, filled], next_token[b, filled] = score, b * K + beam, token
+                filled += 1
+            if len(hypotheses[b]) >= K:
+                done[b] = True
+        if all(done):
+            break
+        source = next_source.reshape(-1)
+        tokens = torch.cat((tokens.index_select(0, source), next_token.reshape(-1, 1)), dim=1)
+        cache = _reorder_cache(out.cache, source)
+        beam_scores = next_scores
+    for b in range(B):  # rows that ran out of steps: their live beams are hypotheses too
+        if not done[b]:
+            for k in range(K):
+                if beam_scores[b, k] > float("-inf"):
+                    length = tokens.shape[1] - 1
+                    hypotheses[b].append((float(beam_scores[b, k]) / length**length_penalty, tokens[b * K + k]))
+    best = [max(h, key=lambda pair: pair[0])[1] for h in hypotheses]
+    result = torch.full((B, max(len(t) for t in best)), pad_token_id, dtype=torch.long, device=input_ids.device)
+    for b, t in enumerate(best):
+        result[b, : len(t)] = t
+    model.train(was_training)
+    return result
