@@ -1,0 +1,554 @@
+"""Hugging Face checkpoints in and out: `from_hf` loads GPT-2 and BERT, `to_hf` hands a model back.
+
+    model = from_hf(GPT2LMHeadModel(...))            # a transformers model object
+    model = from_hf("path/to/bert-checkpoint")       # config.json + model.safetensors / pytorch_model.bin
+    hf = to_hf(model, out_dir="exported")            # a transformers object, plus a directory that
+                                                     # AutoModel*.from_pretrained can read
+
+What maps to what
+    HF architecture                   minillm model                  task name
+    GPT2LMHeadModel, GPT2Model        CausalLM (head tied to wte)    "causal-lm"
+    BertForPreTraining                MaskedLM(nsp=True)             "mlm-nsp"
+    BertForMaskedLM                   MaskedLM(nsp=False)            "mlm"
+    BertForSequenceClassification     SequenceClassifier             "classification"
+    BertModel                         Encoder (the bare body)        "encoder"
+
+    GPT-2 weight (under transformer.)  minillm (under decoder.)   BERT weight (under bert.)              minillm
+    wte, wpe                           embeddings.token/position  embeddings.word/position/token_type    embeddings.token/position/token_type
+    h.i.ln_1, h.i.ln_2                 blocks.i.attn_norm/mlp_norm embeddings.LayerNorm                  embeddings.norm
+    h.i.attn.c_attn (q|k|v packed)     blocks.i.attn.q/k/v_proj   encoder.layer.i.attention.self.q/k/v  blocks.i.attn.q/k/v_proj
+    h.i.attn.c_proj                    blocks.i.attn.out_proj     ...attention.output.dense/LayerNorm    blocks.i.attn.out_proj / attn_norm
+    h.i.mlp.c_fc, h.i.mlp.c_proj       blocks.i.mlp.fc_in/fc_out  ...intermediate.dense, output.dense    blocks.i.mlp.fc_in / fc_out
+    ln_f                               final_norm                 ...output.LayerNorm                    blocks.i.mlp_norm
+    lm_head (tied to wte)              lm_head                    pooler.dense                           pooler.dense
+                                                                  cls.predictions.transform.dense/LN     mlm_head.dense/norm
+                                                                  cls.predictions.bias (own MLM bias)    mlm_head.bias
+                                                                  cls.predictions.decoder (tied)         mlm_head.decoder
+                                                                  cls.seq_relationship                   nsp_head
+                                                                  classifier                             classifier
+
+The traps
+    * GPT-2's linear layers are `Conv1D`: weight stored (in, out), the transpose of nn.Linear's
+      (out, in). Every GPT-2 matrix is transposed on the way in and on the way out.
+    * `c_attn` packs query, key and value into one (C, 3C) matrix: split it in three (in, out) order.
+    * GPT-2 checkpoints may carry `attn.bias` / `attn.masked_bias`: causal-mask buffers, not
+      weights. BERT checkpoints may carry `embeddings.position_ids` / `token_type_ids` buffers.
+      They are skipped by name; nothing else is.
+    * GPT-2 uses the tanh GELU ("gelu_new"); BERT the exact GELU. BERT is post-norm with eps 1e-12.
+    * BERT's MLM decoder is tied to the word embeddings but has its own bias,
+      `cls.predictions.bias` (also visible as the alias `cls.predictions.decoder.bias`).
+    * Tied copies (`lm_head.weight`, `cls.predictions.decoder.*`) are consumed only after checking
+      that they equal what they are tied to.
+
+Strictness: every minillm parameter is filled, every HF weight is consumed, every shape is checked.
+Anything left over or missing is a ValueError that names the keys, so a silent mismatch cannot
+happen. The one deliberate exception is task "encoder" (the default for `BertModel`): asking for
+the bare body means dropping heads, so weights under `pooler.`, `cls.` and `classifier.` are
+discarded there and only there.
+
+Not supported
+    * Other model families (GPT2ForSequenceClassification among them: its `score` layer has no
+      bias, ours does), sharded `pytorch_model.bin` checkpoints, BERT as a decoder or with cross
+      attention, BERT position_embedding_type other than "absolute", GPT-2's
+      scale_attn_by_inverse_layer_idx, scale_attn_weights=False, activations other than
+      gelu / gelu_new / gelu_pytorch_tanh / relu. Each is a ValueError naming the HF field.
+    * `to_hf` exports only what GPT-2/BERT can express: learned positions, LayerNorm with biases,
+      multi-head attention (no GQA), no SwiGLU; GPT-2 pre-norm without token types, BERT post-norm
+      with token types and one dropout for embeddings and residuals. Anything else is a ValueError
+      naming the minillm config field. A bare Encoder is not exported (HF's BertModel would add a
+      randomly initialised pooler).
+    * The minillm model is built in the default dtype (fp32); half-precision weights are upcast.
+
+transformers is not needed to read a directory: config.json is parsed here and the weights are read
+with safetensors or `torch.load(weights_only=True)`, which never runs pickled code. It is imported
+only by `to_hf`, to build the transformers object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from minillm.config import ModelConfig
+from minillm.model import CausalLM, Encoder, MaskedLM, SequenceClassifier
+
+# =============================================================================================
+# 1. What we support: architectures, tasks, activations
+# =============================================================================================
+
+ARCHITECTURE_TASKS = {
+    "GPT2LMHeadModel": "causal-lm",
+    "GPT2Model": "causal-lm",
+    "BertForPreTraining": "mlm-nsp",
+    "BertForMaskedLM": "mlm",
+    "BertModel": "encoder",
+    "BertForSequenceClassification": "classification",
+}
+FAMILY_TASKS = {"gpt2": ("causal-lm",), "bert": ("mlm-nsp", "mlm", "classification", "encoder")}
+BASE_PREFIX = {"gpt2": "transformer.", "bert": "bert."}  # where HF puts the body inside a task model
+HEAD_PREFIXES = {"gpt2": ("lm_head.",), "bert": ("cls.", "classifier.")}
+BODY_NAME = {"causal-lm": "decoder.", "mlm": "encoder.", "mlm-nsp": "encoder.", "classification": "body.", "encoder": ""}
+
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+TO_HF_ACTIVATION = {"gpt2": {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"},
+                    "bert": {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}}
+
+# Runtime settings a caller may change while loading: none of them changes a weight's shape or meaning.
+RUNTIME_FIELDS = ("attn_backend", "norm_backend", "embed_dropout", "attn_dropout", "resid_dropout")
+
+# HF class defaults, for config.json files that leave fields out (older exports do).
+GPT2_DEFAULTS = {
+    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+    "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
+    "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False, "tie_word_embeddings": True,
+    "bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": None,
+}
+BERT_DEFAULTS = {
+    "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 512, "type_vocab_size": 2,
+    "initializer_range": 0.02, "layer_norm_eps": 1e-12, "position_embedding_type": "absolute",
+    "is_decoder": False, "add_cross_attention": False, "classifier_dropout": None, "tie_word_embeddings": True,
+    "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None,
+}
+
+
+# =============================================================================================
+# 2. Reading a source: a transformers object or a directory -> (config dict, state dict, architecture)
+# =============================================================================================
+
+
+def _read_source(source) -> tuple[dict, dict[str, torch.Tensor], str | None]:
+    if isinstance(source, (str, Path)):
+        return _read_directory(Path(source))
+    if hasattr(source, "config") and hasattr(source, "state_dict"):  # duck-typed transformers model
+        return source.config.to_dict(), dict(source.state_dict()), type(source).__name__
+    raise TypeError(f"source: expected a transformers model or a directory path, got {type(source).__name__}")
+
+
+def _read_directory(directory: Path) -> tuple[dict, dict[str, torch.Tensor], str | None]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"source: {directory} is not a directory")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"source: {config_path} not found; a Hugging Face checkpoint directory needs config.json")
+    hf_config = json.loads(config_path.read_text())
+    architectures = hf_config.get("architectures") or [None]
+    if len(architectures) != 1:
+        raise ValueError(f"{config_path}: 'architectures' lists {architectures}; expected exactly one")
+    return hf_config, _read_weights(directory), architectures[0]
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (directory / "model.safetensors").is_file():
+        return load_file(directory / "model.safetensors")
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index maps each weight name to its shard file
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
+    if (directory / "pytorch_model.bin").is_file():
+        # weights_only=True unpickles tensors and plain containers only: no code from the file runs.
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"source: no weights in {directory}; expected model.safetensors, model.safetensors.index.json "
+        f"or pytorch_model.bin"
+    )
+
+
+def _family(hf_config: dict, architecture: str | None) -> str:
+    model_type = hf_config.get("model_type")
+    if model_type in FAMILY_TASKS:
+        if architecture is not None and architecture not in ARCHITECTURE_TASKS:
+            raise ValueError(
+                f"architectures: {architecture!r} is not supported; supported are {sorted(ARCHITECTURE_TASKS)}"
+            )
+        return model_type
+    raise ValueError(f"model_type: got {model_type!r}, supported are {sorted(FAMILY_TASKS)} (GPT-2 and BERT)")
+
+
+def _choose_task(family: str, architecture: str | None, task: str | None) -> str:
+    if task is None:
+        if architecture is None:
+            raise ValueError(
+                "architectures: config.json names no architecture; pass task= one of " f"{FAMILY_TASKS[family]}"
+            )
+        task = ARCHITECTURE_TASKS[architecture]
+    if task not in FAMILY_TASKS[family]:
+        raise ValueError(f"task: got {task!r}; a {family} checkpoint loads as one of {FAMILY_TASKS[family]}")
+    return task
+
+
+# =============================================================================================
+# 3. Configs: HF config dict <-> ModelConfig
+# =============================================================================================
+
+
+def _activation(hf: dict, field: str) -> str:
+    name = hf[field]
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"{field}: got {name!r}, supported are {sorted(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
+
+
+def _require(hf: dict, field: str, expected) -> None:
+    if hf[field] != expected:
+        raise ValueError(f"{field}: got {hf[field]!r}; minillm supports only {expected!r}")
+
+
+def _special_ids(hf: dict) -> dict[str, int]:
+    """minillm needs every special id to be an int; HF leaves some None (GPT-2 has no pad, BERT no
+    bos/eos). A missing pad falls back to eos (GPT-2 practice), a missing bos/eos to the pad id."""
+    pad = hf["pad_token_id"] if hf["pad_token_id"] is not None else hf["eos_token_id"]
+    pad = 0 if pad is None else pad
+    bos = hf["bos_token_id"] if hf["bos_token_id"] is not None else pad
+    eos = hf["eos_token_id"] if hf["eos_token_id"] is not None else pad
+    return {"pad_token_id": pad, "bos_token_id": bos, "eos_token_id": eos}
+
+
+def _gpt2_config(hf: dict, task: str) -> ModelConfig:
+    _require(hf, "add_cross_attention", False)
+    _require(hf, "scale_attn_weights", True)
+    _require(hf, "scale_attn_by_inverse_layer_idx", False)
+    # reorder_and_upcast_attn only changes the precision of fp16 attention, not the math: accepted.
+    return ModelConfig(
+        arch="decoder", vocab_size=hf["vocab_size"], d_model=hf["n_embd"], n_layers=hf["n_layer"],
+        n_heads=hf["n_head"], d_ff=hf["n_inner"] or 4 * hf["n_embd"], max_seq_len=hf["n_positions"],
+        pos_encoding="learned", norm="layernorm", norm_placement="pre", norm_eps=hf["layer_norm_epsilon"],
+        activation=_activation(hf, "activation_function"), embed_dropout=hf["embd_pdrop"],
+        attn_dropout=hf["attn_pdrop"], resid_dropout=hf["resid_pdrop"],
+        tie_embeddings=hf["tie_word_embeddings"], type_vocab_size=0, bias=True,
+        init_std=hf["initializer_range"], **_special_ids(hf),
+    )
+
+
+def _bert_config(hf: dict, task: str) -> ModelConfig:
+    _require(hf, "position_embedding_type", "absolute")
+    _require(hf, "is_decoder", False)
+    _require(hf, "add_cross_attention", False)
+    if task == "classification" and hf["classifier_dropout"] not in (None, hf["hidden_dropout_prob"]):
+        raise ValueError(
+            f"classifier_dropout: got {hf['classifier_dropout']}; minillm's classifier uses the residual "
+            f"dropout, hidden_dropout_prob={hf['hidden_dropout_prob']}"
+        )
+    # HF keeps the class count in id2label; num_labels is derived from it and often absent from config.json.
+    num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+    return ModelConfig(
+        arch="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
+        pos_encoding="learned", norm="layernorm", norm_placement="post", norm_eps=hf["layer_norm_eps"],
+        activation=_activation(hf, "hidden_act"), embed_dropout=hf["hidden_dropout_prob"],
+        attn_dropout=hf["attention_probs_dropout_prob"], resid_dropout=hf["hidden_dropout_prob"],
+        tie_embeddings=hf["tie_word_embeddings"], type_vocab_size=hf["type_vocab_size"], bias=True,
+        init_std=hf["initializer_range"], num_labels=num_labels, **_special_ids(hf),
+    )
+
+
+def config_from_hf(hf_config: dict, task: str, **overrides) -> ModelConfig:
+    """The ModelConfig equivalent to a Hugging Face config dict (as in config.json)."""
+    family = hf_config.get("model_type")
+    defaults = {"gpt2": GPT2_DEFAULTS, "bert": BERT_DEFAULTS}[family]
+    hf = {**defaults, **{k: v for k, v in hf_config.items() if k in defaults or k in ("id2label", "num_labels")}}
+    config = (_gpt2_config if family == "gpt2" else _bert_config)(hf, task)
+    unknown = sorted(set(overrides) - set(RUNTIME_FIELDS))
+    if unknown:
+        raise ValueError(f"from_hf: cannot override {unknown}; only runtime fields {RUNTIME_FIELDS} may be changed")
+    return dataclasses.replace(config, **overrides)
+
+
+def _check_exportable(config: ModelConfig, family: str) -> None:
+    """Raise ValueError naming the first config field that GPT-2/BERT cannot express."""
+    placement = "pre" if family == "gpt2" else "post"
+    requirements = [
+        ("pos_encoding", config.pos_encoding == "learned", "'learned'"),
+        ("norm", config.norm == "layernorm", "'layernorm'"),
+        ("norm_placement", config.norm_placement == placement, repr(placement)),
+        ("activation", config.activation in TO_HF_ACTIVATION[family], str(sorted(TO_HF_ACTIVATION[family]))),
+        ("bias", config.bias, "True"),
+        ("n_kv_heads", config.kv_heads == config.n_heads, f"None or n_heads={config.n_heads} (no GQA)"),
+    ]
+    if family == "gpt2":
+        requirements.append(("type_vocab_size", config.type_vocab_size == 0, "0 (GPT-2 has no segment embeddings)"))
+    else:
+        requirements.append(("type_vocab_size", config.type_vocab_size >= 1, ">= 1 (BERT always has segments)"))
+        requirements.append(
+            ("embed_dropout", config.embed_dropout == config.resid_dropout,
+             f"resid_dropout={config.resid_dropout} (BERT's hidden_dropout_prob covers both)")
+        )
+    for field, ok, allowed in requirements:
+        if not ok:
+            raise ValueError(
+                f"config.{field}: got {getattr(config, field)!r}; a {family} checkpoint needs {allowed}"
+            )
+
+
+def config_to_hf(config: ModelConfig, family: str, architecture: str) -> dict:
+    """The Hugging Face config dict (config.json contents) for an exportable ModelConfig."""
+    _check_exportable(config, family)
+    ids = {"pad_token_id": config.pad_token_id, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    common = {"model_type": family, "architectures": [architecture], "vocab_size": config.vocab_size,
+              "initializer_range": config.init_std, "tie_word_embeddings": config.tie_embeddings, **ids}
+    if family == "gpt2":
+        return {
+            **common, "n_positions": config.max_seq_len, "n_embd": config.d_model, "n_layer": config.n_layers,
+            "n_head": config.n_heads, "n_inner": config.ff_dim,
+            "activation_function": TO_HF_ACTIVATION["gpt2"][config.activation],
+            "resid_pdrop": config.resid_dropout, "embd_pdrop": config.embed_dropout, "attn_pdrop": config.attn_dropout,
+            "layer_norm_epsilon": config.norm_eps,
+        }
+    hf = {
+        **common, "hidden_size": config.d_model, "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads, "intermediate_size": config.ff_dim,
+        "hidden_act": TO_HF_ACTIVATION["bert"][config.activation], "hidden_dropout_prob": config.resid_dropout,
+        "attention_probs_dropout_prob": config.attn_dropout, "max_position_embeddings": config.max_seq_len,
+        "type_vocab_size": config.type_vocab_size, "layer_norm_eps": config.norm_eps,
+    }
+    if architecture == "BertForSequenceClassification":
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+    return hf
+
+
+# =============================================================================================
+# 4. Weight names: one rule per HF tensor
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One HF tensor and the minillm parameter(s) it becomes."""
+
+    ours: tuple[str, ...]  # minillm names; several = the HF tensor is their concatenation (packed qkv)
+    theirs: str  # HF state-dict key
+    conv1d: bool = False  # GPT-2 Conv1D weight, stored (in, out): transpose to nn.Linear's (out, in)
+
+
+def _linear(ours: str, theirs: str, conv1d: bool = False) -> list[Rule]:
+    return [Rule((f"{ours}.weight",), f"{theirs}.weight", conv1d), Rule((f"{ours}.bias",), f"{theirs}.bias")]
+
+
+def _gpt2_rules(config: ModelConfig, body: str) -> tuple[list[Rule], dict[str, str]]:
+    """Rules, and tied HF aliases (alias key -> key it must equal)."""
+    t = "transformer."
+    rules = [Rule((f"{body}embeddings.token.weight",), f"{t}wte.weight"),
+             Rule((f"{body}embeddings.position.weight",), f"{t}wpe.weight")]
+    for i in range(config.n_layers):
+        ours, theirs = f"{body}blocks.{i}.", f"{t}h.{i}."
+        qkv = tuple(f"{ours}attn.{p}_proj" for p in "qkv")
+        rules += _linear(f"{ours}attn_norm", f"{theirs}ln_1")
+        rules += [Rule(tuple(f"{n}.weight" for n in qkv), f"{theirs}attn.c_attn.weight", conv1d=True),
+                  Rule(tuple(f"{n}.bias" for n in qkv), f"{theirs}attn.c_attn.bias")]
+        rules += _linear(f"{ours}attn.out_proj", f"{theirs}attn.c_proj", conv1d=True)
+        rules += _linear(f"{ours}mlp_norm", f"{theirs}ln_2")
+        rules += _linear(f"{ours}mlp.fc_in", f"{theirs}mlp.c_fc", conv1d=True)
+        rules += _linear(f"{ours}mlp.fc_out", f"{theirs}mlp.c_proj", conv1d=True)
+    rules += _linear(f"{body}final_norm", f"{t}ln_f")
+    if config.tie_embeddings:
+        return rules, {"lm_head.weight": f"{t}wte.weight"}
+    return rules + [Rule(("lm_head.weight",), "lm_head.weight")], {}
+
+
+def _bert_rules(config: ModelConfig, body: str, task: str) -> tuple[list[Rule], dict[str, str]]:
+    b = "bert."
+    rules = [Rule((f"{body}embeddings.token.weight",), f"{b}embeddings.word_embeddings.weight"),
+             Rule((f"{body}embeddings.position.weight",), f"{b}embeddings.position_embeddings.weight"),
+             Rule((f"{body}embeddings.token_type.weight",), f"{b}embeddings.token_type_embeddings.weight")]
+    rules += _linear(f"{body}embeddings.norm", f"{b}embeddings.LayerNorm")
+    for i in range(config.n_layers):
+        ours, theirs = f"{body}blocks.{i}.", f"{b}encoder.layer.{i}."
+        for p, name in zip("qkv", ("query", "key", "value")):
+            rules += _linear(f"{ours}attn.{p}_proj", f"{theirs}attention.self.{name}")
+        rules += _linear(f"{ours}attn.out_proj", f"{theirs}attention.output.dense")
+        rules += _linear(f"{ours}attn_norm", f"{theirs}attention.output.LayerNorm")  # post-norm: after the add
+        rules += _linear(f"{ours}mlp.fc_in", f"{theirs}intermediate.dense")
+        rules += _linear(f"{ours}mlp.fc_out", f"{theirs}output.dense")
+        rules += _linear(f"{ours}mlp_norm", f"{theirs}output.LayerNorm")
+    aliases = {}
+    if task in ("mlm-nsp", "classification"):
+        rules += _linear("pooler.dense", f"{b}pooler.dense")
+    if task in ("mlm", "mlm-nsp"):
+        rules += _linear("mlm_head.dense", "cls.predictions.transform.dense")
+        rules += _linear("mlm_head.norm", "cls.predictions.transform.LayerNorm")
+        rules.append(Rule(("mlm_head.bias",), "cls.predictions.bias"))
+        aliases["cls.predictions.decoder.bias"] = "cls.predictions.bias"  # HF ties the decoder's bias to it
+        if config.tie_embeddings:
+            aliases["cls.predictions.decoder.weight"] = f"{b}embeddings.word_embeddings.weight"
+        else:
+            rules.append(Rule(("mlm_head.decoder.weight",), "cls.predictions.decoder.weight"))
+    if task == "mlm-nsp":
+        rules += _linear("nsp_head", "cls.seq_relationship")
+    if task == "classification":
+        rules += _linear("classifier", "classifier")
+    return rules, aliases
+
+
+def _rules(family: str, config: ModelConfig, task: str) -> tuple[list[Rule], dict[str, str]]:
+    if family == "gpt2":
+        return _gpt2_rules(config, BODY_NAME[task])
+    return _bert_rules(config, BODY_NAME[task], task)
+
+
+def _is_buffer(key: str) -> bool:
+    """Non-weight tensors some checkpoints carry: GPT-2's causal-mask buffers, BERT's id buffers."""
+    return key.endswith((".attn.bias", ".attn.masked_bias", "embeddings.position_ids", "embeddings.token_type_ids"))
+
+
+def _canonical_keys(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """Put every key in the form a task model uses: body under `transformer.`/`bert.` (a bare
+    GPT2Model/BertModel has no prefix), LayerNorm `gamma`/`beta` (old TF exports) as weight/bias."""
+    prefix, out = BASE_PREFIX[family], {}
+    for key, value in state.items():
+        if _is_buffer(key):
+            continue
+        if not key.startswith(prefix) and not key.startswith(HEAD_PREFIXES[family]):
+            key = prefix + key
+        if ".LayerNorm." in key:
+            key = key.replace(".LayerNorm.gamma", ".LayerNorm.weight").replace(".LayerNorm.beta", ".LayerNorm.bias")
+        out[key] = value
+    return out
+
+
+# =============================================================================================
+# 5. from_hf
+# =============================================================================================
+
+
+def _build(config: ModelConfig, task: str) -> nn.Module:
+    if task == "causal-lm":
+        return CausalLM(config)
+    if task in ("mlm", "mlm-nsp"):
+        return MaskedLM(config, nsp=task == "mlm-nsp")
+    if task == "classification":
+        return SequenceClassifier(config)
+    return Encoder(config)
+
+
+def from_hf(source, task: str | None = None, **overrides) -> nn.Module:
+    """The minillm model equivalent to a Hugging Face GPT-2 or BERT model.
+
+    source: a transformers model object, or a directory with config.json and model.safetensors
+        (or model.safetensors.index.json + shards, or pytorch_model.bin).
+    task: None = from the architecture (see the module docstring); or one of "causal-lm",
+        "mlm", "mlm-nsp", "classification", "encoder" to load the checkpoint as that model.
+    overrides: runtime fields only (attn_backend, norm_backend, dropouts), e.g. attn_backend="reference".
+
+    Returns a CausalLM, MaskedLM, SequenceClassifier or (task "encoder") the bare Encoder, in eval mode.
+    """
+    hf_config, state, architecture = _read_source(source)
+    family = _family(hf_config, architecture)
+    task = _choose_task(family, architecture, task)
+    config = config_from_hf(hf_config, task, **overrides)
+    state = _canonical_keys(state, family)
+    rules, aliases = _rules(family, config, task)
+
+    ours: dict[str, torch.Tensor] = {}
+    missing = [rule.theirs for rule in rules if rule.theirs not in state]
+    if missing:
+        raise ValueError(f"from_hf: the checkpoint lacks {len(missing)} weight(s) a {task} model needs: {missing}")
+    for rule in rules:
+        tensor = state.pop(rule.theirs)
+        if rule.conv1d:
+            tensor = tensor.t()  # (in, out) -> (out, in)
+        for name, part in zip(rule.ours, tensor.chunk(len(rule.ours), dim=0)):  # packed q|k|v split in order
+            ours[name] = part
+    for alias, target in aliases.items():
+        if alias in state:
+            tensor = state.pop(alias)
+            source_tensor = next(ours[r.ours[0]] for r in rules if r.theirs == target)
+            if tensor.shape != source_tensor.shape or not torch.equal(tensor, source_tensor):
+                raise ValueError(f"from_hf: {alias} should be tied to {target} but holds different values")
+    if task == "encoder":  # the bare body was asked for: heads are dropped on purpose
+        for key in [k for k in state if k.startswith(HEAD_PREFIXES[family] + (BASE_PREFIX[family] + "pooler.",))]:
+            del state[key]
+    if state:
+        raise ValueError(f"from_hf: {len(state)} checkpoint weight(s) have no place in a minillm {task} model: {sorted(state)}")
+
+    model = _build(config, task)
+    load_parameters(model, ours, context="from_hf")
+    return model.eval()
+
+
+def load_parameters(model: nn.Module, tensors: dict[str, torch.Tensor], context: str) -> None:
+    """Copy `tensors` into the model's parameters; every parameter must be given, with its shape."""
+    params = dict(model.named_parameters())  # tied parameters appear once, under their first name
+    unfilled = sorted(set(params) - set(tensors))
+    extra = sorted(set(tensors) - set(params))
+    if unfilled or extra:
+        raise ValueError(f"{context}: parameters not filled: {unfilled}; names the model does not have: {extra}")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{context}: {name} expects shape {tuple(param.shape)}, the checkpoint gives {tuple(tensors[name].shape)}"
+                )
+            param.copy_(tensors[name])
+
+
+# =============================================================================================
+# 6. to_hf: the same rules, run backwards
+# =============================================================================================
+
+
+def _export_target(model: nn.Module) -> tuple[str, str, str]:
+    """(family, HF architecture, task) for a minillm model."""
+    if isinstance(model, CausalLM):
+        return "gpt2", "GPT2LMHeadModel", "causal-lm"
+    if isinstance(model, MaskedLM):
+        return ("bert", "BertForPreTraining", "mlm-nsp") if model.nsp_head is not None else ("bert", "BertForMaskedLM", "mlm")
+    if isinstance(model, SequenceClassifier):
+        if model.config.arch != "encoder":
+            raise ValueError(f"config.arch: to_hf exports an 'encoder' SequenceClassifier (BERT), got {model.config.arch!r}")
+        return "bert", "BertForSequenceClassification", "classification"
+    raise TypeError(
+        f"model: to_hf exports CausalLM (GPT-2), MaskedLM and encoder SequenceClassifier (BERT); got {type(model).__name__}"
+    )
+
+
+def hf_state_dict(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(HF config dict, HF state dict without tied copies, tied aliases) for a minillm model."""
+    family, architecture, task = _export_target(model)
+    hf_config = config_to_hf(model.config, family, architecture)
+    rules, aliases = _rules(family, model.config, task)
+    params = dict(model.named_parameters())
+    state = {}
+    for rule in rules:
+        tensor = torch.cat([params[name].detach() for name in rule.ours], dim=0)  # q|k|v packed back
+        state[rule.theirs] = (tensor.t() if rule.conv1d else tensor).contiguous()
+    return hf_config, state, aliases
+
+
+def save_hf(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write config.json and model.safetensors that `transformers.AutoModel*.from_pretrained` reads.
+    Needs no transformers. Tied copies are left out, as `save_pretrained` does."""
+    from safetensors.torch import save_file
+
+    hf_config, state, _ = hf_state_dict(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    save_file({k: v.to("cpu").clone() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def to_hf(model: nn.Module, out_dir: str | Path | None = None):
+    """The transformers model equivalent to a minillm model (GPT2LMHeadModel, BertForPreTraining,
+    BertForMaskedLM or BertForSequenceClassification), in the same train/eval mode. With out_dir,
+    also write a checkpoint directory (see `save_hf`)."""
+    import transformers
+
+    hf_config, state, aliases = hf_state_dict(model)
+    config_cls = {"gpt2": transformers.GPT2Config, "bert": transformers.BertConfig}[hf_config["model_type"]]
+    fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}
+    hf_model = getattr(transformers, hf_config["architectures"][0])(config_cls(**fields))
+    full = {**state, **{alias: state[target] for alias, target in aliases.items()}}
+    hf_model.load_state_dict(full, strict=True)  # strict: every HF weight is given, nothing extra
+    if out_dir is not None:
+        save_hf(model, out_dir)
+    return hf_model.train(model.training)
