@@ -49,12 +49,16 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from minillm.data.corpus import Corpus, Document
 from minillm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from minillm.data.config import DataConfig
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -399,3 +403,27 @@ def _tokenise_and_publish(
         os.fsync(f.fileno())
     os.replace(name, out_dir / "manifest.json")
     return manifest
+
+
+def prepare_from_config(config: "DataConfig", progress: bool = True) -> tuple[Tokenizer, PrepareResult]:
+    """Tokenizer and prepared shards for a :class:`~minillm.data.config.DataConfig`.
+
+    With ``config.tokenizer`` unset, a tokenizer is trained on the inputs (``vocab_size``,
+    ``model_type``) and kept as ``prepared_dir/trained-<hash>.model``, the hash covering the
+    inputs and the tokenizer settings, so reruns reuse it instead of training again.
+    """
+    corpus = Corpus(config.inputs, config.input_format, config.text_field, config.text_split, config.encoding_errors)
+    out_dir = Path(config.prepared_dir)
+    if config.tokenizer is not None:
+        tok = Tokenizer.load(config.tokenizer)
+    else:
+        key = hashlib.sha256(
+            json.dumps([corpus.fingerprint(), config.vocab_size, config.model_type, config.seed]).encode()
+        ).hexdigest()[:16]
+        path = out_dir / f"trained-{key}.model"
+        tok = Tokenizer.load(path) if path.is_file() else Tokenizer.train(
+            corpus, path, config.vocab_size, config.model_type, seed=config.seed
+        )
+    result = prepare(corpus, tok, out_dir, val_fraction=config.val_fraction, seed=config.seed,
+                     num_workers=config.num_workers or None, progress=progress)
+    return tok, result

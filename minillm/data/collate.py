@@ -1,0 +1,62 @@
+"""Helpers every collator shares: padding ragged sequences and per-worker random generators.
+
+Batches are dicts of ``torch.long`` tensors. Padding is on the right with ``PAD_ID``;
+``attention_mask`` is 1 for real tokens and 0 for padding; ignored label positions hold
+``IGNORE_INDEX = -100`` (what ``torch.nn.functional.cross_entropy`` skips).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+def pad_2d(rows: Sequence[Sequence[int] | np.ndarray], value: int, multiple_of: int | None = None) -> np.ndarray:
+    """Stack ragged rows into an int64 (B, T) array padded on the right with ``value``.
+
+    T is the longest row, rounded up to ``multiple_of`` when given (tensor-core friendly).
+    """
+    if not len(rows):
+        raise ValueError("pad_2d: empty batch")
+    T = max(len(r) for r in rows)
+    if multiple_of:
+        T = -(-T // multiple_of) * multiple_of
+    out = np.full((len(rows), T), value, dtype=np.int64)  # (B, T)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = row
+    return out
+
+
+def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """numpy arrays to torch tensors (int64 stays long; int32 stays int32 for cu_seqlens)."""
+    return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
+
+
+class WorkerRandom:
+    """A numpy Generator that is different in every DataLoader worker and process.
+
+    A collator created once and copied into several DataLoader workers would otherwise draw
+    the same masks in every worker. The generator is seeded from ``(seed, worker id, pid
+    generation)`` the first time it is used in each process.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._pid: int | None = None
+        self._rng: np.random.Generator | None = None
+
+    def __call__(self) -> np.random.Generator:
+        if self._rng is None or self._pid != os.getpid():
+            info = torch.utils.data.get_worker_info()
+            worker = info.id if info is not None else -1
+            self._rng = np.random.default_rng([self.seed, worker + 1])
+            self._pid = os.getpid()
+        return self._rng
+
+    def __getstate__(self) -> dict:
+        return {"seed": self.seed, "_pid": None, "_rng": None}
