@@ -1,1 +1,60 @@
-"""Data: corpora, the embedded default corpus, sharding and batches for every objective."""
+"""Data: corpora, the embedded default corpus, sharding and batches for every objective.
+
+Read in this order:
+
+=====================  ===============================================================
+``corpus``             readers (text files/dirs/globs, JSONL field, CSV/TSV column) -> Document
+``default_corpus``     the embedded stdlib corpus and the stdlib-package classification task
+``minillm.tokenizer``  sentencepiece training/loading, fixed special ids
+``prepare``            corpus -> memory-mapped token shards + manifest (atomic, cached)
+``shards``             TokenShards: read a prepared split
+``collate``            padding, -100 labels, per-worker random generators
+``causal``             GPT windows (+ document-aware position_ids / cu_seqlens)
+``mlm``                BERT masking (80/10/10, whole-word)
+``nsp``                BERT sentence pairs
+``seq2seq``            T5 span corruption and source/target pairs
+``classification``     labelled texts / pairs, label maps, GLUE layouts
+``config``             DataConfig
+=====================  ===============================================================
+
+Every collator returns a dict of torch tensors whose keys the models accept directly
+(``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``, ``next_sentence_label``,
+``decoder_input_ids``), plus the documented extras ``position_ids``/``cu_seqlens`` of
+document-aware causal batches.
+"""
+
+from minillm.data.causal import CausalLMCollator, CausalLMDataset
+from minillm.data.classification import (
+    GLUE_TASKS,
+    ClassificationCollator,
+    ClassificationDataset,
+    ClassificationExamples,
+    LabelMap,
+    examples_from_pairs,
+    read_classification,
+    read_glue,
+)
+from minillm.data.collate import IGNORE_INDEX
+from minillm.data.config import DataConfig
+from minillm.data.corpus import Corpus, Document
+from minillm.data.default_corpus import build_default_corpus, default_corpus_documents, stdlib_classification_task
+from minillm.data.mlm import MLMCollator, MLMDataset
+from minillm.data.nsp import NSPCollator, NSPDataset
+from minillm.data.prepare import PrepareResult, prepare, prepare_from_config
+from minillm.data.seq2seq import (
+    Seq2SeqCollator,
+    Seq2SeqPairDataset,
+    SpanCorruptionDataset,
+    read_seq2seq_pairs,
+    span_corruption,
+)
+from minillm.data.shards import TokenShards
+
+__all__ = [
+    "CausalLMCollator", "CausalLMDataset", "GLUE_TASKS", "ClassificationCollator", "ClassificationDataset",
+    "ClassificationExamples", "LabelMap", "examples_from_pairs", "read_classification", "read_glue",
+    "IGNORE_INDEX", "DataConfig", "Corpus", "Document", "build_default_corpus", "default_corpus_documents",
+    "stdlib_classification_task", "MLMCollator", "MLMDataset", "NSPCollator", "NSPDataset", "PrepareResult",
+    "prepare", "prepare_from_config", "Seq2SeqCollator", "Seq2SeqPairDataset", "SpanCorruptionDataset",
+    "read_seq2seq_pairs", "span_corruption", "TokenShards",
+]

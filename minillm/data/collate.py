@@ -60,3 +60,31 @@ class WorkerRandom:
 
     def __getstate__(self) -> dict:
         return {"seed": self.seed, "_pid": None, "_rng": None}
+
+
+def truncate_longest_first(a: list[int] | np.ndarray, b: list[int] | np.ndarray, max_tokens: int) -> tuple:
+    """Drop tokens from the end of the longer of ``a`` and ``b`` until both fit in ``max_tokens``.
+
+    Ties take from ``b``. ``a`` keeps at least one token when ``max_tokens >= 1``.
+    """
+    a, b = list(a), list(b)
+    if max_tokens < 1:
+        raise ValueError(f"truncate_longest_first: max_tokens must be >= 1, got {max_tokens}")
+    excess = len(a) + len(b) - max_tokens
+    while excess > 0:
+        if len(a) > len(b):
+            a.pop()
+        else:
+            b.pop()
+        excess -= 1
+    return a, b
+
+
+def pair_with_specials(a: Sequence[int], b: Sequence[int] | None, cls_id: int, sep_id: int) -> tuple[list[int], list[int]]:
+    """``[CLS] a [SEP]`` (+ ``b [SEP]``) and its token type ids (0 for the first part, 1 for b)."""
+    ids = [cls_id, *a, sep_id]
+    types = [0] * len(ids)
+    if b is not None:
+        ids += [*b, sep_id]
+        types += [1] * (len(b) + 1)
+    return ids, types

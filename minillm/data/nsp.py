@@ -1,0 +1,108 @@
+"""Next sentence prediction pairs (BERT): ``[CLS] A [SEP] B [SEP]``.
+
+Sampling, deterministic for ``(seed, index)``:
+
+1. pick a document with at least 2 tokens, and a span of it of up to ``max_len - 3`` tokens;
+2. cut the span at a random point: A is the part before the cut;
+3. with probability ``1 - random_probability`` B is the part after the cut (the true next
+   segment, ``next_sentence_label = 0``); otherwise B is a span of the same length from a
+   *different* document (``next_sentence_label = 1``) — the label convention of the model's
+   NSP head;
+4. truncate longest-first so ``len(A) + len(B) + 3 <= max_len``; no pair is ever longer.
+
+Segments are token spans, not sentences: the shards keep document boundaries only, and a
+random cut inside a document still gives the task its meaning (does B continue A?).
+
+Sample keys: ``input_ids``, ``token_type_ids`` (0 for ``[CLS] A [SEP]``, 1 for ``B [SEP]``) and
+``next_sentence_label``. :class:`minillm.data.mlm.MLMCollator` pads, masks and passes the
+labels through, which gives BERT's joint MLM + NSP batches; :class:`NSPCollator` pads without
+masking.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from minillm.data.collate import pad_2d, pair_with_specials, to_tensors, truncate_longest_first
+from minillm.data.shards import TokenShards
+from minillm.tokenizer import Tokenizer
+
+
+class NSPDataset(torch.utils.data.Dataset):
+    """Sentence-pair samples (see module docstring); ``len`` is ``samples`` (default: documents)."""
+
+    def __init__(
+        self,
+        shards: TokenShards,
+        tokenizer: Tokenizer,
+        max_len: int,
+        random_probability: float = 0.5,
+        seed: int = 0,
+        samples: int | None = None,
+    ):
+        if max_len < 5:
+            raise ValueError(f"NSPDataset: max_len must be >= 5 ([CLS] A [SEP] B [SEP]), got {max_len}")
+        if not 0.0 < random_probability < 1.0:
+            raise ValueError(f"NSPDataset: random_probability must be in (0, 1), got {random_probability}")
+        self.shards, self.max_len, self.seed = shards, max_len, seed
+        self.random_probability = random_probability
+        self.cls_id, self.sep_id = tokenizer.require("cls"), tokenizer.require("sep")
+        lengths = np.diff(shards.offsets) - (1 if shards.eos_id is not None else 0)
+        self.lengths = lengths
+        self.eligible = np.flatnonzero(lengths >= 2)  # documents A can come from
+        self.nonempty = np.flatnonzero(lengths >= 1)  # documents a random B can come from
+        if len(self.eligible) == 0 or len(self.nonempty) < 2:
+            raise ValueError(
+                f"NSPDataset: the {shards.split} split of {shards.out_dir} needs at least 2 non-empty "
+                f"documents, one with 2+ tokens (has {len(self.nonempty)} non-empty)"
+            )
+        self.samples = samples if samples is not None else len(self.eligible)
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, index])
+        budget = self.max_len - 3  # room for A and B after [CLS], [SEP], [SEP]
+        doc = int(self.eligible[rng.integers(len(self.eligible))])
+        tokens = self.shards.document(doc)
+        width = min(len(tokens), budget) if budget >= 2 else 2
+        start = int(rng.integers(0, len(tokens) - width + 1))
+        span = tokens[start : start + width]
+        cut = int(rng.integers(1, len(span)))
+        a, b = span[:cut], span[cut:]
+        label = int(rng.random() < self.random_probability)
+        if label == 1:
+            # a document other than `doc`: draw among the others by shifting past it
+            k = int(rng.integers(len(self.nonempty) - 1))
+            other = int(self.nonempty[k + (1 if self.nonempty[k] >= doc else 0)])
+            other_tokens = self.shards.document(other)
+            n = min(len(b), len(other_tokens))
+            s = int(rng.integers(0, len(other_tokens) - n + 1))
+            b = other_tokens[s : s + n]
+        a, b = truncate_longest_first(a.tolist(), b.tolist(), budget)
+        ids, types = pair_with_specials(a, b, self.cls_id, self.sep_id)
+        return {
+            "input_ids": np.array(ids, dtype=np.int64),
+            "token_type_ids": np.array(types, dtype=np.int64),
+            "next_sentence_label": label,
+        }
+
+
+class NSPCollator:
+    """Pad NSP samples without masking: input_ids, attention_mask, token_type_ids, next_sentence_label."""
+
+    def __init__(self, tokenizer: Tokenizer, pad_to_multiple_of: int | None = None):
+        self.pad_id = tokenizer.require("pad")
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = pad_2d([s["input_ids"] for s in samples], self.pad_id, self.pad_to_multiple_of)  # (B, T)
+        lengths = np.array([len(s["input_ids"]) for s in samples])
+        return to_tensors({
+            "input_ids": input_ids,
+            "attention_mask": (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64),
+            "token_type_ids": pad_2d([s["token_type_ids"] for s in samples], 0, self.pad_to_multiple_of),
+            "next_sentence_label": np.array([s["next_sentence_label"] for s in samples], dtype=np.int64),
+        })
