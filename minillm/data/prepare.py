@@ -177,8 +177,8 @@ def _manifest_ok(out_dir: Path, expected: dict) -> dict | None:
     return manifest
 
 
-def _chunks(documents: Iterable[Document], stats: dict, ids: list[str]) -> Iterator[list[str]]:
-    """Group document texts into ~256 KB chunks; record ids and raw byte count on the way."""
+def _chunks(documents: Iterable[Document], stats: dict, ids: list[str], chunk_bytes: int) -> Iterator[list[str]]:
+    """Group document texts into chunks of ~chunk_bytes; record ids and raw byte count on the way."""
     chunk: list[str] = []
     size = 0
     for doc in documents:
@@ -187,7 +187,7 @@ def _chunks(documents: Iterable[Document], stats: dict, ids: list[str]) -> Itera
         stats["bytes"] += n
         chunk.append(doc.text)
         size += n
-        if size >= _CHUNK_BYTES:
+        if size >= chunk_bytes:
             yield chunk
             chunk, size = [], 0
     if chunk:
@@ -215,6 +215,7 @@ def prepare(
     append_eos: bool = True,
     num_workers: int | None = None,
     progress: bool = True,
+    chunk_bytes: int = _CHUNK_BYTES,
 ) -> PrepareResult:
     """Tokenise ``inputs`` into ``out_dir`` (see the module docstring for the layout and rules).
 
@@ -228,6 +229,7 @@ def prepare(
         append_eos: put EOS after every document (the separator causal LM packing relies on).
         num_workers: tokenising processes; default ``os.cpu_count()``; 1 runs in-process.
         progress: show a tqdm bar (raw text MB/s).
+        chunk_bytes: raw text per work item sent to a worker (output does not depend on it).
     """
     start_time = time.perf_counter()
     corpus = inputs if isinstance(inputs, Corpus) else Corpus(inputs)
@@ -239,6 +241,8 @@ def prepare(
     workers = num_workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"prepare: num_workers must be >= 1, got {num_workers}")
+    if chunk_bytes < 1:
+        raise ValueError(f"prepare: chunk_bytes must be >= 1, got {chunk_bytes}")
     out_dir = Path(out_dir)
     dtype = token_dtype(tok.vocab_size)
 
@@ -260,7 +264,7 @@ def prepare(
     temps: list[Path] = []
     try:
         manifest = _tokenise_and_publish(corpus, tok, out_dir, expected, dtype, val_fraction, seed, append_eos,
-                                         workers, progress, temps)
+                                         workers, progress, chunk_bytes, temps)
     except BaseException:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
@@ -281,6 +285,7 @@ def _tokenise_and_publish(
     append_eos: bool,
     workers: int,
     progress: bool,
+    chunk_bytes: int,
     temps: list[Path],
 ) -> dict:
     # 1. Tokenise every document, in corpus order, into one temporary stream.
@@ -297,7 +302,7 @@ def _tokenise_and_publish(
     elif corpus.documents is not None:
         total_bytes = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in corpus.documents)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress, smoothing=0.1)
-    chunks = _chunks(corpus, stats, doc_ids)
+    chunks = _chunks(corpus, stats, doc_ids, chunk_bytes)
     init_args = (tok.model_proto, dtype.str, eos, tok.splits_on_spaces, tok.space_ids)
     with os.fdopen(fd, "wb") as out:
         if workers == 1:

@@ -1,0 +1,76 @@
+"""Corpus readers: formats, document boundaries, and clear errors for bad input."""
+
+import json
+
+import pytest
+
+from minillm.data.corpus import Corpus, Document, read_csv, read_jsonl, read_text_file, read_utf8
+
+
+def test_text_file_splits(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("first doc line one\nline two\n\n\nsecond doc\n\nthird\n", encoding="utf-8")
+    assert [d.text for d in read_text_file(path)] == [path.read_text()]
+    blocks = list(read_text_file(path, split="blank_lines"))
+    assert [d.text for d in blocks] == ["first doc line one\nline two", "second doc", "third"]
+    assert [d.id for d in blocks] == [f"{path}:1", f"{path}:5", f"{path}:7"]
+    assert [d.text for d in read_text_file(path, split="lines")] == ["first doc line one", "line two", "second doc", "third"]
+
+
+def test_jsonl_and_csv_fields(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": t, "n": i}) for i, t in enumerate(["alpha", "beta"])) + "\n")
+    assert [d.text for d in read_jsonl(jsonl, field="body")] == ["alpha", "beta"]
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text('id,content\n1,"hello, world"\n2,"multi\nline"\n')
+    assert [d.text for d in read_csv(csv_path, field="content")] == ["hello, world", "multi\nline"]
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text('content\tx\nbare "quote\t1\n')
+    assert [d.text for d in read_csv(tsv, field="content")] == ['bare "quote']
+
+
+def test_corpus_dirs_globs_and_fingerprint(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("bee")
+    (tmp_path / "sub" / "a.txt").write_text("ay")
+    (tmp_path / ".hidden").write_text("secret")
+    by_dir = Corpus([tmp_path])
+    assert [d.text for d in by_dir] == ["bee", "ay"]
+    assert [d.text for d in Corpus([str(tmp_path / "**" / "*.txt")])] == ["bee", "ay"]
+    before = by_dir.fingerprint()
+    assert Corpus([tmp_path]).fingerprint() == before
+    (tmp_path / "b.txt").write_text("bee!")
+    assert Corpus([tmp_path]).fingerprint() != before
+    docs = Corpus([Document("x", "text")])
+    assert list(docs) == [Document("x", "text")]
+
+
+def test_missing_inputs_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        Corpus([tmp_path / "nope.txt"])
+    with pytest.raises(FileNotFoundError, match=r"matched no file: .*\*\.md"):
+        Corpus([str(tmp_path / "*.md")])
+
+
+def test_invalid_utf8_names_file_and_offset_or_is_replaced(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes("caf\u00e9 ok\n".encode() + b"broken \xff\xfe here")
+    offset = len("caf\u00e9 ok\n".encode()) + len(b"broken ")
+    with pytest.raises(ValueError, match=rf"bad.txt: invalid UTF-8 at byte offset {offset}\b"):
+        list(Corpus([path]))
+    text = read_utf8(path, errors="replace")
+    assert "\ufffd\ufffd here" in text
+    assert [d.text for d in Corpus([path], errors="replace")] == [text]
+
+
+def test_missing_field_and_column_are_named(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: no field 'text'"):
+        list(read_jsonl(jsonl))
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("title,body\na,b\n")
+    with pytest.raises(ValueError, match=r"d.csv: no column 'text' \(columns: \['title', 'body'\]\)"):
+        list(Corpus([csv_path]))
+    with pytest.raises(ValueError, match="format must be one of"):
+        Corpus([csv_path], format="xml")
