@@ -359,3 +359,36 @@ def test_to_hf_rejects_other_models():
     config = ModelConfig(arch="encoder-decoder", vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4)
     with pytest.raises(TypeError, match="Seq2SeqLM"):
         to_hf(Seq2SeqLM(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy generation: identical tokens to transformers' generate
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_greedy_generation_matches_transformers(backend):
+    from minillm.generation import generate
+
+    hf = make(transformers.GPT2LMHeadModel, gpt2_config(), seed=4)
+    model = from_hf(hf, attn_backend=backend)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, VOCAB, (3, 6), generator=gen)
+    left_pad_mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+    padded = ids.masked_fill(left_pad_mask == 0, 0)
+
+    def both(prompt, mask, eos):
+        kwargs = dict(max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+        theirs = hf.generate(prompt, attention_mask=mask, do_sample=False, **kwargs)
+        ours = generate(model, prompt, attention_mask=mask, do_sample=False, **kwargs)
+        return ours, theirs
+
+    for prompt, mask in ((ids, torch.ones_like(ids)), (padded, left_pad_mask)):
+        ours, theirs = both(prompt, mask, eos=2)
+        assert torch.equal(ours, theirs), (ours, theirs)
+        # Now make a token the model really produces the EOS: rows stop at different steps and
+        # are padded afterwards, which both libraries must do the same way.
+        eos = int(theirs[0, prompt.shape[1] + 3])
+        ours, theirs = both(prompt, mask, eos=eos)
+        assert (theirs[:, prompt.shape[1]:] == eos).any()
+        assert torch.equal(ours, theirs), (ours, theirs)
