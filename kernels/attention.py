@@ -209,29 +209,29 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     `tl.dot` multiplies bf16 bit patterns as integers; fp16/bf16 -> fp32 is exact, so the
     interpreted product equals a tensor core's fp32-accumulated one."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
 def _dropout_keep(seed, bh, rows, cols, LK_RNG, dropout_p):
-    """Bool (BLOCK_M, BLOCK_N) keep mask. Philox keyed by seed + (b * H + h), counter
-    row * LK_RNG + col: the same element always draws the same number, in forward and backward."""
-    offsets = rows[:, None] * LK_RNG + cols[None, :]
-    return tl.rand(seed + bh, offsets) >= dropout_p
+    """Bool keep mask for a tile, True = keep. `rows`/`cols` are broadcastable 2-D index tiles
+    ([:, None]/[None, :], or swapped for a transposed tile). Philox is keyed by seed + (b * H + h)
+    with counter row * LK_RNG + col: an element always draws the same number, forward and backward."""
+    return tl.rand(seed + bh, rows * LK_RNG + cols) >= dropout_p
 
 
 @triton.jit
 def _mask_scores(s, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn,
                  IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
-    """Apply bounds, causal and user masks to a (BLOCK_M, BLOCK_N) tile of base-2 scores."""
-    valid = row_ok[:, None] & col_ok[None, :]
+    """Apply bounds, causal and user masks to a tile of base-2 scores. `rows`, `cols` and their
+    `_ok` flags are broadcastable 2-D tiles, so the same code serves S and its transpose."""
+    valid = row_ok & col_ok
     if IS_CAUSAL:  # top-left aligned: row i sees keys 0..i
-        valid = valid & (cols[None, :] <= rows[:, None])
+        valid = valid & (cols <= rows)
     if MASK_KIND != 0:
-        m_ptrs = mask_base + rows[:, None] * stride_mm + cols[None, :] * stride_mn
-        m = tl.load(m_ptrs, mask=valid, other=0)
+        m = tl.load(mask_base + rows * stride_mm + cols * stride_mn, mask=valid, other=0)
         if MASK_KIND == 1:  # bool mask stored as uint8, nonzero = attend
             valid = valid & (m != 0)
         else:  # additive mask, in the scores' natural-log units
@@ -317,8 +317,8 @@ def _attn_fwd_kernel(
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
-        s = _mask_scores(s, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn,
-                         IS_CAUSAL, MASK_KIND)
+        s = _mask_scores(s, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
+                         mask_base, stride_mm, stride_mn, IS_CAUSAL, MASK_KIND)
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: avoid -inf - -inf
@@ -326,7 +326,7 @@ def _attn_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_base)  # rescales the old sum and output
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator uses P before dropout
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, pid_bh, rows, cols, Lk, dropout_p)
+            keep = _dropout_keep(seed, pid_bh, rows[:, None], cols[None, :], Lk, dropout_p)
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
@@ -422,28 +422,31 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b64 * stride_ob + h * stride_oh + q_start.to(tl.int64) * stride_om
         mask_base = MASK + b64 * stride_mb + h * stride_mh
         for start_m in range(m_begin, q_len, BLOCK_M):
+            # Work on transposed tiles (keys x queries) so dK and dV accumulate without
+            # transposing P or dS: S^T = K Q^T, dV += P^T dO, dK += dS^T Q.
             rows = start_m + offs_m
             row_ok = rows < q_len
-            qo_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=qo_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_om + offs_d[None, :], mask=qo_mask, other=0.0)
+            q_t = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None],
+                          mask=row_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
+            do = tl.load(do_base + rows[:, None] * stride_om + offs_d[None, :],
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
             lse = tl.load(LSE + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
 
-            s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
-            s = _mask_scores(s, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn,
-                             IS_CAUSAL, MASK_KIND)
-            p = tl.math.exp2(s - lse[:, None])  # recomputed softmax, (BLOCK_M, BLOCK_N)
-            dp = _dot(do, tl.trans(v), UPCAST, PRECISION)  # (BLOCK_M, BLOCK_N)
+            s_t = _dot(k, q_t, UPCAST, PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
+            s_t = _mask_scores(s_t, rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None],
+                               mask_base, stride_mm, stride_mn, IS_CAUSAL, MASK_KIND)
+            p_t = tl.math.exp2(s_t - lse[None, :])  # recomputed softmax, transposed
+            dp_t = _dot(v, tl.trans(do), UPCAST, PRECISION)  # (dO V^T)^T, (BLOCK_N, BLOCK_M)
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed, bh, rows, cols, Lk, dropout_p)
-                p_drop = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
-                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+                keep = _dropout_keep(seed, bh, rows[None, :], cols[:, None], Lk, dropout_p)
+                p_drop = tl.where(keep, p_t * (1.0 / (1.0 - dropout_p)), 0.0)
+                dp_t = tl.where(keep, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
             else:
-                p_drop = p
-            dv += _dot(tl.trans(p_drop.to(do.dtype)), do, UPCAST, PRECISION)
-            ds = p * (dp - delta[:, None])  # dL/dS, (BLOCK_M, BLOCK_N)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION)
+                p_drop = p_t
+            dv += _dot(p_drop.to(do.dtype), do, UPCAST, PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])  # dL/dS, transposed
+            dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), UPCAST, PRECISION)
 
     out_off = b64 * stride_dkb + h_kv * stride_dkh + (k_start + cols[:, None]).to(tl.int64) * stride_dkn
     tl.store(DK + out_off + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -511,12 +514,12 @@ def _attn_bwd_dq_kernel(
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
-        s = _mask_scores(s, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn,
-                         IS_CAUSAL, MASK_KIND)
+        s = _mask_scores(s, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
+                         mask_base, stride_mm, stride_mn, IS_CAUSAL, MASK_KIND)
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, pid_bh, rows, cols, Lk, dropout_p)
+            keep = _dropout_keep(seed, pid_bh, rows[:, None], cols[None, :], Lk, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
@@ -537,7 +540,7 @@ def _dropout_mask_kernel(
     pid_bh = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, pid_bh, rows, cols, Lk, dropout_p)
+    keep = _dropout_keep(seed, pid_bh, rows[:, None], cols[None, :], Lk, dropout_p)
     ptrs = KEEP + pid_bh.to(tl.int64) * Lq * Lk + rows[:, None] * Lk + cols[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
 
@@ -566,19 +569,19 @@ _C = BlockConfig
 _CONFIGS: dict[int, dict[str, dict[int, list[BlockConfig]]]] = {
     80: {  # A100: 163 KiB shared memory per block, mma.sync tensor cores
         "fwd": {16: [_C(128, 64, 4, 3)], 32: [_C(128, 64, 4, 3)],
-                64: [_C(128, 64, 4, 3), _C(128, 128, 8, 3)],
-                128: [_C(128, 64, 8, 3), _C(128, 32, 4, 3)],
-                256: [_C(64, 32, 4, 2)]},
+                64: [_C(128, 64, 8, 3), _C(128, 128, 8, 3)],
+                128: [_C(128, 64, 8, 3), _C(128, 32, 8, 3)],
+                256: [_C(64, 32, 8, 2)]},
         "dkdv": {16: [_C(32, 128, 4, 3)], 32: [_C(32, 128, 4, 3)], 64: [_C(32, 128, 8, 3)],
-                 128: [_C(32, 64, 4, 2)], 256: [_C(16, 32, 4, 2)]},
+                 128: [_C(32, 64, 8, 2)], 256: [_C(16, 64, 8, 2)]},
         "dq": {16: [_C(128, 32, 4, 3)], 32: [_C(128, 32, 4, 3)], 64: [_C(128, 32, 8, 3)],
-               128: [_C(64, 32, 4, 2)], 256: [_C(32, 16, 4, 2)]},
+               128: [_C(64, 32, 8, 2)], 256: [_C(64, 16, 8, 2)]},
     },
     90: {  # H100: 227 KiB shared memory per block, warpgroup MMA (wgmma) for M >= 64 tiles
         "fwd": {16: [_C(128, 64, 4, 3)], 32: [_C(128, 64, 4, 3)],
-                64: [_C(128, 64, 4, 3), _C(128, 128, 8, 3)],
+                64: [_C(128, 64, 8, 3), _C(128, 128, 8, 3)],
                 128: [_C(128, 64, 8, 3), _C(128, 128, 8, 2)],
-                256: [_C(64, 64, 4, 2)]},
+                256: [_C(64, 64, 8, 2)]},
         "dkdv": {16: [_C(64, 128, 8, 3)], 32: [_C(64, 128, 8, 3)], 64: [_C(64, 128, 8, 3)],
                  128: [_C(64, 64, 8, 2)], 256: [_C(64, 32, 8, 2)]},
         "dq": {16: [_C(128, 64, 8, 3)], 32: [_C(128, 64, 8, 3)], 64: [_C(128, 64, 8, 3)],
