@@ -1,0 +1,166 @@
+"""Pretraining batches: causal windows, MLM masking statistics, NSP pairs, span corruption."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from minillm.data.causal import CausalLMCollator, CausalLMDataset
+from minillm.data.corpus import Document
+from minillm.data.mlm import MLMCollator, MLMDataset
+from minillm.data.nsp import NSPCollator, NSPDataset
+from minillm.data.prepare import prepare
+from minillm.data.seq2seq import Seq2SeqCollator, SpanCorruptionDataset, span_corruption
+from minillm.data.shards import TokenShards
+from minillm.tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, Tokenizer
+
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+    "tau upsilon phi chi psi omega the of and to in is that for it as with was on be by this "
+    "unbelievable internationalisation reconstruction"
+).split()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batches")
+    rng = random.Random(0)
+    docs = []
+    for d in range(300):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) for _ in range(rng.randint(1, 8))]
+        docs.append(Document(f"doc-{d}", "\n".join(lines)))
+    tok = Tokenizer.train(docs, root / "tok", vocab_size=400)
+    prepare(docs, tok, root / "out", val_fraction=0.05, progress=False)
+    return tok, TokenShards(root / "out", "train"), docs
+
+
+def test_causal_windows(data):
+    tok, shards, _ = data
+    seq = CausalLMDataset(shards, 32, mode="sequential")
+    assert len(seq) == shards.n_tokens // 32
+    batch = CausalLMCollator()([seq[0], seq[1]])
+    assert batch["input_ids"].shape == (2, 32) and batch["input_ids"].dtype == torch.long
+    assert torch.equal(batch["labels"], batch["input_ids"])  # the model shifts internally
+    assert batch["attention_mask"].all()
+    assert torch.equal(batch["input_ids"][1], torch.from_numpy(shards.tokens[32:64].astype(np.int64)))
+    rand = CausalLMDataset(shards, 32, mode="random", seed=3, samples=10)
+    assert len(rand) == 10 and np.array_equal(rand[4]["input_ids"], rand[4]["input_ids"])
+    assert len({rand.start(i) for i in range(10)}) > 1
+
+
+def test_causal_document_mask(data):
+    tok, shards, _ = data
+    ds = CausalLMDataset(shards, 64, mode="sequential", document_mask=True)
+    batch = CausalLMCollator()([ds[i] for i in range(4)])
+    ids, pos, cu = batch["input_ids"].numpy(), batch["position_ids"].numpy(), batch["cu_seqlens"].numpy()
+    assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == ids.size
+    flat_pos = pos.reshape(-1)
+    assert (flat_pos[cu[:-1]] == 0).all()  # every segment starts at position 0
+    # a new segment starts exactly after an EOS, or at a row start
+    starts = set(cu[:-1].tolist())
+    flat = ids.reshape(-1)
+    for t in range(1, flat.size):
+        assert (t in starts) == (flat[t - 1] == EOS_ID or t % 64 == 0)
+    with pytest.raises(ValueError, match="seq_len=100000 is longer than the train split"):
+        CausalLMDataset(shards, 100000)
+
+
+def mask_stats(batch, tok):
+    labels, inputs = batch["labels"], batch["input_ids"]
+    chosen = labels != -100
+    original = torch.where(chosen, labels, inputs)
+    special = torch.from_numpy(tok.special)[original] | (batch["attention_mask"] == 0)
+    return chosen, original, special, inputs
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_mlm_statistics_over_10k_samples(data, whole_word):
+    tok, shards, _ = data
+    ds = MLMDataset(shards, tok, 48)
+    collate = MLMCollator(tok, whole_word_mask=whole_word, seed=1)
+    samples = [ds[i % len(ds)] for i in range(10_000)]
+    batch = collate(samples)
+    chosen, original, special, inputs = mask_stats(batch, tok)
+    assert not (chosen & special).any()  # special and pad are never chosen
+    assert torch.equal(inputs[special], original[special])  # nor changed
+    assert (inputs[:, 0] == CLS_ID).all()
+    rate = chosen.sum().item() / (~special).sum().item()
+    assert abs(rate - 0.15) < 0.01, rate
+    n = chosen.sum().item()
+    as_mask = (inputs[chosen] == MASK_ID).sum().item() / n
+    kept = (inputs[chosen] == original[chosen]).sum().item() / n
+    randomised = 1 - as_mask - kept
+    assert abs(as_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.02 and abs(randomised - 0.1) < 0.02, (as_mask, kept)
+    assert not torch.from_numpy(tok.special)[inputs[chosen & (inputs != MASK_ID)]].any()  # random ids never special
+    if whole_word:  # a word is chosen entirely or not at all
+        word_start = torch.from_numpy(tok.word_start)[original] | torch.from_numpy(tok.standalone)[original.roll(1, 1)]
+        continuation = ~word_start & ~special
+        continuation[:, 0] = False
+        prev_chosen = chosen.roll(1, 1)
+        assert torch.equal(chosen[continuation], prev_chosen[continuation])
+        assert continuation[chosen].any()  # multi-piece words were masked (the check is not vacuous)
+
+
+def test_mlm_padding_and_reproducibility(data):
+    tok, shards, _ = data
+    ds = MLMDataset(shards, tok, 48)
+    samples = [ds[i] for i in range(8)]
+    a = MLMCollator(tok, seed=5)(samples)
+    b = MLMCollator(tok, seed=5)(samples)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lengths = a["attention_mask"].sum(1)
+    assert lengths.max() <= 48 and (a["input_ids"][a["attention_mask"] == 0] == PAD_ID).all()
+    with pytest.raises(ValueError, match="mlm_probability"):
+        MLMCollator(tok, mlm_probability=1.5)
+
+
+def test_nsp_pairs(data):
+    tok, shards, docs = data
+    max_len = 40
+    ds = NSPDataset(shards, tok, max_len, seed=2, samples=10_000)
+    samples = [ds[i] for i in range(len(ds))]
+    labels = np.array([s["next_sentence_label"] for s in samples])
+    assert abs(labels.mean() - 0.5) < 0.02
+    stream = shards.tokens.astype(np.int64).tobytes()
+    for s in samples[:2000]:
+        ids, types = s["input_ids"], s["token_type_ids"]
+        assert len(ids) <= max_len and len(ids) == len(types)
+        seps = np.flatnonzero(ids == SEP_ID)
+        assert ids[0] == CLS_ID and len(seps) == 2 and seps[1] == len(ids) - 1
+        assert (types[: seps[0] + 1] == 0).all() and (types[seps[0] + 1 :] == 1).all()
+        a, b = ids[1 : seps[0]], ids[seps[0] + 1 : -1]
+        assert len(a) >= 1 and len(b) >= 1
+        if s["next_sentence_label"] == 0:  # A then B is a contiguous piece of one document
+            assert np.concatenate([a, b]).astype(np.int64).tobytes() in stream
+    batch = NSPCollator(tok)(samples[:16])
+    assert batch["next_sentence_label"].shape == (16,) and batch["token_type_ids"].shape == batch["input_ids"].shape
+
+
+def test_span_corruption_reconstructs_the_original(data):
+    tok, shards, _ = data
+    rng = np.random.default_rng(0)
+    sentinels = tok.sentinel_ids
+    for length in (2, 3, 10, 57, 200):
+        tokens = rng.integers(30, tok.vocab_size, size=length)
+        source, target = span_corruption(tokens, sentinels, rng, 0.15, 3.0)
+        # fill every sentinel of the source with its span from the target
+        spans, current = {}, None
+        for t in target:
+            if t in sentinels:
+                current = t
+                spans[current] = []
+            else:
+                spans[current].append(t)
+        rebuilt = [x for t in source for x in (spans[t] if t in sentinels else [t])]
+        assert rebuilt == tokens.tolist()
+        noise = len(target) - len(spans)
+        assert noise == min(max(round(0.15 * length), 1), length - 1)
+    ds = SpanCorruptionDataset(shards, tok, 32)
+    batch = Seq2SeqCollator(tok)([ds[i] for i in range(8)])
+    assert batch["input_ids"].shape[1] <= 32
+    assert (batch["decoder_input_ids"][:, 0] == tok.bos_id).all()
+    real = batch["labels"] != -100
+    # decoder input is the target shifted right by one
+    assert torch.equal(batch["decoder_input_ids"][:, 1:][real[:, 1:]], batch["labels"][:, :-1][real[:, 1:]])
+    assert ((batch["labels"] == EOS_ID).sum(1) == 1).all()
