@@ -39,10 +39,13 @@ The traps
       `cls.predictions.bias` (also visible as the alias `cls.predictions.decoder.bias`).
     * Tied copies (`lm_head.weight`, `cls.predictions.decoder.*`) are consumed only after checking
       that they equal what they are tied to.
+    * An untied BERT MLM head (tie_word_embeddings=False) in transformers 5 unties the bias too: the
+      forward adds `cls.predictions.decoder.bias` and never reads `cls.predictions.bias`. The bias
+      HF uses is loaded; the unused one is dropped (and written as a copy on export).
 
 Strictness: every minillm parameter is filled, every HF weight is consumed, every shape is checked.
 Anything left over or missing is a ValueError that names the keys, so a silent mismatch cannot
-happen. The one deliberate exception is task "encoder" (the default for `BertModel`): asking for
+happen. The deliberate exceptions: the unused untied MLM bias above, and task "encoder" (the default for `BertModel`): asking for
 the bare body means dropping heads, so weights under `pooler.`, `cls.` and `classifier.` are
 discarded there and only there.
 
@@ -355,7 +358,7 @@ def _gpt2_rules(config: ModelConfig, body: str) -> tuple[list[Rule], dict[str, s
     return rules + [Rule(("lm_head.weight",), "lm_head.weight")], {}
 
 
-def _bert_rules(config: ModelConfig, body: str, task: str) -> tuple[list[Rule], dict[str, str]]:
+def _bert_rules(config: ModelConfig, body: str, task: str) -> tuple[list[Rule], dict[str, str], dict[str, str]]:
     b = "bert."
     rules = [Rule((f"{body}embeddings.token.weight",), f"{b}embeddings.word_embeddings.weight"),
              Rule((f"{body}embeddings.position.weight",), f"{b}embeddings.position_embeddings.weight"),
@@ -370,28 +373,34 @@ def _bert_rules(config: ModelConfig, body: str, task: str) -> tuple[list[Rule], 
         rules += _linear(f"{ours}mlp.fc_in", f"{theirs}intermediate.dense")
         rules += _linear(f"{ours}mlp.fc_out", f"{theirs}output.dense")
         rules += _linear(f"{ours}mlp_norm", f"{theirs}output.LayerNorm")
-    aliases = {}
+    aliases, unused = {}, {}
     if task in ("mlm-nsp", "classification"):
         rules += _linear("pooler.dense", f"{b}pooler.dense")
     if task in ("mlm", "mlm-nsp"):
         rules += _linear("mlm_head.dense", "cls.predictions.transform.dense")
         rules += _linear("mlm_head.norm", "cls.predictions.transform.LayerNorm")
-        rules.append(Rule(("mlm_head.bias",), "cls.predictions.bias"))
-        aliases["cls.predictions.decoder.bias"] = "cls.predictions.bias"  # HF ties the decoder's bias to it
         if config.tie_embeddings:
+            rules.append(Rule(("mlm_head.bias",), "cls.predictions.bias"))
+            aliases["cls.predictions.decoder.bias"] = "cls.predictions.bias"  # HF ties the decoder's bias to it
             aliases["cls.predictions.decoder.weight"] = f"{b}embeddings.word_embeddings.weight"
         else:
+            # With tie_word_embeddings=False, transformers 5 unties the bias as well: its forward adds
+            # cls.predictions.decoder.bias and never reads cls.predictions.bias.
+            rules.append(Rule(("mlm_head.bias",), "cls.predictions.decoder.bias"))
             rules.append(Rule(("mlm_head.decoder.weight",), "cls.predictions.decoder.weight"))
+            unused["cls.predictions.bias"] = "cls.predictions.decoder.bias"
     if task == "mlm-nsp":
         rules += _linear("nsp_head", "cls.seq_relationship")
     if task == "classification":
         rules += _linear("classifier", "classifier")
-    return rules, aliases
+    return rules, aliases, unused
 
 
-def _rules(family: str, config: ModelConfig, task: str) -> tuple[list[Rule], dict[str, str]]:
+def _rules(family: str, config: ModelConfig, task: str) -> tuple[list[Rule], dict[str, str], dict[str, str]]:
+    """Rules; tied aliases (HF key -> the key it must equal); and HF parameters that HF's own forward
+    never reads (HF key -> the key whose value they get on export)."""
     if family == "gpt2":
-        return _gpt2_rules(config, BODY_NAME[task])
+        return (*_gpt2_rules(config, BODY_NAME[task]), {})
     return _bert_rules(config, BODY_NAME[task], task)
 
 
@@ -446,7 +455,11 @@ def from_hf(source, task: str | None = None, **overrides) -> nn.Module:
     task = _choose_task(family, architecture, task)
     config = config_from_hf(hf_config, task, **overrides)
     state = _canonical_keys(state, family)
-    rules, aliases = _rules(family, config, task)
+    rules, aliases, unused = _rules(family, config, task)
+    for key, used in unused.items():
+        if used not in state and key in state:  # transformers 4 kept one shared tensor under either name
+            state[used] = state.pop(key)
+        state.pop(key, None)
 
     ours: dict[str, torch.Tensor] = {}
     missing = [rule.theirs for rule in rules if rule.theirs not in state]
@@ -515,12 +528,14 @@ def hf_state_dict(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor], dict
     """(HF config dict, HF state dict without tied copies, tied aliases) for a minillm model."""
     family, architecture, task = _export_target(model)
     hf_config = config_to_hf(model.config, family, architecture)
-    rules, aliases = _rules(family, model.config, task)
+    rules, aliases, unused = _rules(family, model.config, task)
     params = dict(model.named_parameters())
     state = {}
     for rule in rules:
         tensor = torch.cat([params[name].detach() for name in rule.ours], dim=0)  # q|k|v packed back
         state[rule.theirs] = (tensor.t() if rule.conv1d else tensor).contiguous()
+    for key, used in unused.items():  # HF expects them; giving them the used value keeps both readings right
+        state[key] = state[used].clone()
     return hf_config, state, aliases
 
 

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from minillm import build_model  # noqa: E402
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.convert import config_from_hf, from_hf, to_hf  # noqa: E402
+from minillm.convert import config_from_hf, from_hf, save_hf, to_hf  # noqa: E402
 from minillm.model import CausalLM, Encoder, MaskedLM, Seq2SeqLM, SequenceClassifier  # noqa: E402
 
 TOL = 1e-4
@@ -133,11 +133,16 @@ def test_bert_pretraining_logits_match(backend):
 
 def test_bert_masked_lm_and_bare_encoder():
     ids, mask = right_padded_batch()
-    hf = make(transformers.BertForMaskedLM, bert_config())
+    hf = make(transformers.BertForMaskedLM, bert_config(tie_word_embeddings=False))  # decoder has its own matrix
     model = from_hf(hf)
     assert isinstance(model, MaskedLM) and model.nsp_head is None
+    assert model.mlm_head.decoder.weight is not model.encoder.embeddings.token.weight
     with torch.no_grad():
-        assert max_diff(model(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits, mask) < TOL
+        expected = hf(ids, attention_mask=mask).logits
+        assert max_diff(model(ids, attention_mask=mask).logits, expected, mask) < TOL
+        back = to_hf(model).eval()
+        assert not back.config.tie_word_embeddings
+        assert max_diff(back(ids, attention_mask=mask).logits, expected, mask) < TOL
 
     # BertModel loads as the bare Encoder; its pooler is dropped on purpose (documented choice).
     base = make(transformers.BertModel, bert_config())
@@ -212,6 +217,24 @@ def test_round_trip(case, tmp_path):
     (bin_dir / "config.json").write_text(json.dumps({**hf.config.to_dict(), "architectures": [cls.__name__]}))
     torch.save(hf.state_dict(), bin_dir / "pytorch_model.bin")
     assert max_diff(_our_logits(from_hf(bin_dir), ids), expected) < TOL
+
+
+def test_directories_need_no_transformers(tmp_path, monkeypatch):
+    """transformers is a test-only dependency: reading and writing directories must not import it."""
+    import sys
+
+    hf = make(transformers.BertForPreTraining, bert_config())
+    hf.save_pretrained(tmp_path / "theirs")
+    ids, _ = right_padded_batch()
+    with torch.no_grad():
+        expected = hf(ids).prediction_logits
+    monkeypatch.setitem(sys.modules, "transformers", None)  # any `import transformers` now fails
+    model = from_hf(tmp_path / "theirs")
+    save_hf(model, tmp_path / "ours")
+    with torch.no_grad():
+        assert max_diff(from_hf(tmp_path / "ours")(ids).logits, expected) < TOL
+    with pytest.raises(ImportError):
+        to_hf(model)
 
 
 def test_legacy_checkpoint_names_and_buffers(tmp_path):
