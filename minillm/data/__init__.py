@@ -21,6 +21,9 @@ Every collator returns a dict of torch tensors whose keys the models accept dire
 (``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``, ``next_sentence_label``,
 ``decoder_input_ids``), plus the documented extras ``position_ids``/``cu_seqlens`` of
 document-aware causal batches.
+
+The prepare function is not re-exported here: ``minillm.data.prepare`` must stay the module
+(``from minillm.data.prepare import prepare``).
 """
 
 from minillm.data.causal import CausalLMCollator, CausalLMDataset
@@ -40,7 +43,7 @@ from minillm.data.corpus import Corpus, Document
 from minillm.data.default_corpus import build_default_corpus, default_corpus_documents, stdlib_classification_task
 from minillm.data.mlm import MLMCollator, MLMDataset
 from minillm.data.nsp import NSPCollator, NSPDataset
-from minillm.data.prepare import PrepareResult, prepare, prepare_from_config
+from minillm.data.prepare import PrepareResult, prepare_from_config
 from minillm.data.seq2seq import (
     Seq2SeqCollator,
     Seq2SeqPairDataset,
@@ -55,6 +58,6 @@ __all__ = [
     "ClassificationExamples", "LabelMap", "examples_from_pairs", "read_classification", "read_glue",
     "IGNORE_INDEX", "DataConfig", "Corpus", "Document", "build_default_corpus", "default_corpus_documents",
     "stdlib_classification_task", "MLMCollator", "MLMDataset", "NSPCollator", "NSPDataset", "PrepareResult",
-    "prepare", "prepare_from_config", "Seq2SeqCollator", "Seq2SeqPairDataset", "SpanCorruptionDataset",
+    "prepare_from_config", "Seq2SeqCollator", "Seq2SeqPairDataset", "SpanCorruptionDataset",
     "read_seq2seq_pairs", "span_corruption", "TokenShards",
 ]
