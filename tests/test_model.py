@@ -272,3 +272,18 @@ def test_wrong_architecture_for_task_is_rejected():
     with pytest.raises(ValueError, match="task: got 'translate'"):
         build_model(small(), "translate")
 
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norm_backends_agree_in_forward_and_backward(norm):
+    """The model's norms through our Triton kernel (interpreter) equal torch's, gradients included."""
+    ids = torch.randint(7, 97, (2, 9))
+    results = {}
+    for backend in ("torch", "triton"):
+        model = model_for(small(norm=norm, norm_backend=backend), "causal-lm")
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results[backend] = (out.logits, {n: p.grad for n, p in model.named_parameters() if "norm" in n})
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results["torch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
