@@ -389,29 +389,28 @@ def test_to_hf_rejects_other_models():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
-def test_greedy_generation_matches_transformers(backend):
+def test_greedy_generation_matches_transformers():
     from minillm.generation import generate
 
     hf = make(transformers.GPT2LMHeadModel, gpt2_config(), seed=4)
-    model = from_hf(hf, attn_backend=backend)
+    models = [from_hf(hf, attn_backend=backend) for backend in ("reference", "sdpa")]
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, VOCAB, (3, 6), generator=gen)
     left_pad_mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
     padded = ids.masked_fill(left_pad_mask == 0, 0)
 
-    def both(prompt, mask, eos):
-        kwargs = dict(max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    def check(prompt, mask, eos):
+        kwargs = dict(max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
         theirs = hf.generate(prompt, attention_mask=mask, do_sample=False, **kwargs)
-        ours = generate(model, prompt, attention_mask=mask, do_sample=False, **kwargs)
-        return ours, theirs
+        for model in models:
+            ours = generate(model, prompt, attention_mask=mask, do_sample=False, **kwargs)
+            assert torch.equal(ours, theirs), (model.config.attn_backend, ours, theirs)
+        return theirs
 
     for prompt, mask in ((ids, torch.ones_like(ids)), (padded, left_pad_mask)):
-        ours, theirs = both(prompt, mask, eos=2)
-        assert torch.equal(ours, theirs), (ours, theirs)
+        theirs = check(prompt, mask, eos=2)
         # Now make a token the model really produces the EOS: rows stop at different steps and
         # are padded afterwards, which both libraries must do the same way.
         eos = int(theirs[0, prompt.shape[1] + 3])
-        ours, theirs = both(prompt, mask, eos=eos)
+        theirs = check(prompt, mask, eos=eos)
         assert (theirs[:, prompt.shape[1]:] == eos).any()
-        assert torch.equal(ours, theirs), (ours, theirs)
