@@ -15,6 +15,7 @@ Read in this order:
 ``seq2seq``            T5 span corruption and source/target pairs
 ``classification``     labelled texts / pairs, label maps, GLUE layouts
 ``config``             DataConfig
+``pipeline``           build_data(DataConfig) -> tokenizer, datasets, collator
 =====================  ===============================================================
 
 Every collator returns a dict of torch tensors whose keys the models accept directly
@@ -43,6 +44,7 @@ from minillm.data.corpus import Corpus, Document
 from minillm.data.default_corpus import build_default_corpus, default_corpus_documents, stdlib_classification_task
 from minillm.data.mlm import MLMCollator, MLMDataset
 from minillm.data.nsp import NSPCollator, NSPDataset
+from minillm.data.pipeline import DataBundle, build_data
 from minillm.data.prepare import PrepareResult, prepare_from_config
 from minillm.data.seq2seq import (
     Seq2SeqCollator,
@@ -58,6 +60,6 @@ __all__ = [
     "ClassificationExamples", "LabelMap", "examples_from_pairs", "read_classification", "read_glue",
     "IGNORE_INDEX", "DataConfig", "Corpus", "Document", "build_default_corpus", "default_corpus_documents",
     "stdlib_classification_task", "MLMCollator", "MLMDataset", "NSPCollator", "NSPDataset", "PrepareResult",
-    "prepare_from_config", "Seq2SeqCollator", "Seq2SeqPairDataset", "SpanCorruptionDataset",
+    "prepare_from_config", "DataBundle", "build_data", "Seq2SeqCollator", "Seq2SeqPairDataset", "SpanCorruptionDataset",
     "read_seq2seq_pairs", "span_corruption", "TokenShards",
 ]

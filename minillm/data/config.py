@@ -66,7 +66,10 @@ class DataConfig:
     mean_span_length: float = 3.0
     """Seq2seq span corruption: mean length of a corrupted span (T5: 3)."""
     train_file: str | None = None
-    """Classification / seq2seq pairs: training file (CSV/TSV/JSONL, or a GLUE TSV)."""
+    """Classification / seq2seq pairs: training file (CSV/TSV/JSONL, or a GLUE TSV);
+    ``"stdlib"`` is the built-in stdlib-package task (classification only)."""
+    stdlib_classes: int = 8
+    """Classification on ``train_file="stdlib"``: number of named packages (plus "other")."""
     validation_file: str | None = None
     """Classification / seq2seq pairs: validation file."""
     label_field: str = "label"
@@ -102,6 +105,7 @@ class DataConfig:
         check(0.0 < self.nsp_random_probability < 1.0, "nsp_random_probability", "a float in (0, 1)")
         check(0.0 < self.noise_density < 1.0, "noise_density", "a float in (0, 1)")
         check(self.mean_span_length >= 1.0, "mean_span_length", "a float >= 1")
+        check(isinstance(self.stdlib_classes, int) and self.stdlib_classes >= 1, "stdlib_classes", "an int >= 1")
         if self.objective == "classification":
             check(self.train_file is not None, "train_file", "a file path when objective='classification'")
         if self.glue_task is not None:

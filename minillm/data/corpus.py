@@ -207,7 +207,7 @@ class Corpus:
             raise ValueError(f"Corpus: split must be one of {TEXT_SPLITS}, got {split!r}")
         if errors not in ERRORS:
             raise ValueError(f"Corpus: errors must be one of {ERRORS}, got {errors!r}")
-        items = list(inputs)
+        items = [inputs] if isinstance(inputs, (str, os.PathLike, Document)) else list(inputs)
         self.format, self.field, self.split, self.errors = format, field, split, errors
         self.documents: list[Document] | None = None
         self.files: list[Path] = []
