@@ -1,9 +1,9 @@
 """Hugging Face checkpoints in and out: `from_hf` loads GPT-2 and BERT, `to_hf` hands a model back.
 
-    model = from_hf(GPT2LMHeadModel(...))            # a transformers model object
-    model = from_hf("path/to/bert-checkpoint")       # config.json + model.safetensors / pytorch_model.bin
-    hf = to_hf(model, out_dir="exported")            # a transformers object, plus a directory that
-                                                     # AutoModel*.from_pretrained can read
+    model = from_hf(GPT2LMHeadModel(...))        # a transformers model object
+    model = from_hf("path/to/bert-checkpoint")   # config.json + model.safetensors or pytorch_model.bin
+    hf = to_hf(model, out_dir="exported")        # a transformers object, plus a directory that
+                                                 # AutoModel*.from_pretrained can read
 
 What maps to what
     HF architecture                   minillm model                  task name
@@ -13,19 +13,28 @@ What maps to what
     BertForSequenceClassification     SequenceClassifier             "classification"
     BertModel                         Encoder (the bare body)        "encoder"
 
-    GPT-2 weight (under transformer.)  minillm (under decoder.)   BERT weight (under bert.)              minillm
-    wte, wpe                           embeddings.token/position  embeddings.word/position/token_type    embeddings.token/position/token_type
-    h.i.ln_1, h.i.ln_2                 blocks.i.attn_norm/mlp_norm embeddings.LayerNorm                  embeddings.norm
-    h.i.attn.c_attn (q|k|v packed)     blocks.i.attn.q/k/v_proj   encoder.layer.i.attention.self.q/k/v  blocks.i.attn.q/k/v_proj
-    h.i.attn.c_proj                    blocks.i.attn.out_proj     ...attention.output.dense/LayerNorm    blocks.i.attn.out_proj / attn_norm
-    h.i.mlp.c_fc, h.i.mlp.c_proj       blocks.i.mlp.fc_in/fc_out  ...intermediate.dense, output.dense    blocks.i.mlp.fc_in / fc_out
-    ln_f                               final_norm                 ...output.LayerNorm                    blocks.i.mlp_norm
-    lm_head (tied to wte)              lm_head                    pooler.dense                           pooler.dense
-                                                                  cls.predictions.transform.dense/LN     mlm_head.dense/norm
-                                                                  cls.predictions.bias (own MLM bias)    mlm_head.bias
-                                                                  cls.predictions.decoder (tied)         mlm_head.decoder
-                                                                  cls.seq_relationship                   nsp_head
-                                                                  classifier                             classifier
+    GPT-2 (HF body under transformer., ours under decoder.)
+        wte, wpe                        embeddings.token, embeddings.position
+        h.i.ln_1, h.i.ln_2              blocks.i.attn_norm, blocks.i.mlp_norm
+        h.i.attn.c_attn (q|k|v packed)  blocks.i.attn.q_proj, k_proj, v_proj
+        h.i.attn.c_proj                 blocks.i.attn.out_proj
+        h.i.mlp.c_fc, h.i.mlp.c_proj    blocks.i.mlp.fc_in, blocks.i.mlp.fc_out
+        ln_f                            final_norm
+        lm_head (tied to wte)           lm_head (outside the body)
+
+    BERT (HF body under bert., ours under encoder. / body. / nothing for a bare Encoder)
+        embeddings.word_/position_/token_type_embeddings   embeddings.token / position / token_type
+        embeddings.LayerNorm                               embeddings.norm
+        encoder.layer.i.attention.self.query/key/value     blocks.i.attn.q_proj / k_proj / v_proj
+        encoder.layer.i.attention.output.dense, LayerNorm  blocks.i.attn.out_proj, blocks.i.attn_norm
+        encoder.layer.i.intermediate.dense                 blocks.i.mlp.fc_in
+        encoder.layer.i.output.dense, LayerNorm            blocks.i.mlp.fc_out, blocks.i.mlp_norm
+        pooler.dense                                       pooler.dense (outside the body)
+        cls.predictions.transform.dense, LayerNorm         mlm_head.dense, mlm_head.norm
+        cls.predictions.bias (the MLM head's own bias)     mlm_head.bias
+        cls.predictions.decoder (tied to word embeddings)  mlm_head.decoder
+        cls.seq_relationship                               nsp_head
+        classifier                                         classifier
 
 The traps
     * GPT-2's linear layers are `Conv1D`: weight stored (in, out), the transpose of nn.Linear's
@@ -45,9 +54,9 @@ The traps
 
 Strictness: every minillm parameter is filled, every HF weight is consumed, every shape is checked.
 Anything left over or missing is a ValueError that names the keys, so a silent mismatch cannot
-happen. The deliberate exceptions: the unused untied MLM bias above, and task "encoder" (the default for `BertModel`): asking for
-the bare body means dropping heads, so weights under `pooler.`, `cls.` and `classifier.` are
-discarded there and only there.
+happen. The deliberate exceptions: the unused untied MLM bias above, and task "encoder" (the
+default for `BertModel`): asking for the bare body means dropping heads, so weights under
+`pooler.`, `cls.` and `classifier.` are discarded there and only there.
 
 Not supported
     * Other model families (GPT2ForSequenceClassification among them: its `score` layer has no
@@ -61,6 +70,11 @@ Not supported
       naming the minillm config field. A bare Encoder is not exported (HF's BertModel would add a
       randomly initialised pooler).
     * The minillm model is built in the default dtype (fp32); half-precision weights are upcast.
+
+One behaviour differs by design: minillm's default position ids count real tokens only (padding
+invariance), while HF's forward numbers columns 0..T-1. Right padding (BERT's convention) gives
+identical outputs at real positions; a left-padded forward pass does not. Generation agrees, since
+HF's `generate` derives GPT-2's positions from the attention mask just as minillm does.
 
 transformers is not needed to read a directory: config.json is parsed here and the weights are read
 with safetensors or `torch.load(weights_only=True)`, which never runs pickled code. It is imported
@@ -95,11 +109,15 @@ ARCHITECTURE_TASKS = {
 FAMILY_TASKS = {"gpt2": ("causal-lm",), "bert": ("mlm-nsp", "mlm", "classification", "encoder")}
 BASE_PREFIX = {"gpt2": "transformer.", "bert": "bert."}  # where HF puts the body inside a task model
 HEAD_PREFIXES = {"gpt2": ("lm_head.",), "bert": ("cls.", "classifier.")}
-BODY_NAME = {"causal-lm": "decoder.", "mlm": "encoder.", "mlm-nsp": "encoder.", "classification": "body.", "encoder": ""}
+BODY_NAME = {  # where each minillm task model keeps its body
+    "causal-lm": "decoder.", "mlm": "encoder.", "mlm-nsp": "encoder.", "classification": "body.", "encoder": "",
+}
 
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
-TO_HF_ACTIVATION = {"gpt2": {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"},
-                    "bert": {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}}
+TO_HF_ACTIVATION = {
+    "gpt2": {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"},
+    "bert": {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"},
+}
 
 # Runtime settings a caller may change while loading: none of them changes a weight's shape or meaning.
 RUNTIME_FIELDS = ("attn_backend", "norm_backend", "embed_dropout", "attn_dropout", "resid_dropout")
@@ -140,7 +158,9 @@ def _read_directory(directory: Path) -> tuple[dict, dict[str, torch.Tensor], str
         raise FileNotFoundError(f"source: {directory} is not a directory")
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"source: {config_path} not found; a Hugging Face checkpoint directory needs config.json")
+        raise FileNotFoundError(
+            f"source: {config_path} not found; a Hugging Face checkpoint directory needs config.json"
+        )
     hf_config = json.loads(config_path.read_text())
     architectures = hf_config.get("architectures") or [None]
     if len(architectures) != 1:
@@ -295,7 +315,7 @@ def _check_exportable(config: ModelConfig, family: str) -> None:
 def config_to_hf(config: ModelConfig, family: str, architecture: str) -> dict:
     """The Hugging Face config dict (config.json contents) for an exportable ModelConfig."""
     _check_exportable(config, family)
-    ids = {"pad_token_id": config.pad_token_id, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    ids = {name: getattr(config, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
     common = {"model_type": family, "architectures": [architecture], "vocab_size": config.vocab_size,
               "initializer_range": config.init_std, "tie_word_embeddings": config.tie_embeddings, **ids}
     if family == "gpt2":
@@ -481,7 +501,9 @@ def from_hf(source, task: str | None = None, **overrides) -> nn.Module:
         for key in [k for k in state if k.startswith(HEAD_PREFIXES[family] + (BASE_PREFIX[family] + "pooler.",))]:
             del state[key]
     if state:
-        raise ValueError(f"from_hf: {len(state)} checkpoint weight(s) have no place in a minillm {task} model: {sorted(state)}")
+        raise ValueError(
+            f"from_hf: {len(state)} checkpoint weight(s) have no place in a minillm {task} model: {sorted(state)}"
+        )
 
     model = _build(config, task)
     load_parameters(model, ours, context="from_hf")
@@ -499,7 +521,8 @@ def load_parameters(model: nn.Module, tensors: dict[str, torch.Tensor], context:
         for name, param in params.items():
             if tuple(tensors[name].shape) != tuple(param.shape):
                 raise ValueError(
-                    f"{context}: {name} expects shape {tuple(param.shape)}, the checkpoint gives {tuple(tensors[name].shape)}"
+                    f"{context}: {name} expects shape {tuple(param.shape)}, "
+                    f"the checkpoint gives {tuple(tensors[name].shape)}"
                 )
             param.copy_(tensors[name])
 
@@ -514,13 +537,18 @@ def _export_target(model: nn.Module) -> tuple[str, str, str]:
     if isinstance(model, CausalLM):
         return "gpt2", "GPT2LMHeadModel", "causal-lm"
     if isinstance(model, MaskedLM):
-        return ("bert", "BertForPreTraining", "mlm-nsp") if model.nsp_head is not None else ("bert", "BertForMaskedLM", "mlm")
+        if model.nsp_head is not None:
+            return "bert", "BertForPreTraining", "mlm-nsp"
+        return "bert", "BertForMaskedLM", "mlm"
     if isinstance(model, SequenceClassifier):
         if model.config.arch != "encoder":
-            raise ValueError(f"config.arch: to_hf exports an 'encoder' SequenceClassifier (BERT), got {model.config.arch!r}")
+            raise ValueError(
+                f"config.arch: to_hf exports an 'encoder' SequenceClassifier (BERT), got {model.config.arch!r}"
+            )
         return "bert", "BertForSequenceClassification", "classification"
     raise TypeError(
-        f"model: to_hf exports CausalLM (GPT-2), MaskedLM and encoder SequenceClassifier (BERT); got {type(model).__name__}"
+        "model: to_hf exports CausalLM (GPT-2), MaskedLM and encoder SequenceClassifier (BERT); "
+        f"got {type(model).__name__}"
     )
 
 

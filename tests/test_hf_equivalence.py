@@ -364,7 +364,8 @@ def test_missing_extra_and_misshapen_weights(tmp_path):
 @pytest.mark.parametrize(
     "model, field",
     [
-        (CausalLM(ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, pos_encoding="rope")), "pos_encoding"),
+        (CausalLM(ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, pos_encoding="rope")),
+         "pos_encoding"),
         (CausalLM(ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, activation="swiglu")), "activation"),
         (CausalLM(ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2)), "n_kv_heads"),
         (CausalLM(ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, norm="rmsnorm")), "norm"),
