@@ -1,0 +1,429 @@
+"""Checkpoints: atomic save, exact resume state, and loading a model back for use.
+
+A run directory looks like this:
+
+    out_dir/
+        step_000100/            one complete checkpoint
+            model.safetensors   weights; tied weights stored once (names of the ties in the metadata)
+            state.pt            optimizer, scaler, RNG and data position; torch.load(weights_only=True)
+            config.json         {"task", "model", "train", "data", ...}: the resolved configs
+            tokenizer.model     the run's tokenizer, when it has one
+        step_000200/
+        latest                  text file naming the last complete checkpoint ("step_000200")
+        best -> step_000100     symlink to the checkpoint with the best early-stopping metric
+        metrics.jsonl, metrics.csv, metrics.png
+
+Atomicity. A checkpoint is written into ``.tmp-step_000200/`` in the same directory, every file
+fsync'ed, then renamed to ``step_000200/`` (a rename within one filesystem is atomic), then
+``latest`` is replaced atomically (temporary file, fsync, ``os.replace``) and ``best`` likewise (a
+temporary symlink renamed over the old one). A process killed at any point leaves ``latest``
+naming a complete checkpoint: either the previous one or the new one.
+
+Only tensors, numbers, strings, lists, tuples and dicts go into state.pt, so it loads with
+``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from minillm.config import ModelConfig
+from minillm.model import build_model
+
+WEIGHTS, STATE, CONFIG, TOKENIZER = "model.safetensors", "state.pt", "config.json", "tokenizer.model"
+LATEST, BEST = "latest", "best"
+# ModelConfig fields that change how a model runs but not which weights it has.
+RUNTIME_FIELDS = ("attn_backend", "norm_backend", "embed_dropout", "attn_dropout", "resid_dropout", "init_std")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# =============================================================================================
+# Atomic file-system helpers
+# =============================================================================================
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: MINILLM_CHECKPOINT_CRASH_AT=<name> kills the process here (atomicity tests)."""
+    if os.environ.get("MINILLM_CHECKPOINT_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_pointer(directory: Path, name: str, target: str) -> None:
+    """Atomically make ``directory/name`` a text file holding ``target``."""
+    tmp = directory / f".{name}.tmp"
+    with open(tmp, "w") as f:
+        f.write(target + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / name)
+    _fsync(directory)
+
+
+def _point_symlink(directory: Path, name: str, target: str) -> None:
+    """Atomically make ``directory/name`` a relative symlink to ``target``."""
+    tmp = directory / f".{name}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, directory / name)
+    _fsync(directory)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``out_dir/latest`` names, or None when the run has none yet."""
+    pointer = Path(out_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(out_dir) / pointer.read_text().strip()
+    if not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"checkpoint: {pointer} names {path}, which holds no {WEIGHTS}")
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from a checkpoint directory, a run directory (its latest
+    checkpoint) or the ``best`` link; FileNotFoundError naming the path otherwise."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        return path
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is not None:
+            return latest
+        raise FileNotFoundError(f"checkpoint: {path} holds neither {WEIGHTS} nor a '{LATEST}' file")
+    raise FileNotFoundError(f"checkpoint: no checkpoint at {path} (the path does not exist)")
+
+
+# =============================================================================================
+# Saving
+# =============================================================================================
+
+
+def _weights_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """state_dict with every shared tensor kept once, plus {alias: kept name}.
+
+    safetensors refuses tensors that share storage (tied embeddings); the model re-ties them
+    itself when it is built, so loading only has to fill both names from the one copy.
+    """
+    tensors, ties, seen = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            ties[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors, ties
+
+
+def _as_plain(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return value
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    state: dict,
+    configs: dict,
+    tokenizer=None,
+) -> Path:
+    """Write ``out_dir/step_XXXXXX`` atomically and point ``latest`` at it (module docstring).
+
+    state: what resuming needs (optimizer, RNG, data position...), tensors and plain values only.
+    configs: saved as config.json; dataclasses and objects with ``to_dict`` are converted.
+    Refuses to save non-finite weights: a checkpoint must always be a good one to go back to.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    tensors, ties = _weights_for_saving(model)
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FloatingPointError(f"save_checkpoint: refusing to save non-finite weights at step {step}: {bad[:5]}")
+
+    final, tmp = out / name, out / f".tmp-{name}"
+    if tmp.exists():  # left over from a process killed mid-save
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "ties": json.dumps(ties)})
+    _crash_point("after_weights")
+    torch.save(state, tmp / STATE)
+    config_dict = {key: _as_plain(value) for key, value in configs.items()}
+    (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
+    _crash_point("before_rename")
+    if final.exists():
+        # Only a checkpoint no pointer names can be here: one whose rename finished just before a
+        # crash, before `latest` was updated. Replacing it is safe.
+        pointed = {p.resolve() for p in (latest_checkpoint(out), (out / BEST)) if p is not None and p.exists()}
+        if final.resolve() in pointed:
+            raise FileExistsError(f"save_checkpoint: {final} already exists and is in use")
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(out)
+    _crash_point("before_latest")
+    _write_pointer(out, LATEST, name)
+    return final
+
+
+def mark_best(out_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
+    """Point ``out_dir/best`` at a saved checkpoint (atomically)."""
+    _point_symlink(Path(out_dir), BEST, Path(checkpoint).name)
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete step checkpoints beyond the newest `keep`, never the latest or the best one."""
+    out = Path(out_dir)
+    steps = sorted(p for p in out.glob("step_*") if p.is_dir())
+    if keep == 0 or len(steps) <= keep:
+        return []
+    protected = {p.resolve() for p in (latest_checkpoint(out), out / BEST) if p is not None and p.exists()}
+    removed = []
+    for path in steps[:-keep]:
+        if path.resolve() not in protected:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+# =============================================================================================
+# RNG state: Python, numpy, torch (CPU and CUDA), as tensors and plain values
+# =============================================================================================
+
+
+def rng_state() -> dict:
+    """Every random generator's state, in a form torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [list(t) if isinstance(t, tuple) else t for t in random.getstate()],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# =============================================================================================
+# Loading
+# =============================================================================================
+
+
+def read_configs(path: str | os.PathLike) -> dict:
+    """The config.json of a checkpoint (or of a run's latest checkpoint)."""
+    checkpoint = resolve_checkpoint(path)
+    return json.loads((checkpoint / CONFIG).read_text())
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """state.pt of a checkpoint, loaded with weights_only=True."""
+    checkpoint = resolve_checkpoint(path)
+    return torch.load(checkpoint / STATE, map_location="cpu", weights_only=True)
+
+
+def architecture_mismatch(saved: dict, config: ModelConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """'field: checkpoint X, model Y' for every weight-defining field that differs."""
+    current = config.to_dict()
+    return [
+        f"{key}: checkpoint {saved.get(key)!r}, model {value!r}"
+        for key, value in current.items()
+        if key not in RUNTIME_FIELDS and key not in ignore and saved.get(key) != value
+    ]
+
+
+def check_vocab(model_config: ModelConfig, tokenizer, where: str) -> None:
+    """ValueError when the tokenizer's vocabulary does not fit the model's embeddings."""
+    if tokenizer is not None and tokenizer.vocab_size != model_config.vocab_size:
+        raise ValueError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+            f"{model_config.vocab_size}; use the tokenizer the model was trained with"
+        )
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint, with the tied aliases filled in again."""
+    checkpoint = resolve_checkpoint(path)
+    from safetensors import safe_open
+
+    with safe_open(checkpoint / WEIGHTS, framework="pt") as f:
+        ties = json.loads((f.metadata() or {}).get("ties", "{}"))
+    tensors = load_file(checkpoint / WEIGHTS)
+    for alias, target in ties.items():
+        tensors[alias] = tensors[target]
+    return tensors
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Load a checkpoint's weights into `model` (same architecture, same task); returns the
+    checkpoint directory. ValueError naming the fields when the architecture differs."""
+    checkpoint = resolve_checkpoint(path)
+    saved = json.loads((checkpoint / CONFIG).read_text()).get("model", {})
+    mismatch = architecture_mismatch(saved, model.config)
+    if mismatch:
+        raise ValueError(f"load_weights: {checkpoint} is a different architecture: " + "; ".join(mismatch))
+    tensors = read_weights(checkpoint)
+    expected = set(model.state_dict())
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ValueError(
+            f"load_weights: {checkpoint} does not fit this {type(model).__name__}: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}; unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}"
+        )
+    model.load_state_dict(tensors, strict=True)
+    return checkpoint
+
+
+def _is_hf_directory(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and "model_type" in json.loads(config.read_text())
+
+
+def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> tuple[nn.Module, dict, object]:
+    """(model in eval mode, configs, tokenizer or None) from a minillm checkpoint or run directory,
+    or from a Hugging Face GPT-2/BERT directory (through `minillm.convert.from_hf`).
+
+    LoRA checkpoints are rebuilt with their adapters and, with merge_lora=True, merged.
+    runtime: ModelConfig runtime fields to override (attn_backend, norm_backend, dropouts).
+    """
+    from minillm.lora import add_lora
+    from minillm.lora import merge_lora as merge
+    from minillm.tokenizer import Tokenizer
+
+    bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
+    if bad:
+        raise ValueError(f"load_model: only runtime fields {RUNTIME_FIELDS} may be overridden, got {bad}")
+    path = Path(path)
+    if path.is_dir() and not (path / WEIGHTS).is_file() and _is_hf_directory(path):
+        from minillm.convert import from_hf
+
+        model = from_hf(path, **runtime)
+        task = {"CausalLM": "causal-lm", "SequenceClassifier": "classification"}.get(type(model).__name__)
+        if task is None:
+            task = "mlm-nsp" if getattr(model, "nsp_head", None) is not None else "mlm"
+        return model, {"task": task, "model": model.config.to_dict(), "source": str(path)}, None
+
+    checkpoint = resolve_checkpoint(path)
+    configs = json.loads((checkpoint / CONFIG).read_text())
+    try:
+        model_config = ModelConfig.from_dict({**configs["model"], **runtime})
+        task = configs["task"]
+    except KeyError as err:
+        raise ValueError(f"load_model: {checkpoint / CONFIG} lacks the {err} entry") from None
+    model = build_model(model_config, task)
+    train = configs.get("train", {})
+    if train.get("finetune_mode") == "lora":
+        add_lora(model, train["lora_rank"], train["lora_alpha"])
+    load_weights(model, checkpoint)
+    if merge_lora:
+        merge(model)
+    tokenizer = None
+    if (checkpoint / TOKENIZER).is_file():
+        tokenizer = Tokenizer.load(checkpoint / TOKENIZER)
+        check_vocab(model_config, tokenizer, f"load_model({checkpoint})")
+    return model.eval(), configs, tokenizer
+
+
+# The body of each task model, so that pretrained weights move between tasks:
+# MaskedLM.encoder -> SequenceClassifier.body, CausalLM.decoder -> SequenceClassifier.body.
+_BODY_PREFIXES = ("encoder.", "decoder.", "body.")
+
+
+def _body_key(name: str) -> str | None:
+    for prefix in _BODY_PREFIXES:
+        if name.startswith(prefix):
+            return "body." + name[len(prefix):]
+    return None
+
+
+def init_from(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict:
+    """Initialise `model` from pretrained weights: a minillm checkpoint (or run directory), or a
+    Hugging Face GPT-2/BERT directory. Returns {"loaded": [...], "fresh": [...]} parameter names.
+
+    Same task: every weight is loaded. Another task (an MLM or causal LM checkpoint into a
+    classifier): the body (embeddings and blocks) and, where present, the pooler are loaded; the
+    new head keeps its initialisation. Errors name the architecture fields that differ, or the
+    vocabulary mismatch with `tokenizer`.
+    """
+    from minillm.tokenizer import Tokenizer
+
+    path = Path(path)
+    if path.is_dir() and not (path / WEIGHTS).is_file() and _is_hf_directory(path):
+        source, _, _ = load_model(path)
+        saved_config, tensors, saved_tokenizer = source.config.to_dict(), dict(source.state_dict()), None
+    else:
+        checkpoint = resolve_checkpoint(path)
+        configs = json.loads((checkpoint / CONFIG).read_text())
+        saved_config, tensors = configs.get("model", {}), read_weights(checkpoint)
+        saved_tokenizer = Tokenizer.load(checkpoint / TOKENIZER) if (checkpoint / TOKENIZER).is_file() else None
+    # num_labels belongs to the head, which a new task replaces.
+    mismatch = architecture_mismatch(saved_config, model.config, ignore=("num_labels",))
+    if mismatch:
+        raise ValueError(f"init_from: {path} is a different architecture: " + "; ".join(mismatch))
+    check_vocab(model.config, tokenizer, f"init_from({path})")
+    if tokenizer is not None and saved_tokenizer is not None and tokenizer.model_proto != saved_tokenizer.model_proto:
+        raise ValueError(f"init_from: the tokenizer differs from the one saved in {path}; fine-tune with that tokenizer")
+
+    target = model.state_dict()
+    if set(target) <= set(tensors) and all(tensors[k].shape == target[k].shape for k in target):
+        model.load_state_dict({k: tensors[k] for k in target}, strict=True)
+        return {"loaded": sorted(target), "fresh": []}
+    by_body = {}
+    for name, tensor in tensors.items():
+        key = _body_key(name) if not name.startswith("pooler.") else name
+        if key is not None:
+            by_body.setdefault(key, tensor)
+    loaded, fresh = [], []
+    with torch.no_grad():
+        for name, param in target.items():
+            key = _body_key(name) or name
+            source = by_body.get(key)
+            if source is not None and source.shape == param.shape:
+                param.copy_(source)
+                loaded.append(name)
+            else:
+                fresh.append(name)
+    body_missing = [n for n in fresh if _body_key(n) is not None]
+    if body_missing:
+        raise ValueError(f"init_from: {path} lacks body weights this model needs: {body_missing[:8]}")
+    return {"loaded": loaded, "fresh": fresh}

@@ -1,0 +1,134 @@
+"""Fine-tuning modes: full, LoRA, BitFit, freezing the first k blocks.
+
+LoRA (Hu et al., 2021). A frozen linear layer y = W x + b gets a trainable low-rank update:
+
+    y = W x + b + (alpha / r) B A dropout(x),    A: (r, in),  B: (out, r)
+
+A starts random (Kaiming-uniform, as nn.Linear) and B at zero, so the wrapped model starts out
+exactly equal to the original; only r (in + out) numbers per layer train instead of in * out.
+For inference `merge_lora` folds the update into the weight, W <- W + (alpha / r) B A, and the
+wrappers disappear: no extra latency. LoRA wraps the attention projections (q, k, v, out) and
+the MLP projections (fc_in, fc_gate, fc_out) of every block.
+
+BitFit (Ben Zaken et al., 2022) trains only the bias terms. "freeze" freezes the embeddings and
+the first `freeze_layers` blocks (of each stack). In every mode the task head (the classifier,
+the NSP head) trains: it is new and has nothing to fall back on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minillm.model import Block
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_gate", "fc_out")
+HEAD_MODULES = ("classifier", "nsp_head")  # task-specific layers that always train
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus the trainable low-rank update (alpha / r) B A (see module docstring)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRALinear: rank must be >= 1, got {rank}")
+        self.base = base
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))  # (out, r): starts at 0
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own initialisation
+        self.dropout = nn.Dropout(dropout)
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., in) -> (..., r) -> (..., out)
+        return self.base(x) + self.scaling * update
+
+    def merged(self) -> nn.Linear:
+        """The base layer with W + (alpha / r) B A folded in."""
+        with torch.no_grad():
+            self.base.weight += self.scaling * (self.lora_B @ self.lora_A)  # (out, r) @ (r, in)
+        return self.base
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> list[str]:
+    """Wrap every LoRA target inside the model's blocks; returns the wrapped module names."""
+    wrapped = []
+    for block_name, block in list(model.named_modules()):
+        if not isinstance(block, Block):
+            continue
+        for name, module in list(block.named_modules()):
+            parent_name, _, leaf = name.rpartition(".")
+            if leaf in LORA_TARGETS and isinstance(module, nn.Linear):
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, leaf, LoRALinear(module, rank, alpha, dropout))
+                wrapped.append(f"{block_name}.{name}")
+    if not wrapped:
+        raise ValueError(f"add_lora: found no {LORA_TARGETS} layers in {type(model).__name__}")
+    return wrapped
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight and remove the wrappers (in place).
+
+    The merged layers keep requires_grad=False from LoRA training; call requires_grad_(True)
+    to train the merged model further.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module.merged())
+    return model
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the task head (classifier, NSP head): always trained."""
+    return [p for name in HEAD_MODULES if getattr(model, name, None) is not None
+            for p in getattr(model, name).parameters()]
+
+
+def apply_finetune_mode(model: nn.Module, config) -> dict:
+    """Set requires_grad for `config.finetune_mode` ("full", "lora", "bitfit", "freeze").
+
+    `config` is a TrainConfig (finetune_mode, lora_rank, lora_alpha, lora_dropout,
+    freeze_layers). LoRA wrappers are added in place. Returns {"trainable": n, "total": n}.
+    """
+    mode = config.finetune_mode
+    if mode == "full":
+        model.requires_grad_(True)
+    elif mode == "lora":
+        model.requires_grad_(False)
+        add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout)  # A, B are new: trainable
+    elif mode == "bitfit":
+        model.requires_grad_(False)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.requires_grad_(True)
+    elif mode == "freeze":
+        model.requires_grad_(True)
+        stacks = [m for m in model.modules() if hasattr(m, "blocks") and hasattr(m, "embeddings")]
+        for stack in stacks:
+            if config.freeze_layers > len(stack.blocks):
+                raise ValueError(
+                    f"TrainConfig.freeze_layers: got {config.freeze_layers}, but the model has {len(stack.blocks)} blocks"
+                )
+            stack.embeddings.requires_grad_(False)
+            for block in stack.blocks[: config.freeze_layers]:
+                block.requires_grad_(False)
+    else:
+        raise ValueError(f"TrainConfig.finetune_mode: got {mode!r}, expected 'full', 'lora', 'bitfit' or 'freeze'")
+    for param in head_parameters(model):
+        param.requires_grad_(True)
+    unique = {id(p): p for p in model.parameters()}.values()
+    return {"trainable": sum(p.numel() for p in unique if p.requires_grad), "total": sum(p.numel() for p in unique)}

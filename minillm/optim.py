@@ -1,0 +1,99 @@
+"""AdamW over the model's parameter groups, layer-wise LR decay, and the learning-rate schedule.
+
+Which parameters decay is the model's business (`Model.optimizer_groups`: matrices decay;
+biases, norm weights and embeddings do not). This module only splits those groups further by
+depth when layer-wise LR decay is asked for, and computes the learning rate of a step.
+
+Schedule (a plain function of the step, so a resumed run needs no scheduler state):
+
+    step <  warmup:   lr * (step + 1) / warmup                          linear warmup
+    step >= warmup:   min_lr + (lr - min_lr) * f(p),  p = (step - warmup) / (max_steps - warmup)
+                      cosine: f = (1 + cos(pi p)) / 2;  linear: f = 1 - p;  constant: f = 1
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+
+from minillm.train_config import TrainConfig
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    decay_steps = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    factor = 0.5 * (1.0 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+    return config.min_lr + (config.lr - config.min_lr) * factor
+
+
+_BLOCK = re.compile(r"(?:^|\.)(encoder|decoder|body)\.blocks\.(\d+)\.")
+
+
+def layer_depth(name: str, model: nn.Module) -> int:
+    """Depth of a parameter for layer-wise LR decay: 0 embeddings, i + 1 block i, L + 1 the rest
+    (final norm, pooler, heads). An encoder-decoder counts its decoder blocks after the encoder's."""
+    n_encoder = model.config.n_layers
+    match = _BLOCK.search(name)
+    if match:
+        offset = n_encoder if match.group(1) == "decoder" and model.config.arch == "encoder-decoder" else 0
+        return offset + int(match.group(2)) + 1
+    if ".embeddings." in f".{name}":
+        return 0
+    return total_depth(model)
+
+
+def total_depth(model: nn.Module) -> int:
+    """L + 1: the depth of the heads (L = all blocks of the model)."""
+    config = model.config
+    return config.n_layers + (config.decoder_layers if config.arch == "encoder-decoder" else 0) + 1
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """The model's decay/no-decay groups, each split by depth when layer_lr_decay < 1.
+
+    Every group carries "lr_scale", the factor `apply_lr` multiplies the scheduled rate by.
+    Frozen parameters (requires_grad=False) are left out.
+    """
+    base = model.optimizer_groups(config.weight_decay)
+    if config.layer_lr_decay == 1.0:
+        return [dict(group, lr_scale=1.0) for group in base if group["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    top = total_depth(model)
+    groups: dict[tuple[float, int], dict] = {}
+    for group in base:
+        for param in group["params"]:
+            depth = layer_depth(names[id(param)], model)
+            key = (group["weight_decay"], depth)
+            if key not in groups:
+                groups[key] = {"params": [], "weight_decay": group["weight_decay"],
+                               "lr_scale": config.layer_lr_decay ** (top - depth)}
+            groups[key]["params"].append(param)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[1], k[0]))]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter, 2019) over `parameter_groups`; fused on CUDA."""
+    groups = parameter_groups(model, config)
+    if not groups:
+        raise ValueError("build_optimizer: the model has no trainable parameters (check finetune_mode)")
+    on_cuda = next(iter(groups[0]["params"])).is_cuda
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+        fused=True if on_cuda else None,
+    )
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> float:
+    """Set every group's lr for `step`; returns the unscaled rate (what the log shows)."""
+    lr = lr_at(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr

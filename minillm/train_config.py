@@ -1,0 +1,185 @@
+"""TrainConfig: every setting of a training run, flat, typed and validated on construction.
+
+It is read from TOML plus dotted command-line overrides (``--train.lr=3e-4``), so every field is
+a plain scalar and ``TrainConfig(**fields)`` raises a ``TypeError``/``ValueError`` naming the
+field on a bad value. The resolved config is saved beside every checkpoint (``config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from minillm.config import check_field_types
+from minillm.model import TASKS
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+FINETUNE_MODES = ("full", "lora", "bitfit", "freeze")
+
+# Metrics each task's evaluation reports; early stopping may watch any of them.
+TASK_METRICS = {
+    "causal-lm": ("val_loss", "val_ppl", "token_accuracy"),
+    "mlm": ("val_loss", "val_ppl", "mlm_accuracy"),
+    "mlm-nsp": ("val_loss", "val_ppl", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy"),
+    "classification": ("val_loss", "accuracy", "macro_f1", "f1", "mcc"),
+    "seq2seq": ("val_loss", "val_ppl", "token_accuracy"),
+}
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses and perplexities improve downwards; accuracies, F1 and MCC upwards."""
+    return metric.endswith(("loss", "ppl"))
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; see :mod:`minillm.trainer` for how they are used."""
+
+    out_dir: str = "runs/default"
+    """Run directory: checkpoints (step_XXXXXX/, best, latest), metrics.jsonl/.csv, metrics.png."""
+    task: str = "causal-lm"
+    """Objective, one of minillm.model.TASKS: causal-lm, mlm, mlm-nsp, classification, seq2seq."""
+    batch_size: int = 16
+    """Sequences per micro-batch per process."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step. Global batch = batch_size * grad_accum_steps * world size."""
+    max_steps: int = 1000
+    """Optimizer steps of the whole run (also the horizon of the learning-rate schedule)."""
+    max_minutes: float | None = None
+    """Optional wall-clock budget; training stops (and checkpoints) at the first step past it."""
+    lr: float = 6e-4
+    """Peak learning rate, reached at the end of warmup (GPT-2 small's value)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (Chinchilla/nanoGPT decay to lr / 10)."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr (Adam's second moments are noisy at the start)."""
+    schedule: str = "cosine"
+    """Decay after warmup: "cosine", "linear" or "constant"."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices (never on biases, norms or embeddings)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay (0.95 rather than 0.999: steadier with large-batch LM training)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    precision: str = "auto"
+    """"fp32", "bf16" (autocast), "fp16" (autocast + gradient scaler), "auto" (bf16 on a GPU that
+    supports it, else fp32)."""
+    compile: bool = False
+    """Wrap the model in torch.compile (needs a working compiler toolchain)."""
+    seed: int = 0
+    """Seeds the initialisation, dropout and the order of training samples."""
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu" or "cuda"."""
+    eval_every: int = 200
+    """Evaluate every N optimizer steps (and at the end); 0 evaluates only at the end."""
+    eval_batches: int = 20
+    """Batches per evaluation (per process); 0 means the whole evaluation set."""
+    log_every: int = 10
+    """Write a training row to the metrics log every N steps."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep besides the best one; 0 keeps all."""
+    early_stopping_metric: str = "val_loss"
+    """Metric that picks the best checkpoint and drives early stopping (see TASK_METRICS)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement; 0 never stops early."""
+    finetune_mode: str = "full"
+    """"full" (every weight), "lora" (low-rank adapters), "bitfit" (biases only) or "freeze"
+    (embeddings and the first freeze_layers blocks frozen). The task head always trains."""
+    lora_rank: int = 8
+    """LoRA rank r of the update B A."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: the update is (alpha / r) B A (Hu et al., 2021)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    freeze_layers: int = 0
+    """finetune_mode="freeze": number of leading blocks to freeze (embeddings are frozen too)."""
+    layer_lr_decay: float = 1.0
+    """Layer-wise LR decay: block i of L gets lr * decay^(L + 1 - (i + 1)); 1.0 disables it."""
+    init_from: str | None = None
+    """Initial weights: a minillm checkpoint (or run directory) or a Hugging Face directory."""
+    resume: bool = False
+    """Continue the run in out_dir from its latest checkpoint, exactly where it stopped."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = load in the training process)."""
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0 only)."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
+        def fail(name: str, expected: str) -> None:
+            raise ValueError(f"TrainConfig.{name}: got {getattr(self, name)!r}, expected {expected}")
+
+        for name, allowed in (
+            ("task", TASKS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
+            ("device", DEVICES), ("finetune_mode", FINETUNE_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                fail(name, f"one of {allowed}")
+        if not self.out_dir:
+            fail("out_dir", "a directory path")
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "lora_rank"):
+            if getattr(self, name) < 1:
+                fail(name, "an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+                     "early_stopping_patience", "freeze_layers", "num_workers"):
+            if getattr(self, name) < 0:
+                fail(name, "an integer >= 0")
+        if self.log_every < 1:
+            fail("log_every", "an integer >= 1")
+        if self.max_minutes is not None and not (self.max_minutes > 0 and math.isfinite(self.max_minutes)):
+            fail("max_minutes", "None or a positive number of minutes")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            fail("lr", "a positive finite number")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            fail("min_lr_ratio", "a number in [0, 1]")
+        if self.warmup_steps > self.max_steps:
+            fail("warmup_steps", f"at most max_steps={self.max_steps}")
+        if not 0.0 <= self.weight_decay < 1.0:
+            fail("weight_decay", "a number in [0, 1)")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, "a number in [0, 1)")
+        if not self.eps > 0:
+            fail("eps", "a positive number")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            fail("grad_clip", "a number >= 0 (0 disables clipping)")
+        if self.early_stopping_metric not in TASK_METRICS[self.task]:
+            fail("early_stopping_metric", f"one of {TASK_METRICS[self.task]} for task {self.task!r}")
+        if not self.lora_alpha > 0:
+            fail("lora_alpha", "a positive number")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            fail("lora_dropout", "a number in [0, 1)")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            fail("layer_lr_decay", "a number in (0, 1]")
+        if self.finetune_mode == "freeze" and self.freeze_layers == 0:
+            fail("freeze_layers", "an integer >= 1 when finetune_mode='freeze'")
+        if self.resume and self.init_from is not None:
+            fail("init_from", "None when resume=True (a resumed run continues from its own checkpoint)")
+
+    @property
+    def min_lr(self) -> float:
+        """Learning rate at the end of the schedule."""
+        return self.lr * self.min_lr_ratio
+
+    def to_dict(self) -> dict:
+        """Plain dict (for config.json beside a checkpoint)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a dict (a TOML table, a saved config); unknown keys are a ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**values)
