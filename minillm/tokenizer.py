@@ -23,7 +23,8 @@ then 256 byte pieces ``<0x00>`` .. ``<0xFF>`` (byte fallback: any UTF-8 text enc
 characters, never as the mask token, and ``decode`` drops control pieces.
 
 Normalisation is the identity (no NFKC, whitespace kept as is), so for a tokenizer trained
-here ``decode(encode(text)) == text`` for every string.
+here ``decode(encode(text)) == text`` for every string, with one exception inherited from
+sentencepiece: the character U+2581 ("▁") itself stands for a space and decodes as one.
 
 Foreign models. ``Tokenizer.load`` accepts any sentencepiece ``.model``. Its pad/unk/bos/eos
 ids come from the model itself; CLS/SEP/MASK are looked up by piece name (``[CLS]``/``<cls>``,

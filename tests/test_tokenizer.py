@@ -64,6 +64,10 @@ def test_round_trip(tok, text):
     assert UNK_ID not in ids  # byte fallback covers every character
 
 
+def test_documented_round_trip_exception(tok):
+    assert tok.decode(tok.encode("a\u2581b")) == "a b"  # U+2581 is sentencepiece's space marker
+
+
 def test_text_never_becomes_a_special_token(tok):
     ids = tok.encode("[MASK] [CLS] [SEP] <sentinel_0>")
     assert not set(ids) & set(range(7 + 16))
@@ -92,6 +96,21 @@ def test_word_start_and_space_splitting(tok):
     text = "  the   module\tfile  "
     words = [i for w in text.split(" ") for i in (tok.encode(w) if w else tok.space_ids)]
     assert words == tok.encode(text)
+
+
+def test_word_cache_encoding_matches_sentencepiece_on_random_strings(tok):
+    """prepare encodes each space-separated word once; it must equal whole-text encoding."""
+    import minillm.data.prepare as prep_module
+
+    rng = random.Random(7)
+    alphabet = list("abcdefgh.,()_") + [" ", " ", " ", "\t", "\n", "\u00a0", "\u3000", "\u2581", "é", "😀", "日"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(500)]
+    texts += [rng.choice(WORDS) + " " * rng.randint(0, 3) + rng.choice(WORDS) for _ in range(100)]
+    prep_module._init_worker(tok.model_proto, "<u2", None, tok.splits_on_spaces, tok.space_ids)
+    flat, lengths = prep_module._encode_chunk(texts)
+    expected = tok.sp.encode(texts)
+    assert lengths.tolist() == [len(ids) for ids in expected]
+    assert flat.tolist() == [i for ids in expected for i in ids]
 
 
 def test_foreign_model_maps_specials(tmp_path):

@@ -104,6 +104,8 @@ def _init_worker(model_proto: bytes, dtype: str, eos: int | None, splits_on_spac
 
 
 def _encode_words(text: str) -> list[int]:
+    if not text:
+        return []  # "".split(" ") is [""], which would stand for a lone "▁"
     cache = _worker_cache
     words = text.split(" ")
     missing = [w for w in set(words) if w not in cache]
