@@ -27,8 +27,11 @@ Not supported:
     - float64 (use the references), a `normalized_shape` that is not a suffix of the input shape,
       `torch.compile` tracing through the kernels, and CPU tensors outside the interpreter
       (the dispatcher chooses torch there; these functions raise instead of falling back).
-Algorithm: the Triton layer-norm tutorial's row-per-program forward and two-stage weight
-gradient; Chan et al.'s pairwise variance update for rows longer than one block.
+    - the add_* variants normalise over the last dimension only.
+Algorithm: one program per row in the forward, as in the Triton layer-norm tutorial; the weight
+gradient reduced in two deterministic stages (per-program partial sums, then a sum over
+programs), as in FlashAttention's and Liger-Kernel's Triton norms; Chan et al.'s pairwise
+variance update to merge the chunks of rows longer than one block.
 
 The math, per row x of length N (w = weight or 1, b = bias or 0):
 
@@ -46,15 +49,20 @@ g_j gives rstd * (g_i - c2 - xhat_i * c1). RMSNorm has no mean, so the 1/N term 
 Parameters: dw = sum over rows of dy * xhat, db = sum over rows of dy.
 Residual: h = x + residual, y = norm(h), new_residual = h. Both x and residual receive
 dh = d(norm)/dh + d(new_residual): the residual stream is read once and written once forward.
+The forward normalises the float32 sum; the backward reads the stored sum back, so with a
+half-precision residual its xhat differs from the forward's by that rounding (within tolerance).
 
 Memory traffic (elements of the activation dtype per row): forward reads x (and residual) and
 writes y (and h): 2N, or 4N with a residual; backward reads x and dy (and d(new_residual)) and
-writes dx: 3N, or 4N. Rows longer than MAX_BLOCK_N are read twice, the second time mostly
-from L2. The weight gradient adds G*N float32 writes and one reduction over them.
+writes dx: 3N, or 4N. The weight gradient adds G*N float32 writes and one reduction over them.
+Rows longer than MAX_BLOCK_N cost more: the forward reads each row twice (the second time
+usually from L2), and the backward reads x and dy twice, in two kernels, because every dx
+needs the row sums c1, c2 first: 5N instead of 3N.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -376,11 +384,16 @@ def launch_config(block_n: int) -> dict:
     return {"num_warps": min(max(block_n // 256, 1), 32), "num_stages": 2}
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_groups(x: torch.Tensor, m: int) -> int:
+    """Backward programs G (before dropping empty ones): never more than the rows."""
     if _INTERPRETING or x.device.type != "cuda":
         return min(m, INTERPRETER_GROUPS)
-    sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return min(m, GROUPS_PER_SM * sm_count)
+    return min(m, GROUPS_PER_SM * _sm_count(x.device.index or 0))
 
 
 def _check_inputs(name, x, normalized_shape, weight, bias, residual=None):
