@@ -106,7 +106,8 @@ def _training_sentences(texts_or_files: Iterable, stats: dict) -> Iterator[str]:
                     yield line[start : start + step]
 
 
-_USER_DEFINED = 4  # sentencepiece_model.proto: SentencePiece.Type.USER_DEFINED
+# sentencepiece_model.proto, SentencePiece.Type
+_UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 2, 3, 4, 5
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -194,16 +195,18 @@ class Tokenizer:
         self.mask_id = piece_id("[MASK]", "<mask>")
 
         pieces = [sp.id_to_piece(i) for i in range(n)]
-        standalone = np.array(
-            [sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or self._is_user_defined(i) for i in range(n)],
-            dtype=bool,
-        )
-        self.standalone = standalone
+        types = np.array(_piece_types(model_proto))  # (V,) sentencepiece piece types
+        if len(types) != n:
+            raise ValueError(f"sentencepiece model {path}: read {len(types)} piece types for {n} pieces")
+        self.special = np.isin(types, (_UNKNOWN, _CONTROL))
+        """``special[id]``: never chosen for masking or random replacement (control, unknown, and
+        the special tokens found by name, which a foreign model may keep as user-defined pieces)."""
+        named = [self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.bos_id, self.eos_id]
+        self.special[[i for i in named if i is not None]] = True
+        self.standalone = np.isin(types, (_UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED))
         """``standalone[id]``: control/unknown/user-defined piece; the piece after it starts a word."""
-        self.word_start = np.array([p.startswith(WORD_START) for p in pieces], dtype=bool) | standalone
+        self.word_start = np.array([p.startswith(WORD_START) for p in pieces], dtype=bool) | self.standalone
         """``word_start[id]``: the piece begins a new word (whole-word masking)."""
-        self.special = np.array([sp.is_control(i) or sp.is_unknown(i) for i in range(n)], dtype=bool)
-        """``special[id]``: never chosen for masking or random replacement (control and unknown)."""
 
         found: list[int] = []
         for k in range(n):  # <sentinel_0>, <sentinel_1>, ... until the first one missing
@@ -212,13 +215,6 @@ class Tokenizer:
                 break
             found.append(i)
         self._sentinel_ids = found
-
-    def _is_user_defined(self, i: int) -> bool:
-        # sentencepiece's Python API has no is_user_defined; read the piece types from the
-        # model proto once (protobuf itself is not a dependency, see _piece_types).
-        if not hasattr(self, "_user_defined"):
-            self._user_defined = {k for k, t in enumerate(_piece_types(self.model_proto)) if t == _USER_DEFINED}
-        return i in self._user_defined
 
     # ------------------------------------------------------------------ construction
 

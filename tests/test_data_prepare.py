@@ -135,6 +135,9 @@ def test_bad_inputs_leave_nothing_on_disk(setup, tmp_path):
     with pytest.raises(ValueError, match=r"corpus is empty.*empty.txt"):
         prepare([empty], tok, out, progress=False)
     assert not out.exists()
+    with pytest.raises(ValueError, match="corpus is empty"):
+        prepare([Document("blank", " \n ")], tok, out, progress=False)
+    assert not out.exists()
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"good text then \x80 bad")
     with pytest.raises(ValueError, match=r"bad.txt: invalid UTF-8 at byte offset 15"):

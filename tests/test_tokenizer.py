@@ -125,6 +125,7 @@ def test_foreign_model_maps_specials(tmp_path):
     # sentencepiece defaults: unk=0, bos=1, eos=2, no pad; <mask> found by name
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, None)
     assert tok.mask_id == 3 and tok.cls_id is None
+    assert tok.special[3] and tok.word_start[3]  # a user-defined <mask> is still never masked
     with pytest.raises(ValueError, match="no CLS token"):
         tok.require("cls")
     assert tok.sentinel_ids[0] == tok.vocab_size - 1  # documented fallback: top of the vocab

@@ -29,6 +29,8 @@ Rules:
 * **Both cores.** Documents are sent in ~256 KB chunks to a process pool (``num_workers``,
   default all cores, at most 2 chunks in flight per worker); a tqdm bar shows MB/s of raw text.
 
+One prepare per output directory at a time: a new run deletes temporary files it finds there.
+
 Testing hook: ``MINILLM_PREPARE_CRASH_AT=chunk:N`` kills the process (SIGKILL) after N chunks
 are tokenised, ``MINILLM_PREPARE_CRASH_AT=publish`` after the first file is moved into place
 but before the manifest is written. The tests use it to check that an interrupted prepare
@@ -184,6 +186,8 @@ def _chunks(documents: Iterable[Document], stats: dict, ids: list[str], chunk_by
     chunk: list[str] = []
     size = 0
     for doc in documents:
+        if not doc.text.strip():
+            continue  # blank documents are skipped, as the file readers do
         ids.append(doc.id)
         n = len(doc.text.encode("utf-8", "surrogatepass"))
         stats["bytes"] += n
@@ -388,7 +392,7 @@ def _tokenise_and_publish(
         "inputs": corpus.describe(),
         "vocab_size": tok.vocab_size,
         "dtype": dtype.name,
-        "eos_id": eos if eos is not None else None,
+        "eos_id": eos,
         "text_bytes": stats["bytes"],
         "splits": split_info,
         "files": files,
