@@ -115,6 +115,15 @@ def test_mlm_padding_and_reproducibility(data):
         MLMCollator(tok, mlm_probability=1.5)
 
 
+def test_mlm_masks_differ_across_dataloader_workers(data):
+    tok, shards, _ = data
+    same = [MLMDataset(shards, tok, 48)[0]] * 8
+    loader = torch.utils.data.DataLoader([same, same], batch_size=None, num_workers=2,
+                                         collate_fn=MLMCollator(tok, seed=0), multiprocessing_context="fork")
+    first, second = list(loader)  # one batch from each worker, same samples, same seed
+    assert not torch.equal(first["labels"], second["labels"])
+
+
 def test_nsp_pairs(data):
     tok, shards, docs = data
     max_len = 40
