@@ -47,6 +47,9 @@ def test_causal_windows(data):
     rand = CausalLMDataset(shards, 32, mode="random", seed=3, samples=10)
     assert len(rand) == 10 and np.array_equal(rand[4]["input_ids"], rand[4]["input_ids"])
     assert len({rand.start(i) for i in range(10)}) > 1
+    before = [rand.start(i) for i in range(10)]
+    rand.set_epoch(1)
+    assert [rand.start(i) for i in range(10)] != before
 
 
 def test_causal_document_mask(data):

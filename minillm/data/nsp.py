@@ -1,6 +1,6 @@
 """Next sentence prediction pairs (BERT): ``[CLS] A [SEP] B [SEP]``.
 
-Sampling, deterministic for ``(seed, index)``:
+Sampling, deterministic for ``(seed, epoch, index)`` (``set_epoch(e)`` draws new pairs):
 
 1. pick a document with at least 2 tokens, and a span of it of up to ``max_len - 3`` tokens;
 2. cut the span at a random point: A is the part before the cut;
@@ -58,12 +58,17 @@ class NSPDataset(torch.utils.data.Dataset):
                 f"documents, one with 2+ tokens (has {len(self.nonempty)} non-empty)"
             )
         self.samples = samples if samples is not None else len(self.eligible)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw different pairs from now on."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.samples
 
     def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         budget = self.max_len - 3  # room for A and B after [CLS], [SEP], [SEP]
         doc = int(self.eligible[rng.integers(len(self.eligible))])
         tokens = self.shards.document(doc)

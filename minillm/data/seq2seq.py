@@ -99,11 +99,16 @@ class SpanCorruptionDataset(torch.utils.data.Dataset):
         first = np.repeat(np.cumsum(pieces) - pieces, pieces)
         self.begin = (np.arange(len(self.doc)) - first) * width
         self.width = width
+        self.epoch = 0
         if len(self.doc) == 0:
             raise ValueError(f"SpanCorruptionDataset: the {shards.split} split of {shards.out_dir} has no document of 2+ tokens")
 
     def __len__(self) -> int:
         return len(self.doc)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Corrupt different spans from now on (sampling is deterministic for seed, epoch, index)."""
+        self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         doc = self.shards.document(int(self.doc[index]))
@@ -111,7 +116,7 @@ class SpanCorruptionDataset(torch.utils.data.Dataset):
         piece = np.asarray(doc[begin : begin + self.width], dtype=np.int64)
         if len(piece) < 2:  # a last piece of 1 token: take the two tokens before it as well
             piece = np.asarray(doc[max(0, begin - 2) : begin + 1], dtype=np.int64)
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         source, target = span_corruption(piece, self.sentinel_ids, rng, self.noise_density, self.mean_span_length)
         return {"input_ids": np.append(source, self.eos_id), "target_ids": np.append(target, self.eos_id)}
 
