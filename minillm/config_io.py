@@ -1,0 +1,274 @@
+"""Typed run configs from TOML files and dotted command-line overrides.
+
+A run is described by a few dataclasses, one per TOML section::
+
+    [model]                 # ModelConfig; `preset` picks a named preset, other keys replace fields
+    preset = "tiny"
+    n_layers = 6
+
+    [data]                  # DataConfig
+    inputs = ["default"]
+
+    [train]                 # TrainConfig
+    lr = 3e-4
+
+The command line adds ``--section.field=value`` (or ``--section.field value``). A value from the
+command line is text; it is parsed by the field's annotation:
+
+=================  ==================================================================
+annotation         accepted text
+=================  ==================================================================
+``int``            ``12``, ``-1``
+``float``          ``3e-4``, ``0.1``, ``1``
+``bool``           ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)
+``str``            anything
+``X | None``       ``none`` (or ``null``) for None, otherwise as ``X``
+``list[X]``        comma-separated items: ``--data.inputs=a.txt,b.txt``
+=================  ==================================================================
+
+TOML has no null, so a field set to None is written (and may be read) as the string ``"none"``.
+
+Layers apply in order: built-in defaults of the command, then the TOML file, then the command
+line. An unknown section or key is a ``ValueError`` naming it and listing the valid ones; a bad
+value is the dataclass's own validation error (which names the field). Nothing is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from pathlib import Path
+
+from minillm.config import ModelConfig, check_field_types, preset
+
+NONE_WORDS = ("none", "null")
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+PRESET_KEY = "preset"  # [model] only: start from this named preset, then apply the other keys
+
+Layer = dict[str, dict[str, typing.Any]]  # {section: {field: value}}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_toml(path: str | Path) -> Layer:
+    """The tables of a TOML config file; a missing file or a syntax error names the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err})") from None
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: top-level key {section!r} must be a [section] table, got {table!r}")
+    return data
+
+
+def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split ``--section.field=value`` / ``--section.field value`` from the other arguments.
+
+    Returns ({"section.field": "value"}, remaining args). Values stay text until
+    :func:`apply_overrides` knows the field's type.
+    """
+    overrides: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name = arg[2:].split("=", 1)[0]
+        if arg.startswith("--") and "." in name:
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            elif i + 1 < len(args):
+                i += 1
+                value = args[i]
+            else:
+                raise ValueError(f"--{name}: missing value (write --{name}=VALUE)")
+            overrides[name] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def parse_value(text: str, annotation, where: str):
+    """Parse command-line ``text`` as a value of type ``annotation``; errors name ``where``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if type(None) in typing.get_args(annotation) and text.strip().lower() in NONE_WORDS:
+            return None
+        errors = []
+        for option in options:
+            try:
+                return parse_value(text, option, where)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: cannot parse {text!r} as {_name(annotation)}")
+    if origin in (list, tuple):
+        (item, *_) = typing.get_args(annotation) or (str,)
+        parts = [p.strip() for p in text.split(",")] if text.strip() else []
+        return [parse_value(p, item, where) for p in parts]
+    try:
+        if annotation is bool:
+            word = text.strip().lower()
+            if word in TRUE_WORDS or word in FALSE_WORDS:
+                return word in TRUE_WORDS
+            raise ValueError
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+        if annotation is str or annotation is typing.Any:
+            return text
+    except ValueError:
+        raise ValueError(f"{where}: cannot parse {text!r} as {_name(annotation)}") from None
+    raise TypeError(f"{where}: fields of type {_name(annotation)} cannot be set from the command line")
+
+
+def _name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _unknown(where: str, kind: str, name: str, valid) -> ValueError:
+    """'<where>: unknown <kind> (did you mean ...?); valid: ...'."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"{where}: unknown {kind}{hint}; valid: {', '.join(valid)}")
+
+
+def _fields(cls) -> dict[str, typing.Any]:
+    """{field name: resolved annotation}; the model section also takes ``preset``."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    if cls is ModelConfig:
+        names[PRESET_KEY] = str
+    return names
+
+
+def apply_overrides(sections: dict[str, type], layer: Layer, overrides: dict[str, str]) -> Layer:
+    """Add parsed ``{"section.field": text}`` overrides on top of ``layer`` (a new dict)."""
+    merged = {section: dict(values) for section, values in layer.items()}
+    for dotted, text in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in sections:
+            raise _unknown(f"--{dotted}", "section", section, sections)
+        known = _fields(sections[section])
+        if key not in known:
+            raise _unknown(f"--{dotted}", f"key in [{section}]", key, known)
+        merged.setdefault(section, {})[key] = parse_value(text, known[key], f"--{dotted}")
+    return merged
+
+
+def merge(*layers: Layer) -> Layer:
+    """Later layers win, key by key within a section."""
+    merged: Layer = {}
+    for layer in layers:
+        for section, values in layer.items():
+            merged.setdefault(section, {}).update(values)
+    return merged
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _none_strings_to_none(cls, values: dict) -> dict:
+    """TOML's stand-in for None: ``"none"`` in a field that may be None."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        annotation = hints.get(key)
+        may_be_none = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+        out[key] = None if may_be_none and isinstance(value, str) and value.lower() in NONE_WORDS else value
+    return out
+
+
+def build_config(cls, values: dict, section: str):
+    """``cls(**values)`` after checking the keys; the model section may name a preset."""
+    known = _fields(cls)
+    for key in values:
+        if key not in known:
+            raise _unknown(f"[{section}] {key}", f"key in [{section}]", key, known)
+    values = _none_strings_to_none(cls, values)
+    if cls is ModelConfig and PRESET_KEY in values:
+        values = dict(values)
+        return preset(values.pop(PRESET_KEY), **values)
+    _check_types(cls, values)
+    return cls(**values)
+
+
+def _check_types(cls, values: dict) -> None:
+    """A wrong type ("abc" for a float) named by field before ``cls`` compares it with numbers."""
+    probe = cls.__new__(cls)  # not constructed: only carries the values for check_field_types
+    for field in dataclasses.fields(cls):
+        has_factory = field.default_factory is not dataclasses.MISSING
+        setattr(probe, field.name, values.get(field.name, field.default_factory() if has_factory else field.default))
+    check_field_types(probe)
+
+
+def build_configs(sections: dict[str, type], layer: Layer) -> dict[str, typing.Any]:
+    """One validated config object per section (missing sections get their defaults)."""
+    for section in layer:
+        if section not in sections:
+            raise _unknown(f"[{section}]", "section", section, sections)
+    return {section: build_config(cls, layer.get(section, {}), section) for section, cls in sections.items()}
+
+
+def load_configs(
+    sections: dict[str, type],
+    config_file: str | Path | None = None,
+    overrides: dict[str, str] | None = None,
+    defaults: Layer | None = None,
+) -> dict[str, typing.Any]:
+    """defaults, then the TOML file, then ``{"section.field": text}`` overrides -> config objects."""
+    layer = merge(defaults or {}, load_toml(config_file) if config_file else {})
+    return build_configs(sections, apply_overrides(sections, layer, overrides or {}))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _toml_value(value) -> str:
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} ({type(value).__name__}) to TOML")
+
+
+def to_toml(configs: dict[str, typing.Any]) -> str:
+    """The resolved configs as TOML that :func:`load_configs` reads back to equal objects."""
+    lines = []
+    for section, config in configs.items():
+        lines.append(f"[{section}]")
+        for field in dataclasses.fields(config):
+            lines.append(f"{field.name} = {_toml_value(getattr(config, field.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_configs(configs: dict[str, typing.Any], run_dir: str | Path, name: str = "config.toml") -> Path:
+    """Write the resolved configs to ``run_dir/name`` (atomically) and return the path."""
+    path = Path(run_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_toml(configs), encoding="utf-8")
+    tmp.replace(path)
+    return path
