@@ -316,12 +316,11 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = make_mlp(config)
 
-    def _residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> tuple[torch.Tensor, object]:
-        if self.pre_norm:
-            out, extra = sublayer(norm(x))
-            return x + out, extra
-        out, extra = sublayer(x)
-        return norm(x + out), extra
+    def _sublayer_input(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        return norm(x) if self.pre_norm else x  # pre-norm: the sub-layer sees norm(x)
+
+    def _residual_add(self, x: torch.Tensor, out: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        return x + out if self.pre_norm else norm(x + out)  # post-norm: the sum is normalised
 
     def forward(
         self,
@@ -335,17 +334,16 @@ class Block(nn.Module):
         cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, LayerCache]:
         cache = cache or LayerCache()
-        x, self_kv = self._residual(
-            x, self.attn_norm,
-            lambda h: self.attn(h, self_mask, is_causal, rotary=rotary, position_ids=position_ids, past_kv=cache.self_kv),
-        )
+        h = self._sublayer_input(x, self.attn_norm)
+        h, self_kv = self.attn(h, self_mask, is_causal, rotary=rotary, position_ids=position_ids, past_kv=cache.self_kv)
+        x = self._residual_add(x, h, self.attn_norm)
         cross_kv = None
         if self.cross_attn is not None:
-            x, cross_kv = self._residual(
-                x, self.cross_norm,
-                lambda h: self.cross_attn(h, context_mask, False, context=context, past_kv=cache.cross_kv),
-            )
-        x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None))
+            h = self._sublayer_input(x, self.cross_norm)
+            h, cross_kv = self.cross_attn(h, context_mask, False, context=context, past_kv=cache.cross_kv)
+            x = self._residual_add(x, h, self.cross_norm)
+        h = self.mlp(self._sublayer_input(x, self.mlp_norm))
+        x = self._residual_add(x, h, self.mlp_norm)
         return x, LayerCache(self_kv=self_kv, cross_kv=cross_kv)
 
 
@@ -426,6 +424,13 @@ class TransformerStack(nn.Module):
         key_keep = attention_mask.bool() if attention_mask is not None else None
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past_len, T, input_ids.device)
+        elif position_ids.shape[-1] != T or (
+            not torch.compiler.is_compiling() and not 0 <= int(position_ids.min()) <= int(position_ids.max()) < self.config.max_seq_len
+        ):
+            raise ValueError(
+                f"position_ids: expected shape (B, {T}) with values in [0, max_seq_len={self.config.max_seq_len}), "
+                f"got shape {tuple(position_ids.shape)}"
+            )
         x = self.embeddings(input_ids, position_ids, token_type_ids)  # (B, T, C)
         self_mask, is_causal = self_attention_mask(key_keep, T, past_len, self.causal, input_ids.device)
         cross_mask = context_mask.bool()[:, None, None, :] if context_mask is not None else None  # (B, 1, 1, Tk)
@@ -633,9 +638,10 @@ class MaskedLM(Model):
         token_type_ids: torch.Tensor | None = None,  # (B, T)
         labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX except at masked positions
         next_sentence_label: torch.Tensor | None = None,  # (B,), 0 = B follows A, 1 = random B
+        position_ids: torch.Tensor | None = None,  # (B, T); default counts real tokens only
         loss_reduction: str = "mean",
     ) -> ModelOutput:
-        hidden, _ = self.encoder(input_ids, attention_mask, token_type_ids)
+        hidden, _ = self.encoder(input_ids, attention_mask, token_type_ids, position_ids=position_ids)
         logits = self.mlm_head(hidden)  # (B, T, V)
         nsp_logits = self.nsp_head(self.pooler(hidden)) if self.nsp_head is not None else None  # (B, 2)
         loss = None
@@ -672,9 +678,10 @@ class SequenceClassifier(Model):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,  # (B,) class ids, or floats when num_labels == 1
+        position_ids: torch.Tensor | None = None,  # (B, T); default counts real tokens only
         loss_reduction: str = "mean",
     ) -> ModelOutput:
-        hidden, _ = self.body(input_ids, attention_mask, token_type_ids)
+        hidden, _ = self.body(input_ids, attention_mask, token_type_ids, position_ids=position_ids)
         summary = self.pooler(hidden) if self.pooler is not None else last_token(hidden, attention_mask)  # (B, C)
         logits = self.classifier(self.dropout(summary))  # (B, num_labels)
         loss = None

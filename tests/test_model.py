@@ -287,3 +287,14 @@ def test_norm_backends_agree_in_forward_and_backward(norm):
     torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-5, rtol=1e-5)
     for name, grad in results["torch"][1].items():
         torch.testing.assert_close(results["triton"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_explicit_position_ids_are_used_and_checked():
+    model = model_for(small("encoder"), "mlm")
+    ids = torch.randint(7, 97, (1, 6))
+    default = model(ids).logits
+    shifted = model(ids, position_ids=torch.arange(2, 8)[None]).logits
+    torch.testing.assert_close(model(ids, position_ids=torch.arange(6)[None]).logits, default)
+    assert not torch.allclose(shifted, default)
+    with pytest.raises(ValueError, match="position_ids: expected shape"):
+        model(ids, position_ids=torch.arange(40, 46)[None] + 10)
