@@ -63,18 +63,23 @@ def _cache_name() -> str:
 def _stdlib_modules(root: Path) -> list[tuple[str, Path]]:
     """(dotted module name, file) of every non-test ``.py`` file in the stdlib, sorted."""
     found = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if any(part in _SKIP_PARTS for part in rel.parts) or rel.name.startswith("test_"):
-            continue
-        if rel.parts[0].startswith(".") or "-" in rel.parts[0]:  # e.g. lib-dynload, config-3.11
-            continue
-        parts = list(rel.with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        if parts == ["pydoc_data", "topics"]:
-            continue  # added as topics below
-        found.append((".".join(parts), path))
+    for directory, subdirs, files in os.walk(root):
+        rel_dir = Path(directory).relative_to(root)
+        # prune while walking: site-packages alone can be far larger than the stdlib
+        subdirs[:] = [
+            d for d in subdirs
+            if d not in _SKIP_PARTS and not d.startswith(".")
+            and not (rel_dir == Path(".") and "-" in d)  # lib-dynload, config-3.11-...
+        ]
+        for name in files:
+            if not name.endswith(".py") or name.startswith("test_"):
+                continue
+            parts = list((rel_dir / name[:-3]).parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if not parts or parts == ["pydoc_data", "topics"]:
+                continue  # topics are added one per document below
+            found.append((".".join(parts), Path(directory) / name))
     return sorted(found)
 
 
