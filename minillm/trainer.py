@@ -391,7 +391,7 @@ class Trainer:
                 # schedule
                 lr = apply_lr(self.optimizer, self.step, c)
                 # accumulate
-                loss = self._accumulate(micro)
+                loss = self._all_sum(self._accumulate(micro))  # each rank holds its share of the mean
                 # step
                 grad_norm = self._optimizer_step(loss)
                 self.step += 1
@@ -404,7 +404,6 @@ class Trainer:
                 if self.peak is not None:
                     row["mfu"] = self.raw_model.flops_per_token(seq_len) * tokens_per_s / self.world / self.peak
                 if self.step % c.log_every == 0 or self.step == c.max_steps:
-                    row["loss"] = self._global_mean(loss)
                     self.log.log(self.step, "train", row)
                 bar.update(1)
                 bar.set_postfix(_postfix(row), refresh=False)
@@ -448,7 +447,7 @@ class Trainer:
         }
 
     def _accumulate(self, micro: list[dict]) -> float:
-        """Forward and backward over the micro-batches; returns the step's (local) mean loss."""
+        """Forward and backward over the micro-batches; returns this rank's share of the step's mean loss."""
         task = self.config.task
         counts = [target_counts(task, b) for b in micro]
         totals = {term: sum(c[term] for c in counts).float() for term in counts[0]}
@@ -492,10 +491,10 @@ class Trainer:
             f"grad_clip > 0, or bf16/fp32 instead of fp16."
         )
 
-    def _global_mean(self, value: float) -> float:
+    def _all_sum(self, value: float) -> float:
         if self.world == 1:
             return value
-        t = torch.tensor(value / self.world, device=self.device, dtype=torch.float64)
+        t = torch.tensor(value, device=self.device, dtype=torch.float64)
         dist.all_reduce(t)
         return t.item()
 
