@@ -1,5 +1,19 @@
 """Data: corpora, the embedded default corpus, sharding and batches for every objective.
 
+Your own text, start to finish::
+
+    from minillm.data.corpus import Corpus
+    from minillm.data.prepare import prepare
+    from minillm.data.shards import TokenShards
+    from minillm.tokenizer import Tokenizer
+
+    corpus = Corpus(["my_texts/**/*.txt"])          # or "notes.jsonl" (field "text"), "rows.csv"
+    tok = Tokenizer.train(corpus, "runs/tok", vocab_size=8000)
+    prepare(corpus, tok, "data/mine")               # once; a rerun with the same inputs is skipped
+    train = TokenShards("data/mine", "train")       # memory-mapped tokens + document offsets
+
+or all of it from a config: ``build_data(DataConfig(inputs=[...], objective="mlm"))``.
+
 Read in this order:
 
 =====================  ===============================================================
