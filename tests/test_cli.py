@@ -1,0 +1,198 @@
+"""The `minillm` command end to end, on a tiny corpus and tiny models (seconds per run).
+
+Each run goes through `minillm.cli.main` exactly as the console script does: configs from
+defaults + overrides, data preparation, the Trainer, checkpoint, metrics log and plot, then
+generate / evaluate / finetune from what it wrote.
+"""
+
+import contextlib
+import io
+import json
+import random
+
+import pytest
+
+from minillm import cli
+from minillm.config_io import load_configs
+
+TINY_MODEL = ["--model.n_layers=1", "--model.d_model=32", "--model.n_heads=2", "--model.max_seq_len=64"]
+TINY_TRAIN = ["--train.max_steps=4", "--train.warmup_steps=1", "--train.batch_size=4", "--train.eval_every=2",
+              "--train.eval_batches=2", "--train.progress=false", "--train.lr=3e-3", "--train.device=cpu"]
+
+WORDS = ("the a module function returns value list string file path object class method error raises if when "
+         "with for each new name data").split()
+
+
+def run(*argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `minillm *argv`."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A corpus of 40 short documents and a two-class CSV task whose label is a word in the text."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = random.Random(0)
+    (root / "corpus").mkdir()
+    for d in range(40):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                     for _ in range(12)]
+        (root / "corpus" / f"doc{d:02d}.txt").write_text(" ".join(sentences) + "\n")
+    for name, n in (("train", 120), ("dev", 40)):
+        rows = ["text,label"]
+        for _ in range(n):
+            label = rng.choice(["yes", "no"])
+            words = [rng.choice(WORDS) for _ in range(8)] + ["good" if label == "yes" else "bad"]
+            rng.shuffle(words)
+            rows.append(f"{' '.join(words)},{label}")
+        (root / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def data_args(work) -> list[str]:
+    return [f"--data.inputs={work / 'corpus'}", "--data.vocab_size=320", "--data.seq_len=32",
+            f"--data.prepared_dir={work / 'prep'}", "--data.val_fraction=0.1"]
+
+
+@pytest.fixture(scope="module")
+def gpt_run(work):
+    out_dir = work / "gpt"
+    code, out, err = run("pretrain", *TINY_MODEL, *data_args(work), *TINY_TRAIN, f"--train.out_dir={out_dir}")
+    assert code == 0, err
+    return out_dir, out
+
+
+@pytest.fixture(scope="module")
+def bert_run(work):
+    out_dir = work / "bert"
+    code, out, err = run("pretrain", "--model", "bert", *TINY_MODEL, *data_args(work), *TINY_TRAIN,
+                         f"--train.out_dir={out_dir}")
+    assert code == 0, err
+    return out_dir, out
+
+
+def test_pretrain_gpt_writes_checkpoint_metrics_plot_and_config(gpt_run):
+    out_dir, out = gpt_run
+    checkpoint = out_dir / (out_dir / "latest").read_text().strip()
+    for name in ("model.safetensors", "state.pt", "config.json", "tokenizer.model"):
+        assert (checkpoint / name).is_file(), name
+    saved = json.loads((checkpoint / "config.json").read_text())
+    assert saved["task"] == "causal-lm" and saved["model"]["vocab_size"] == 320  # the tokenizer's
+    evals = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r["kind"] == "eval"] == [2, 4]
+    assert (out_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resolved = load_configs(cli.SECTIONS, out_dir / "config.toml")
+    assert resolved["model"].n_layers == 1 and resolved["train"].max_steps == 4
+    assert "[model]" in out and "n_layers = 1" in out  # the printed resolved config
+    assert "unigram-entropy baseline" in out and "validation loss" in out and "samples:" in out
+
+
+def test_generate_continues_the_prompt(gpt_run):
+    out_dir, _ = gpt_run
+    code, out, err = run("generate", "--checkpoint", out_dir, "--prompt", "The module", "--prompt", "If",
+                         "--max-new-tokens", 6, "--greedy")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("The module") and lines[1].startswith("If")
+
+
+def test_evaluate_a_pretrained_checkpoint(gpt_run):
+    out_dir, out = gpt_run
+    code, out, err = run("evaluate", "--checkpoint", out_dir, "--max-batches", 2)
+    assert code == 0, err
+    assert "(causal-lm)" in out and "val_loss" in out and "token_accuracy" in out
+
+
+def test_pretrain_bert_reports_mlm_and_nsp(bert_run):
+    out_dir, out = bert_run
+    assert "MLM accuracy" in out and "NSP accuracy" in out and "MLM predictions:" in out
+    saved = json.loads((out_dir / (out_dir / "latest").read_text().strip() / "config.json").read_text())
+    assert saved["task"] == "mlm-nsp" and saved["model"]["arch"] == "encoder"
+    code, out, err = run("generate", "--checkpoint", out_dir, "--prompt", "Return the [MASK] of a file.")
+    assert code == 0, err
+    assert out.startswith("Return the [") and out.rstrip().endswith("] of a file.")
+
+
+def test_finetune_from_bert_on_a_csv_and_evaluate(work, bert_run):
+    out_dir = work / "clf"
+    code, out, err = run("finetune", f"--train.init_from={bert_run[0]}", f"--data.train_file={work / 'train.csv'}",
+                         f"--data.validation_file={work / 'dev.csv'}", "--data.seq_len=32", *TINY_TRAIN,
+                         "--train.max_steps=6", f"--train.out_dir={out_dir}")
+    assert code == 0, err
+    assert "test accuracy" in out and "majority-class baseline" in out and f"checkpoint {bert_run[0]}" in out
+    assert (out_dir / "best" / "model.safetensors").is_file()
+    code, out, err = run("evaluate", "--checkpoint", out_dir / "best")
+    assert code == 0, err
+    assert "(classification)" in out and "accuracy" in out
+
+
+def test_finetune_from_scratch_says_so(work, bert_run, monkeypatch):
+    monkeypatch.chdir(work)  # no runs/pretrain-bert here
+    tokenizer = bert_run[0] / (bert_run[0] / "latest").read_text().strip() / "tokenizer.model"
+    code, out, err = run("finetune", *TINY_MODEL, f"--data.tokenizer={tokenizer}",
+                         f"--data.train_file={work / 'train.csv'}", f"--data.validation_file={work / 'dev.csv'}",
+                         "--data.seq_len=32", *TINY_TRAIN, f"--train.out_dir={work / 'scratch'}")
+    assert code == 0, err
+    assert "training from scratch" in out and "started from scratch" in out
+
+
+def test_pretrain_seq2seq_and_generate(work):
+    out_dir = work / "t5"
+    code, out, err = run("pretrain", "--model", "seq2seq", *TINY_MODEL, *data_args(work), *TINY_TRAIN,
+                         "--train.max_steps=2", f"--train.out_dir={out_dir}")
+    assert code == 0, err
+    code, out, err = run("generate", "--checkpoint", out_dir, "--prompt", "The module", "--max-new-tokens", 4)
+    assert code == 0, err
+
+
+def one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("minillm: error: "), err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["pretrain", "--train.lrr=1"], ["--train.lrr", "unknown key", "did you mean 'lr'"]),
+    (["pretrain", "--model.n_heads=3"], ["ModelConfig.n_heads", "does not divide"]),
+    (["pretrain", "--data.val_fraction=lots"], ["--data.val_fraction", "cannot parse 'lots' as float"]),
+    (["finetune", "--train.early_stopping_metric=bleu"], ["TrainConfig.early_stopping_metric"]),
+    (["pretrain", "--config", "missing.toml"], ["config file not found: missing.toml"]),
+    (["generate", "--checkpoint", "runs/missing", "--prompt", "x"], ["runs/missing"]),
+    (["evaluate", "--checkpoint", "runs/missing"], ["runs/missing"]),
+    (["generate", "--checkpoint", "runs/x", "--prompt", "x", "--train.lr=1"], ["generate takes no"]),
+])
+def test_user_errors_are_one_line_and_exit_2(argv, needles, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(*run(*argv)[::2], *needles)
+
+
+def test_missing_init_checkpoint_and_occupied_out_dir(work, gpt_run, monkeypatch):
+    monkeypatch.chdir(work)
+    code, _, err = run("finetune", "--train.init_from=runs/nothing-here", "--train.max_steps=1",
+                       "--train.warmup_steps=0")
+    one_line_error(code, err, "runs/nothing-here")
+    code, _, err = run("pretrain", *TINY_MODEL, *data_args(work), *TINY_TRAIN, f"--train.out_dir={gpt_run[0]}")
+    one_line_error(code, err, "already holds a run", "resume")
+
+
+def test_help_lists_the_commands():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    for command in cli.COMMANDS:
+        assert command in out.getvalue()
+
+
+def test_bench_runs_the_script_with_its_arguments(tmp_path, monkeypatch, capfd):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "data.py").write_text("import sys; print('ARGS', sys.argv[1:])\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "data", "--sizes", "1,2", "--train.x=1"]) == 0
+    assert "ARGS ['--sizes', '1,2', '--train.x=1']" in capfd.readouterr().out
+    code, _, err = run("bench", "train")
+    one_line_error(code, err, "benchmarks/train.py not found")
