@@ -166,6 +166,22 @@ def test_non_contiguous_input_and_grad(kind):
         _assert_three_way(f"{kind} non-contiguous {what}", a, s, r, k, torch.float32)
 
 
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_sum_backward_broadcast_grad(kind):
+    """loss = y.sum() hands the backward an expanded dy whose strides are all 0."""
+    x, w, b, _ = _make((4, 5, 40), torch.float32, bias=kind == "layer")
+    xs, ws = _leaves(x, w)
+    xt, wt = _leaves(x, w)
+    if kind == "layer":
+        ln.layer_norm(xs, (40,), ws, b).sum().backward()
+        F.layer_norm(xt, (40,), wt, b).sum().backward()
+    else:
+        ln.rms_norm(xs, (40,), ws).sum().backward()
+        F.rms_norm(xt, (40,), wt).sum().backward()
+    torch.testing.assert_close(xs.grad, xt.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ws.grad, wt.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_empty_batch():
     x = torch.randn(0, 7, 64, requires_grad=True)
     w = torch.ones(64, requires_grad=True)
