@@ -262,9 +262,19 @@ def load_state(path: str | os.PathLike) -> dict:
     return torch.load(checkpoint / STATE, map_location="cpu", weights_only=True)
 
 
+def _resolved(values: dict) -> dict:
+    """Config fields with their defaults resolved (d_ff None and 4 * d_model are the same model)."""
+    values = dict(values)
+    if values.get("d_model") is not None:
+        values["d_ff"] = values.get("d_ff") or 4 * values["d_model"]
+    values["n_kv_heads"] = values.get("n_kv_heads") or values.get("n_heads")
+    values["n_decoder_layers"] = values.get("n_decoder_layers") or values.get("n_layers")
+    return values
+
+
 def architecture_mismatch(saved: dict, config: ModelConfig, ignore: tuple[str, ...] = ()) -> list[str]:
     """'field: checkpoint X, model Y' for every weight-defining field that differs."""
-    current = config.to_dict()
+    saved, current = _resolved(saved), _resolved(config.to_dict())
     return [
         f"{key}: checkpoint {saved.get(key)!r}, model {value!r}"
         for key, value in current.items()
@@ -310,13 +320,22 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
             f"load_weights: {checkpoint} does not fit this {type(model).__name__}: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}; unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}"
         )
+    for name, param in model.state_dict().items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise ValueError(
+                f"load_weights: {checkpoint}: {name} has shape {tuple(tensors[name].shape)}, the model expects {tuple(param.shape)}"
+            )
     model.load_state_dict(tensors, strict=True)
     return checkpoint
 
 
 def _is_hf_directory(path: Path) -> bool:
+    """A Hugging Face model directory: its config.json has "model_type" (ours has "task")."""
     config = path / "config.json"
-    return config.is_file() and "model_type" in json.loads(config.read_text())
+    if not (path.is_dir() and config.is_file()):
+        return False
+    values = json.loads(config.read_text())
+    return "model_type" in values and "task" not in values
 
 
 def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> tuple[nn.Module, dict, object]:
@@ -334,7 +353,7 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
     if bad:
         raise ValueError(f"load_model: only runtime fields {RUNTIME_FIELDS} may be overridden, got {bad}")
     path = Path(path)
-    if path.is_dir() and not (path / WEIGHTS).is_file() and _is_hf_directory(path):
+    if _is_hf_directory(path):
         from minillm.convert import from_hf
 
         model = from_hf(path, **runtime)
@@ -350,6 +369,10 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
         task = configs["task"]
     except KeyError as err:
         raise ValueError(f"load_model: {checkpoint / CONFIG} lacks the {err} entry") from None
+    tokenizer = None
+    if (checkpoint / TOKENIZER).is_file():
+        tokenizer = Tokenizer.load(checkpoint / TOKENIZER)
+        check_vocab(model_config, tokenizer, f"load_model({checkpoint})")
     model = build_model(model_config, task)
     train = configs.get("train", {})
     if train.get("finetune_mode") == "lora":
@@ -357,10 +380,6 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
     load_weights(model, checkpoint)
     if merge_lora:
         merge(model)
-    tokenizer = None
-    if (checkpoint / TOKENIZER).is_file():
-        tokenizer = Tokenizer.load(checkpoint / TOKENIZER)
-        check_vocab(model_config, tokenizer, f"load_model({checkpoint})")
     return model.eval(), configs, tokenizer
 
 
@@ -388,7 +407,7 @@ def init_from(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict
     from minillm.tokenizer import Tokenizer
 
     path = Path(path)
-    if path.is_dir() and not (path / WEIGHTS).is_file() and _is_hf_directory(path):
+    if _is_hf_directory(path):
         source, _, _ = load_model(path)
         saved_config, tensors, saved_tokenizer = source.config.to_dict(), dict(source.state_dict()), None
     else:
