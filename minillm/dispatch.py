@@ -15,7 +15,7 @@ attention backends
 norm backends
     torch      torch.nn.functional.layer_norm / rms_norm
     triton     minillm's fused norm kernels (same device rule as attention)
-    auto       triton on CUDA, torch elsewhere
+    auto       triton on CUDA (torch inside torch.compile, which fuses norms itself), torch elsewhere
 
 A backend that cannot run the inputs it is given raises a ValueError; nothing falls back silently.
 """
@@ -84,7 +84,8 @@ def attention(
 
 def _use_triton_norm(x: torch.Tensor, backend: str) -> bool:
     if backend == "auto":
-        return x.is_cuda
+        # Under torch.compile, Inductor fuses the norm itself and cannot trace our kernel.
+        return x.is_cuda and not torch.compiler.is_compiling()
     if backend == "triton":
         _require_triton(x, "norm_backend")
         return True
