@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from minillm.data.word_cache import WordCache
 from minillm.tokenizer import BOS_ID, CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, Tokenizer
 
 WORDS = (
@@ -111,6 +112,11 @@ def test_word_cache_encoding_matches_sentencepiece_on_random_strings(tok):
     expected = tok.sp.encode(texts)
     assert lengths.tolist() == [len(ids) for ids in expected]
     assert flat.tolist() == [i for ids in expected for i in ids]
+    small = WordCache(tok.sp, tok.space_ids, max_words=60)  # cleared again and again
+    for start in range(0, len(texts), 50):
+        ids, lengths = small.encode(texts[start : start + 50])
+        assert ids.tolist() == [i for ids in expected[start : start + 50] for i in ids]
+    assert len(small.index) < len({w for t in texts for w in t.split(" ")})  # it was cleared
 
 
 def test_foreign_model_maps_specials(tmp_path):

@@ -57,6 +57,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minillm.data.corpus import Corpus, Document
+from minillm.data.word_cache import WordCache
 from minillm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -84,15 +85,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 # ---------------------------------------------------------------- worker side
 
-# Each worker process holds the tokenizer and a word cache. Natural text repeats words
-# (Zipf), so encoding each distinct space-separated word once and reusing its ids is ~1.5-2x
-# faster than sentencepiece on whole documents, and gives exactly the same ids when
-# Tokenizer.splits_on_spaces holds (checked; otherwise whole documents go to sentencepiece).
+# Each worker process holds the tokenizer and, when Tokenizer.splits_on_spaces holds, a
+# WordCache (minillm.data.word_cache): each distinct word is encoded once, which gives exactly
+# sentencepiece's ids several times faster. Otherwise whole documents go to sentencepiece.
 _worker_sp = None
 _worker_dtype = None
 _worker_eos = None
-_worker_cache: dict[str, list[int]] | None = None
-_CACHE_WORDS = 500_000  # cleared when full: bounds worker memory
+_worker_cache: WordCache | None = None
 
 
 def _init_worker(model_proto: bytes, dtype: str, eos: int | None, splits_on_spaces: bool, space: list[int]) -> None:
@@ -102,38 +101,21 @@ def _init_worker(model_proto: bytes, dtype: str, eos: int | None, splits_on_spac
     _worker_sp = spm.SentencePieceProcessor(model_proto=model_proto)
     _worker_dtype = np.dtype(dtype)
     _worker_eos = eos
-    _worker_cache = {"": space} if splits_on_spaces else None
-
-
-def _encode_words(text: str) -> list[int]:
-    if not text:
-        return []  # "".split(" ") is [""], which would stand for a lone "▁"
-    cache = _worker_cache
-    words = text.split(" ")
-    missing = [w for w in set(words) if w not in cache]
-    if missing:
-        if len(cache) + len(missing) > _CACHE_WORDS:
-            space = cache[""]
-            cache.clear()
-            cache[""] = space
-            missing = [w for w in set(words) if w not in cache]
-        for word, ids in zip(missing, _worker_sp.encode(missing)):
-            cache[word] = ids
-    return list(itertools.chain.from_iterable(map(cache.__getitem__, words)))
+    _worker_cache = WordCache(_worker_sp, space) if splits_on_spaces else None
 
 
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of a chunk of documents (flat, EOS after each when set) and per-document lengths."""
     if _worker_cache is not None:
-        encoded = [_encode_words(text) for text in texts]
+        ids, lengths = _worker_cache.encode(texts)
     else:
         encoded = _worker_sp.encode(texts, num_threads=1)
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
     if _worker_eos is not None:
-        for ids in encoded:
-            ids.append(_worker_eos)
-    lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
-    flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=_worker_dtype, count=int(lengths.sum()))
-    return flat, lengths
+        ids = np.insert(ids, np.cumsum(lengths), _worker_eos)  # one EOS after each document
+        lengths = lengths + 1
+    return ids.astype(_worker_dtype), lengths
 
 
 def _ordered_map(pool, fn, items: Iterator, in_flight: int) -> Iterator:
