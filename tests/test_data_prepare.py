@@ -97,6 +97,24 @@ def test_output_does_not_depend_on_workers_or_chunks(setup, tmp_path):
     assert shards.document(0).tolist() == tok.sp.encode(by_text[text].text)
 
 
+def test_foreign_tokenizer_without_word_cache(setup, tmp_path):
+    import io
+
+    import sentencepiece as spm
+
+    root, paths, _ = setup
+    buffer = io.BytesIO()  # sentencepiece defaults: NFKC, whitespace collapsed, eos=2
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([d.text for d in Corpus(paths)]), model_writer=buffer,
+                                   vocab_size=100, minloglevel=2)
+    (tmp_path / "foreign.model").write_bytes(buffer.getvalue())
+    tok = Tokenizer.load(tmp_path / "foreign.model")
+    assert not tok.splits_on_spaces
+    docs = [Document("a", "two  spaces   here"), Document("b", "alpha beta")]
+    prepare(docs, tok, tmp_path / "out", val_fraction=0, progress=False)
+    shards = TokenShards(tmp_path / "out")
+    assert shards.document(0, with_eos=True).tolist() == tok.sp.encode(docs[0].text) + [2]
+
+
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys

@@ -21,6 +21,7 @@ Read in this order:
 ``default_corpus``     the embedded stdlib corpus and the stdlib-package classification task
 ``minillm.tokenizer``  sentencepiece training/loading, fixed special ids
 ``prepare``            corpus -> memory-mapped token shards + manifest (atomic, cached)
+``word_cache``         the exact per-word encoding cache that makes prepare fast
 ``shards``             TokenShards: read a prepared split
 ``collate``            padding, -100 labels, per-worker random generators
 ``causal``             GPT windows (+ document-aware position_ids / cu_seqlens)
