@@ -386,14 +386,17 @@ class Tokenizer:
 
         Holds for tokenizers trained here (identity normalisation, dummy prefix, no piece with
         ``"▁"`` inside); prepare then encodes each distinct word once and reuses it, which is
-        faster than sentencepiece on whole documents. Checked on the vocabulary and on probes.
+        faster than sentencepiece on whole documents. Only claimed for models with minillm's
+        special-piece layout, then checked on the vocabulary and on probes; a foreign model
+        (whose normaliser may, say, collapse whitespace) is always encoded whole.
         """
         if not hasattr(self, "_splits_on_spaces"):
-            pieces = (self.sp.id_to_piece(i) for i in range(self.vocab_size))
+            pieces = [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
+            ours = pieces[: len(SPECIAL_PIECES)] == [SPECIAL_PIECES[i] for i in range(len(SPECIAL_PIECES))]
             inner_marker = any(WORD_START in p[1:] for p in pieces)
             probes = ["a  b", " x", "x ", "two words\nline", "  "]
             space = self.space_ids
-            ok = not inner_marker and all(
+            ok = ours and not inner_marker and all(
                 self.sp.encode(text) == [i for w in text.split(" ") for i in (self.sp.encode(w) if w else space)]
                 for text in probes
             )
