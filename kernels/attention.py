@@ -1,4 +1,4 @@
-"""Scaled dot-product attention: a readable PyTorch reference and a fused Triton kernel.
+"""Scaled dot-product attention: a readable PyTorch reference and a fused FlashAttention-2 kernel.
 
 Shape legend
 ------------
@@ -6,8 +6,49 @@ B  batch                 H  query heads            H_kv  key/value heads (H % H_
 Lq query length          Lk key/value length       D     head dim
 T  total packed tokens (varlen)
 
-Section 1 of this file is the pure-PyTorch reference. Section 2 (the fused FlashAttention-2
-kernel) follows it.
+Algorithm: FlashAttention-2 (Dao, 2023). Q, K and V are tiled; the forward runs an online
+softmax (running max and sum) over key blocks and never materialises the L x L matrix; it
+saves the row log-sum-exp; the backward recomputes P from it and computes dQ, dK and dV in
+two kernels without atomics, so results are deterministic.
+
+Public API
+----------
+- ``scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+  is_causal=False, scale=None, enable_gqa=False)``: drop-in for torch's SDPA on (B, H, L, D).
+- ``flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+  dropout_p=0.0, causal=False, scale=None)``: packed (T, H, D) sequences, no work on padding.
+- ``attention_reference(...)``: the explicit PyTorch math, SDPA semantics, plus ``dropout_mask``.
+- ``draw_dropout_seed()`` / ``dropout_keep_mask(...)``: recover the exact dropout mask a call used.
+
+Supported
+---------
+- fp16, bf16 and fp32 (fp32 ``tl.dot`` runs with ``input_precision="ieee"``: exact fp32 FMA,
+  no TF32 and no tensor cores; use bf16/fp16 for speed). Accumulation is always fp32.
+- Any Lq, Lk >= 1 (Lq != Lk included), head dims 1..256 (tiles padded to the next power of
+  two >= 16 and masked, so 24, 40, 80, 96, 160 work), GQA/MQA.
+- torch's top-left causal alignment (row i sees keys 0..i) in both functions. For varlen with
+  Lq != Lk this is also top-left, the same as SDPA, and unlike the flash-attn package, which
+  aligns bottom-right (the last query sees the last key).
+- Boolean (True = attend) and additive float masks broadcastable to (B, H, Lq, Lk), read in
+  place with stride 0 on broadcast dims. Fully masked rows output 0 (torch gives NaN) and
+  get finite (zero) gradients.
+- Dropout on the attention weights from Philox (``tl.rand``): key = seed + b * H + h,
+  counter = i * Lk + j, so the backward regenerates the same mask; the seed is drawn from
+  torch's default generator, so ``torch.manual_seed`` reproduces a call.
+- Any strides for Q, K, V and grad_output (a tensor whose last dim is not unit-stride is
+  copied once; a grad_output laid out unlike O is copied once).
+- Triton >= 3.2 (plain pointer arithmetic, no block pointers; checked here with 3.9).
+
+Not supported
+-------------
+- Gradients with respect to ``attn_mask`` (a mask that requires grad is refused).
+- D_v != D_qk; masks in ``flash_attn_varlen``; Lq * Lk >= 2**31 with dropout (Philox counter).
+- Block-sparse/sliding-window shortcuts: a mask is applied element-wise, never used to skip tiles.
+
+Tuning: per-architecture config tables (sm_80, sm_90) by head-dim bucket, autotuned on GPU
+(key: lengths, head dim, features); calls with a mask or dropout use shrunken tiles
+(``_fit_for_features``). Under ``TRITON_INTERPRET=1`` one small config is used and nothing is
+autotuned, and dot operands are upcast to fp32 (the interpreter's bf16 ``tl.dot`` is wrong).
 """
 
 from __future__ import annotations
@@ -582,20 +623,22 @@ _CONFIGS: dict[int, dict[str, dict[int, list[BlockConfig]]]] = {
                 64: [_C(128, 64, 8, 3), _C(128, 128, 8, 3)],
                 128: [_C(128, 64, 8, 3), _C(128, 128, 8, 2)],
                 256: [_C(64, 64, 8, 2)]},
-        "dkdv": {16: [_C(64, 128, 8, 3)], 32: [_C(64, 128, 8, 3)], 64: [_C(64, 128, 8, 3)],
-                 128: [_C(64, 64, 8, 2)], 256: [_C(64, 32, 8, 2)]},
+        # dK/dV keeps two fp32 (BLOCK_N, D) accumulators: 64-row query tiles (wgmma) spill here,
+        # so it runs 32/16-row tiles on mma.sync.
+        "dkdv": {16: [_C(32, 128, 8, 3)], 32: [_C(32, 128, 8, 3)], 64: [_C(32, 128, 8, 3)],
+                 128: [_C(32, 64, 8, 2)], 256: [_C(16, 32, 8, 2)]},
         "dq": {16: [_C(128, 64, 8, 3)], 32: [_C(128, 64, 8, 3)], 64: [_C(128, 64, 8, 3)],
                128: [_C(128, 32, 8, 2)], 256: [_C(64, 32, 8, 2)]},
     },
 }
 # fp32 inputs run tl.dot in IEEE fp32 (no tensor cores), so tiles are kept small.
 _FP32_CONFIGS: dict[str, dict[int, list[BlockConfig]]] = {
-    "fwd": {16: [_C(64, 32, 4, 2)], 32: [_C(64, 32, 4, 2)], 64: [_C(64, 32, 4, 2)],
-            128: [_C(32, 32, 4, 2)], 256: [_C(16, 32, 4, 1)]},
-    "dkdv": {16: [_C(32, 64, 4, 2)], 32: [_C(32, 64, 4, 2)], 64: [_C(32, 32, 4, 2)],
-             128: [_C(16, 32, 4, 1)], 256: [_C(16, 16, 4, 1)]},
-    "dq": {16: [_C(64, 32, 4, 2)], 32: [_C(64, 32, 4, 2)], 64: [_C(32, 32, 4, 2)],
-           128: [_C(32, 16, 4, 1)], 256: [_C(16, 16, 4, 1)]},
+    "fwd": {16: [_C(32, 32, 4, 2)], 32: [_C(32, 32, 4, 2)], 64: [_C(32, 32, 4, 2)],
+            128: [_C(16, 32, 4, 1)], 256: [_C(16, 16, 4, 1)]},
+    "dkdv": {16: [_C(32, 32, 4, 2)], 32: [_C(32, 32, 4, 2)], 64: [_C(16, 32, 4, 2)],
+             128: [_C(16, 16, 4, 1)], 256: [_C(16, 16, 4, 1)]},
+    "dq": {16: [_C(32, 32, 4, 2)], 32: [_C(32, 32, 4, 2)], 64: [_C(32, 16, 4, 2)],
+           128: [_C(16, 16, 4, 1)], 256: [_C(16, 16, 4, 1)]},
 }
 del _C
 # The interpreter runs programs one by one through numpy: one small config, never autotuned.
@@ -614,11 +657,37 @@ def head_dim_bucket(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def shipped_configs(arch: int, kernel: str, head_dim: int, dtype: torch.dtype) -> list[BlockConfig]:
+def _fit_for_features(c: BlockConfig, kernel: str, block_d: int) -> BlockConfig:
+    """Shrink a tile for calls with dropout or a mask. Each score element then costs a Philox
+    draw or an (unvectorised) mask load in registers, and the compiler spills above ~16 such
+    elements per thread (8 at D >= 128). The dK/dV kernel first halves the keys it owns (it
+    holds two fp32 (BLOCK_N, D) accumulators); at D = 256 the other kernels halve the queries
+    they own. Then the inner-loop dimension is halved until the tile fits."""
+    bm, bn = c.block_m, c.block_n
+    if kernel == "dkdv":
+        bn = max(16, bn // 2)
+    elif block_d >= 256:
+        bm = max(16, bm // 2)
+    limit = 8 if (kernel == "dkdv" or block_d >= 128) else 16
+    while bm * bn > limit * 32 * c.num_warps:
+        if kernel == "dkdv" and bm > 16:
+            bm //= 2
+        elif kernel != "dkdv" and bn > 16:
+            bn //= 2
+        else:
+            break
+    return BlockConfig(bm, bn, c.num_warps, c.num_stages)
+
+
+def shipped_configs(arch: int, kernel: str, head_dim: int, dtype: torch.dtype,
+                    masked_or_dropout: bool = False) -> list[BlockConfig]:
     """The configurations the autotuner chooses among for this arch (80 or 90), kernel
-    ("fwd", "dkdv" or "dq"), head dim and dtype."""
+    ("fwd", "dkdv" or "dq"), head dim, dtype, and whether the call has a mask or dropout."""
     table = _FP32_CONFIGS if dtype == torch.float32 else _CONFIGS[arch]
-    return table[kernel][head_dim_bucket(head_dim)]
+    configs = table[kernel][head_dim_bucket(head_dim)]
+    if masked_or_dropout:
+        configs = list(dict.fromkeys(_fit_for_features(c, kernel, head_dim_bucket(head_dim)) for c in configs))
+    return configs
 
 
 def _arch_of(device: torch.device) -> int:
@@ -627,13 +696,12 @@ def _arch_of(device: torch.device) -> int:
 
 
 @functools.cache
-def _autotuned(kernel: str, arch: int, block_d: int, is_fp32: bool):
-    """An autotuner over the shipped configs for one kernel and head-dim bucket (GPU only)."""
-    table = _FP32_CONFIGS if is_fp32 else _CONFIGS[arch]
+def _autotuned(kernel: str, arch: int, head_dim: int, dtype: torch.dtype, masked_or_dropout: bool):
+    """An autotuner over the shipped configs for one kernel, head-dim bucket and feature set (GPU only)."""
     configs = [
         triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
                       num_stages=c.num_stages)
-        for c in table[kernel][block_d]
+        for c in shipped_configs(arch, kernel, head_dim, dtype, masked_or_dropout)
     ]
     key = ["Lq", "Lk", "HEAD_DIM", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT", "VARLEN"]
     return triton.autotune(configs=configs, key=key)(_KERNELS[kernel])
@@ -649,7 +717,8 @@ def _launch(kernel: str, grid_dim, bh: int, args: tuple, constexprs: dict, dtype
         _KERNELS[kernel][grid](*args, **constexprs, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
                                UPCAST=True, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
-        tuned = _autotuned(kernel, _arch_of(device), constexprs["BLOCK_D"], dtype == torch.float32)
+        heavy = constexprs["MASK_KIND"] != _MASK_NONE or constexprs["HAS_DROPOUT"]
+        tuned = _autotuned(kernel, _arch_of(device), constexprs["BLOCK_D"], dtype, heavy)
         tuned[lambda meta: (triton.cdiv(grid_dim, meta[block_key]), bh)](*args, **constexprs, UPCAST=False)
 
 
@@ -802,6 +871,12 @@ def _check_kernel_device(t: Tensor, name: str) -> None:
                          f"to run it on CPU), got device {t.device}")
 
 
+def _check_dropout_range(dropout_p: float, len_q: int, len_k: int) -> None:
+    if dropout_p > 0.0 and len_q * len_k >= 2**31:
+        raise ValueError(f"dropout needs Lq * Lk < 2**31 (its Philox counter is i * Lk + j), got "
+                         f"Lq={len_q}, Lk={len_k}; use dropout_p=0.0 or shorter sequences")
+
+
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     """The kernels assume unit stride along D (coalesced, vectorised loads); other strides are free."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -830,6 +905,7 @@ def scaled_dot_product_attention(
                          "(no gradient flows to the mask); pass attn_mask.detach()")
     B, H, Lq, D = query.shape
     layout = _Layout(B, H, key.shape[1], Lq, key.shape[2], D, None, None)
+    _check_dropout_range(dropout_p, Lq, key.shape[2])
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     seed = draw_dropout_seed() if dropout_p > 0.0 else 0
     q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
@@ -913,6 +989,7 @@ def flash_attn_varlen(
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
     layout = _Layout(len(lens_q), H, H_kv, max_seqlen_q, max_seqlen_k, D, cu_seqlens_q, cu_seqlens_k)
+    _check_dropout_range(dropout_p, max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     seed = draw_dropout_seed() if dropout_p > 0.0 else 0
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
