@@ -42,6 +42,7 @@ the next piece also starts a word. This works for any sentencepiece vocabulary.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -70,8 +71,9 @@ SPECIAL_PIECES = {
 
 WORD_START = "\u2581"  # sentencepiece's "▁": the piece begins a new whitespace-separated word
 
-# sentencepiece skips training sentences longer than this many bytes; longer lines are cut.
-_MAX_SENTENCE_BYTES = 4096
+# Training lines are cut to this many characters (at most 4 * 1024 UTF-8 bytes, the
+# max_sentence_length passed to sentencepiece, which silently skips longer sentences).
+_MAX_LINE_CHARS = 1024
 
 
 def _training_sentences(texts_or_files: Iterable, stats: dict) -> Iterator[str]:
@@ -99,11 +101,9 @@ def _training_sentences(texts_or_files: Iterable, stats: dict) -> Iterator[str]:
                 if not line.strip():
                     continue
                 stats["bytes"] += len(line.encode("utf-8"))
-                # Cut long lines on character boundaries well under the byte limit.
-                step = _MAX_SENTENCE_BYTES // 4
-                for start in range(0, len(line), step):
+                for start in range(0, len(line), _MAX_LINE_CHARS):
                     stats["sentences"] += 1
-                    yield line[start : start + step]
+                    yield line[start : start + _MAX_LINE_CHARS]
 
 
 # sentencepiece_model.proto, SentencePiece.Type
@@ -275,8 +275,6 @@ class Tokenizer:
             yield first
             yield from sentences
 
-        import io
-
         buffer = io.BytesIO()
         spm.set_random_generator_seed(seed)
         try:
@@ -297,17 +295,22 @@ class Tokenizer:
                 character_coverage=character_coverage,
                 input_sentence_size=max_sentences,
                 shuffle_input_sentence=True,
-                max_sentence_length=_MAX_SENTENCE_BYTES * 4,
+                max_sentence_length=4 * _MAX_LINE_CHARS,
                 num_threads=num_threads or os.cpu_count() or 1,
                 minloglevel=2,
             )
         except RuntimeError as err:
             message = str(err)
-            if "Vocabulary size" in message or "vocab_size" in message:
+            said = message.split("]")[-1].strip()
+            if "smaller than required_chars" in message:
+                raise ValueError(
+                    f"Tokenizer.train: vocab_size={vocab_size} cannot hold the corpus's distinct characters; "
+                    f"raise vocab_size or lower character_coverage ({character_coverage}); sentencepiece says: {said}"
+                ) from None
+            if "Vocabulary size" in message:
                 raise ValueError(
                     f"Tokenizer.train: vocab_size={vocab_size} is larger than the corpus supports "
-                    f"({stats['sentences']} lines, {stats['bytes']} bytes); sentencepiece says: "
-                    f"{message.split(']')[-1].strip()}"
+                    f"({stats['sentences']} lines, {stats['bytes']} bytes); sentencepiece says: {said}"
                 ) from None
             raise
         tok = cls(buffer.getvalue(), path)

@@ -143,6 +143,13 @@ def test_vocab_too_large_is_clear_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_vocab_too_small_for_the_characters(tmp_path):
+    chinese = "".join(chr(0x4E00 + i) for i in range(600))
+    with pytest.raises(ValueError, match="vocab_size=400 cannot hold the corpus's distinct characters"):
+        Tokenizer.train([chinese], tmp_path / "t", vocab_size=400, character_coverage=1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_corpus_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="corpus is empty"):
         Tokenizer.train(["", "   \n"], tmp_path / "t", vocab_size=400)
