@@ -157,6 +157,40 @@ def test_resume_with_an_iterable_of_batches(tmp_path):
     assert torch.equal(train_losses(tmp_path / "full"), train_losses(tmp_path / "cut"))
 
 
+def test_mlm_batches_are_a_function_of_seed_and_position(tmp_path):
+    """minillm's MLM collator draws masks from its own generator; the trainer reseeds it per
+    micro-batch, so the k-th batch is the same from a fresh start, after a resume, and when a
+    DataLoader worker process builds it."""
+    from minillm.data import MLMCollator
+    from minillm.tokenizer import Tokenizer
+
+    tok = Tokenizer.train([f"the quick brown fox {i} jumps over the lazy dog {i * 7}" for i in range(100)],
+                          tmp_path / "tok", vocab_size=320, n_sentinels=0, num_threads=1)
+    texts = [np.array(tok.encode(f"a fox {i} and a dog {i + 1} jump over {i * 3} lazy brown foxes")) for i in range(12)]
+
+    class Texts(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(texts)
+
+        def __getitem__(self, i):
+            return {"input_ids": texts[i]}
+
+    def stream(skip: int, workers: int):
+        config = train_config(tmp_path, f"mlm{skip}{workers}", task="mlm", batch_size=3, num_workers=workers)
+        model = make_model(task="mlm", arch="encoder", vocab_size=tok.vocab_size)
+        trainer = Trainer(model, config, Texts(), collate_fn=MLMCollator(tok, mlm_probability=0.3))
+        trainer.micro_batches = skip  # where a resumed run starts
+        return trainer._train_batches()
+
+    fresh = stream(0, 0)
+    batches = [next(fresh) for _ in range(6)]  # 1.5 epochs
+    resumed = stream(4, 1)
+    for k in (4, 5):
+        got = next(resumed)
+        assert all(torch.equal(got[key], batches[k][key]) for key in batches[k]), k
+    assert not torch.equal(batches[0]["labels"], batches[4]["labels"])
+
+
 # =============================================================================================
 # Accumulation and data parallelism
 # =============================================================================================
