@@ -85,6 +85,8 @@ def providers(device: torch.device) -> dict:
     backends = [("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
                 ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-math", SDPBackend.MATH)]
     for name, backend in backends:
+        if device.type == "cpu" and name in ("sdpa-efficient", "sdpa-cudnn"):
+            continue  # CUDA-only backends: PyTorch's CPU build offers flash (its CPU kernel) and math
         out[name] = (sdpa, (lambda b=backend: sdpa_kernel(b)))
     out["reference"] = (lambda q, k, v, causal: attention_reference(q, k, v, is_causal=causal), nullcontext)
     return out
@@ -270,7 +272,7 @@ def main(argv=None) -> int:
                 rows.append(r)
                 fmt = lambda x, f: format(x, f) if x is not None else "-"
                 print(f"{name:<15} {mode:<8} {s.dtype:<5} {s.batch:>3} {s.heads:>3} {s.seq:>6} {s.head_dim:>4} "
-                      f"{str(s.causal):>6} {fmt(r.ms, '10.3f')} {fmt(r.tflops, '8.3f')} "
+                      f"{str(s.causal):>6} {fmt(r.ms, '10.3f')} {fmt(r.tflops, '8.4f')} "
                       f"{fmt(r.peak_mem_mib, '9.1f')}  {r.status}", flush=True)
     stem = write_results(rows, label, args.out_dir)
     print(f"wrote {stem}.csv, .json, .png")
