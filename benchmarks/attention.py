@@ -195,8 +195,9 @@ def _plot(rows: list[Row], label: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     combos = sorted({(r.dtype, r.head_dim, r.causal) for r in rows})
-    fig, axes = plt.subplots(len(MODES), len(combos), figsize=(4 * len(combos), 3.2 * len(MODES)), squeeze=False)
-    for i, mode in enumerate(MODES):
+    modes = [m for m in MODES if any(r.mode == m for r in rows)]
+    fig, axes = plt.subplots(len(modes), len(combos), figsize=(4 * len(combos), 3.2 * len(modes)), squeeze=False)
+    for i, mode in enumerate(modes):
         for j, (dtype, d, causal) in enumerate(combos):
             ax = axes[i][j]
             for provider in dict.fromkeys(r.provider for r in rows):
