@@ -67,9 +67,9 @@ class DataConfig:
     """Seq2seq span corruption: mean length of a corrupted span (T5: 3)."""
     train_file: str | None = None
     """Classification / seq2seq pairs: training file (CSV/TSV/JSONL, or a GLUE TSV);
-    ``"stdlib"`` is the built-in stdlib-package task (classification only)."""
+    ``"default"`` is the built-in stdlib-package task (classification only)."""
     stdlib_classes: int = 8
-    """Classification on ``train_file="stdlib"``: number of named packages (plus "other")."""
+    """Classification on ``train_file="default"``: number of named packages (plus "other")."""
     validation_file: str | None = None
     """Classification / seq2seq pairs: validation file."""
     label_field: str = "label"

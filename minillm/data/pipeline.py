@@ -16,7 +16,7 @@ seq2seq         Seq2SeqPairDataset when train_file is    Seq2SeqCollator
                 set, else SpanCorruptionDataset
 classification  ClassificationDataset from train_file /  ClassificationCollator
                 validation_file (GLUE layout with
-                glue_task; "stdlib": the stdlib task)
+                glue_task; "default": the stdlib task)
 ==============  =======================================  ==================================
 
 Pretraining objectives prepare the corpus first (``prepare_from_config``: cached, skipped
@@ -73,7 +73,7 @@ def _require_tokenizer(config: DataConfig) -> Tokenizer:
 
 def _classification(config: DataConfig) -> DataBundle:
     tok = _require_tokenizer(config)
-    if config.train_file == "stdlib":
+    if config.train_file == "default":  # the embedded stdlib-package task
         from minillm.data.default_corpus import stdlib_classification_task
 
         task = stdlib_classification_task(config.stdlib_classes)
