@@ -229,9 +229,13 @@ class Corpus:
         for path in self.files:
             yield from self.read_file(path)
 
+    def format_of(self, path: Path) -> str:
+        """The format ``path`` is read with."""
+        return detect_format(path) if self.format == "auto" else self.format
+
     def read_file(self, path: Path) -> Iterator[Document]:
         """Documents of one input file, with this corpus's format, field and errors."""
-        fmt = detect_format(path) if self.format == "auto" else self.format
+        fmt = self.format_of(path)
         if fmt == "jsonl":
             return read_jsonl(path, self.field, self.errors)
         if fmt in ("csv", "tsv"):

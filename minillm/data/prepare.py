@@ -284,8 +284,8 @@ def _tokenise_and_publish(
     doc_ids: list[str] = []
     lengths: list[np.ndarray] = []
     eos = tok.eos_id if append_eos else None
-    total_bytes = None
-    if corpus.files:
+    total_bytes = None  # the bar counts text bytes; file sizes match them only for plain text
+    if corpus.files and all(corpus.format_of(p) == "text" for p in corpus.files):
         total_bytes = sum(p.stat().st_size for p in corpus.files)
     elif corpus.documents is not None:
         total_bytes = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in corpus.documents)
