@@ -106,7 +106,8 @@ class TrainConfig:
     layer_lr_decay: float = 1.0
     """Layer-wise LR decay: block i of L gets lr * decay^(L + 1 - (i + 1)); 1.0 disables it."""
     init_from: str | None = None
-    """Initial weights: a minillm checkpoint (or run directory) or a Hugging Face directory."""
+    """Initial weights: a minillm checkpoint (or run directory) or a Hugging Face directory.
+    Ignored when resuming: the run's own checkpoint already holds the fine-tuned weights."""
     resume: bool = False
     """Continue the run in out_dir from its latest checkpoint, exactly where it stopped."""
     num_workers: int = 0
@@ -162,8 +163,6 @@ class TrainConfig:
             fail("layer_lr_decay", "a number in (0, 1]")
         if self.finetune_mode == "freeze" and self.freeze_layers == 0:
             fail("freeze_layers", "an integer >= 1 when finetune_mode='freeze'")
-        if self.resume and self.init_from is not None:
-            fail("init_from", "None when resume=True (a resumed run continues from its own checkpoint)")
 
     @property
     def min_lr(self) -> float:

@@ -252,17 +252,17 @@ class Trainer:
             raise ValueError(f"hooks: unknown hook name(s) {unknown}; available hooks are {HOOKS}")
         self.config, self.hooks, self.tokenizer = config, dict(hooks or {}), tokenizer
         self.out_dir = Path(config.out_dir)
-        self.rank, self.world, local_rank, self.owns_process_group = _setup_distributed(config.device)
+        self.rank, self.world, local_rank = _setup_distributed(config.device)
         self.is_main = self.rank == 0
         self.device = _pick_device(config.device, local_rank)
         self.dtype = _pick_dtype(config.precision, self.device)
         ckpt.check_vocab(model.config, tokenizer, "Trainer")
-        self.configs = {"task": config.task, "model": model.config, "train": config, **(configs_to_save or {})}
+        self.configs = {**(configs_to_save or {}), "task": config.task, "model": model.config, "train": config}
 
         resume_from = self._check_out_dir()
         if not resume_from:
             seed_everything(config.seed + self.rank)
-        if config.init_from is not None:
+        if config.init_from is not None and not resume_from:
             ckpt.init_from(model, config.init_from, tokenizer)
         self.trainable = apply_finetune_mode(model, config)
         self.raw_model = model.to(self.device)
@@ -285,7 +285,7 @@ class Trainer:
             self.model = DistributedDataParallel(self.model, device_ids=ids)
         self.train_data, self.eval_data, self.collate_fn = train_data, eval_data, collate_fn
         self.log = MetricsLog(self.out_dir, enabled=self.is_main, resume_step=self.step if resume_from else None)
-        self.peak = peak_flops(self.device)
+        self.peak, self._flops_per_token = peak_flops(self.device), {}
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -308,7 +308,7 @@ class Trainer:
         state = ckpt.load_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.step, self.micro_batches, self.tokens_seen = state["step"], state["micro_batches"], state["tokens_seen"]
+        self.step, self.micro_batches, self.tokens_seen = state["step"], state["data"]["micro_batches"], state["tokens_seen"]
         self.best_value, self.best_step = state["best_value"], state["best_step"]
         self.evals_since_best = state["evals_since_best"]
         self.last_saved_step = self.step
@@ -332,7 +332,7 @@ class Trainer:
         else:
             rngs = [rng]
         return {
-            "step": self.step, "micro_batches": self.micro_batches, "tokens_seen": self.tokens_seen,
+            "step": self.step, "tokens_seen": self.tokens_seen,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
             "best_value": self.best_value, "best_step": self.best_step, "evals_since_best": self.evals_since_best,
             "data": {"micro_batches": self.micro_batches, "world": self.world, "batch_size": self.config.batch_size},
@@ -380,8 +380,9 @@ class Trainer:
         c = self.config
         batches = self._train_batches()
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not (self.is_main and c.progress),
-                   dynamic_ncols=True, desc=f"{c.task}")
+                   dynamic_ncols=True, desc=c.task)
         start, start_tokens, stop_reason = time.perf_counter(), self.tokens_seen, "max_steps"
+        self.should_stop = False
         self.model.train()
         try:
             while self.step < c.max_steps:
@@ -396,36 +397,24 @@ class Trainer:
                 grad_norm = self._optimizer_step(loss)
                 self.step += 1
                 self.tokens_seen += sum(batch_tokens(b) for b in micro) * self.world
-
                 elapsed = time.perf_counter() - start
-                tokens_per_s = (self.tokens_seen - start_tokens) / max(elapsed, 1e-9)
-                row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
-                seq_len = micro[0]["input_ids"].shape[1]
-                if self.peak is not None:
-                    row["mfu"] = self.raw_model.flops_per_token(seq_len) * tokens_per_s / self.world / self.peak
+                row = self._step_row(loss, lr, grad_norm, (self.tokens_seen - start_tokens) / elapsed, micro[0])
                 if self.step % c.log_every == 0 or self.step == c.max_steps:
                     self.log.log(self.step, "train", row)
                 bar.update(1)
                 bar.set_postfix(_postfix(row), refresh=False)
                 self._hook("on_step_end", row)
-
                 # evaluate
-                improved = False
                 last = self.step == c.max_steps
+                improved = False
                 if self.eval_data is not None and ((c.eval_every and self.step % c.eval_every == 0) or last):
                     improved = self._evaluate_and_track()
-                if c.early_stopping_patience and self.evals_since_best >= c.early_stopping_patience:
-                    self.should_stop, stop_reason = True, "early_stopping"
-                if c.max_minutes is not None and self._any_rank(elapsed > 60 * c.max_minutes):
-                    self.should_stop, stop_reason = True, "max_minutes"
-                if self.should_stop and stop_reason == "max_steps":
-                    stop_reason = "hook"
-                self.should_stop = self._any_rank(self.should_stop)
-
+                reason = self._stop_reason(elapsed)
                 # checkpoint
-                if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or improved or last or self.should_stop:
+                if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or improved or last or reason:
                     self.save(best=improved)
-                if self.should_stop:
+                if reason:
+                    stop_reason = reason
                     break
         finally:
             bar.close()
@@ -445,6 +434,30 @@ class Trainer:
             "best_metric": c.early_stopping_metric, "best_value": self.best_value, "best_step": self.best_step,
             "final": self.last_eval, "trainable_parameters": self.trainable["trainable"],
         }
+
+    def _step_row(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float, batch: dict) -> dict:
+        """What the log and the progress bar show for a step (MFU only on a GPU with a known peak)."""
+        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+        if self.peak is not None:
+            seq_len = batch["input_ids"].shape[1]
+            if seq_len not in self._flops_per_token:
+                self._flops_per_token[seq_len] = self.raw_model.flops_per_token(seq_len)
+            row["mfu"] = self._flops_per_token[seq_len] * tokens_per_s / self.world / self.peak
+        return row
+
+    def _stop_reason(self, elapsed: float) -> str | None:
+        """Why training stops after this step, or None. Every rank stops when one of them does."""
+        c = self.config
+        reason = None
+        if self.should_stop:
+            reason = "hook"
+        if c.early_stopping_patience and self.evals_since_best >= c.early_stopping_patience:
+            reason = "early_stopping"
+        if c.max_minutes is not None and elapsed > 60 * c.max_minutes:
+            reason = "max_minutes"
+        if self._any_rank(reason is not None):
+            return reason or "another rank stopped"
+        return None
 
     def _accumulate(self, micro: list[dict]) -> float:
         """Forward and backward over the micro-batches; returns this rank's share of the step's mean loss."""
@@ -613,20 +626,18 @@ def _postfix(row: dict) -> dict:
     return out
 
 
-def _setup_distributed(device: str) -> tuple[int, int, int, bool]:
-    """(rank, world size, local rank, whether we created the process group) from torchrun's env."""
+def _setup_distributed(device: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; joins the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, 0, False
+        return 0, 1, 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    created = False
     if not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-        created = True
-    return dist.get_rank(), dist.get_world_size(), local_rank, created
+    return dist.get_rank(), dist.get_world_size(), local_rank
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:

@@ -118,7 +118,7 @@ def test_state_loads_with_weights_only_and_holds_everything_to_resume(tmp_path):
     Trainer(model, config, data).fit()
     checkpoint = ckpt.latest_checkpoint(tmp_path / "run")
     state = torch.load(checkpoint / ckpt.STATE, weights_only=True)
-    assert state["step"] == 2 and state["micro_batches"] == 2
+    assert state["step"] == 2 and state["data"]["micro_batches"] == 2
     assert {"optimizer", "scaler", "rng", "data", "best_value"} <= set(state)
     assert state["optimizer"]["state"] and isinstance(state["rng"][0]["torch"], torch.Tensor)
     configs = json.loads((checkpoint / ckpt.CONFIG).read_text())
