@@ -44,20 +44,20 @@ MODEL_KINDS = {
 DATA_DEFAULTS = {"inputs": ["default"], "vocab_size": 4096, "seq_len": 128, "val_fraction": 0.05,
                  "prepared_dir": "runs/data/default"}
 
-# The main job's budget, measured on 2 CPU cores (README): ~5 minutes of training for tiny GPT.
-# max_minutes is a safety cap for slower machines; the schedule's horizon is max_steps.
+# The main job's budget: ~5 minutes on 2 CPU cores, preparation included. max_minutes caps the
+# training loop on slower machines; the learning-rate schedule's horizon is max_steps.
 PRETRAIN_DEFAULTS = {
-    "gpt": {"batch_size": 16, "max_steps": 600, "max_minutes": 5.0, "lr": 2e-3, "warmup_steps": 30,
+    "gpt": {"batch_size": 16, "max_steps": 600, "max_minutes": 4.5, "lr": 2e-3, "warmup_steps": 30,
             "eval_every": 100, "eval_batches": 0, "checkpoint_every": 0, "log_every": 10, "weight_decay": 0.1},
-    "bert": {"batch_size": 16, "max_steps": 600, "max_minutes": 5.0, "lr": 1e-3, "warmup_steps": 30,
+    "bert": {"batch_size": 16, "max_steps": 600, "max_minutes": 4.5, "lr": 1e-3, "warmup_steps": 30,
              "eval_every": 100, "eval_batches": 20, "checkpoint_every": 0, "log_every": 10, "weight_decay": 0.01,
              "early_stopping_metric": "val_loss"},
-    "seq2seq": {"batch_size": 16, "max_steps": 600, "max_minutes": 5.0, "lr": 1e-3, "warmup_steps": 30,
+    "seq2seq": {"batch_size": 16, "max_steps": 600, "max_minutes": 4.5, "lr": 1e-3, "warmup_steps": 30,
                 "eval_every": 100, "eval_batches": 20, "checkpoint_every": 0, "log_every": 10},
 }
 
 DEFAULT_BERT_RUN = "runs/pretrain-bert"
-FINETUNE_DEFAULTS = {"batch_size": 32, "max_steps": 400, "max_minutes": 5.0, "lr": 5e-4, "warmup_steps": 40,
+FINETUNE_DEFAULTS = {"batch_size": 32, "max_steps": 300, "max_minutes": 4.5, "lr": 5e-4, "warmup_steps": 30,
                      "eval_every": 50, "eval_batches": 0, "checkpoint_every": 0, "log_every": 10,
                      "weight_decay": 0.01, "early_stopping_metric": "accuracy"}
 
@@ -75,7 +75,9 @@ def defaults_for(command: str, kind: str) -> config_io.Layer:
         init_from = DEFAULT_BERT_RUN if (Path(DEFAULT_BERT_RUN) / "latest").is_file() else None
         train = {**FINETUNE_DEFAULTS, "task": "classification", "out_dir": f"runs/finetune-{kind}",
                  "init_from": init_from}
-        return {"model": model, "data": {**DATA_DEFAULTS, "train_file": "default", "objective": objective},
+        # docstrings average ~55 tokens: 64 keeps most of each and halves the padded batch
+        data = {**DATA_DEFAULTS, "train_file": "default", "objective": objective, "seq_len": 64}
+        return {"model": model, "data": data,
                 "train": train}
     return {"model": model, "data": {**DATA_DEFAULTS, "objective": objective},
             "train": {**PRETRAIN_DEFAULTS[kind], "task": task, "out_dir": f"runs/pretrain-{kind}"}}

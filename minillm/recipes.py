@@ -117,7 +117,7 @@ def unigram_entropy(prepared_dir: str | Path, split: str = "train") -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _check_lengths(model: ModelConfig, data: DataConfig, task: str) -> None:
+def _check_lengths(model: ModelConfig, data: DataConfig) -> None:
     if data.seq_len > model.max_seq_len:
         raise ValueError(
             f"DataConfig.seq_len: got {data.seq_len}, longer than ModelConfig.max_seq_len={model.max_seq_len}; "
@@ -130,9 +130,14 @@ def pretraining_data(task: str, data: DataConfig, tokenizer: Tokenizer, train: T
     train_shards, val_shards = TokenShards(data.prepared_dir, "train"), TokenShards(data.prepared_dir, "val")
     if len(val_shards) == 0:
         raise ValueError("DataConfig.val_fraction: got 0, but pretraining reports a validation loss; use e.g. 0.05")
+    # Samples the run will draw: random windows and NSP pairs are functions of their index, so
+    # at least this many indices means no sample repeats within the run.
+    n_train = train.max_steps * train.batch_size * train.grad_accum_steps
     if task == "causal-lm":
+        windows = train_shards.n_tokens // data.seq_len
+        samples = max(windows, n_train) if data.causal_mode == "random" else None
         return (
-            CausalLMDataset(train_shards, data.seq_len, data.causal_mode, data.seed, document_mask=data.document_mask),
+            CausalLMDataset(train_shards, data.seq_len, data.causal_mode, data.seed, samples, data.document_mask),
             CausalLMDataset(val_shards, data.seq_len, "sequential", data.seed, document_mask=data.document_mask),
             CausalLMCollator(),
         )
@@ -141,11 +146,10 @@ def pretraining_data(task: str, data: DataConfig, tokenizer: Tokenizer, train: T
     if task == "mlm":
         return MLMDataset(train_shards, tokenizer, data.seq_len), MLMDataset(val_shards, tokenizer, data.seq_len), masking
     if task == "mlm-nsp":
-        # One fresh pair per training sample of the run (a pair is a function of its index).
-        n_train = max(train.max_steps * train.batch_size * train.grad_accum_steps, len(train_shards))
         n_val = max(4 * len(val_shards), 256)
         return (
-            NSPDataset(train_shards, tokenizer, data.seq_len, data.nsp_random_probability, data.seed, n_train),
+            NSPDataset(train_shards, tokenizer, data.seq_len, data.nsp_random_probability, data.seed,
+                       max(n_train, len(train_shards))),
             NSPDataset(val_shards, tokenizer, data.seq_len, data.nsp_random_probability, data.seed + 1, n_val),
             masking,
         )
@@ -182,7 +186,7 @@ def pretrain(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
     start = _now()
     tokenizer, prepared = prepare_data(data, progress=train.progress)
     model = _fit_to_tokenizer(model, tokenizer)
-    _check_lengths(model, data, train.task)
+    _check_lengths(model, data)
     baseline = unigram_entropy(data.prepared_dir)
     _say(echo, f"data: {prepared['train_documents']} train / {prepared['val_documents']} validation documents, "
                f"{prepared['train_tokens']:,} / {prepared['val_tokens']:,} tokens, vocabulary {tokenizer.vocab_size} "
@@ -300,10 +304,10 @@ def _fill_masks(model: MaskedLM, tokenizer: Tokenizer, prompt: str, device) -> s
     logits[:, torch.from_numpy(tokenizer.special).to(device)] = float("-inf")  # predict words, not specials
     for position in masked:
         ids[position] = int(logits[position].argmax())
-    return "".join(
-        parts[k] + (f"[{tokenizer.decode([ids[masked[k]]]).strip()}]" if k < len(masked) else "")
-        for k in range(len(parts))
-    )
+    def shown(i: int) -> str:  # the word, or the piece itself for whitespace ("▁", newline)
+        return tokenizer.decode([i]).strip() or repr(tokenizer.id_to_piece(i))
+
+    return "".join(parts[k] + (f"[{shown(ids[masked[k]])}]" if k < len(masked) else "") for k in range(len(parts)))
 
 
 # =============================================================================================
@@ -393,7 +397,7 @@ def finetune(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
     config, tokenizer, start = _finetune_start(model, data, train, train.progress)
     splits = classification_data(data, tokenizer)
     config = dataclasses.replace(config, num_labels=len(splits["labels"]))
-    _check_lengths(config, data, train.task)
+    _check_lengths(config, data)
     majority = majority_baseline(splits["label_ids"]["train"], splits["label_ids"]["test"])
     _say(echo, f"data: {len(splits['train'])} train / {len(splits['validation'])} validation / "
                f"{len(splits['test'])} test examples, {len(splits['labels'])} labels {splits['labels']}",
@@ -461,9 +465,10 @@ def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, batch_si
         prepare_data(data, progress=False)
         steps = TrainConfig(task=task, max_steps=1, warmup_steps=0)
         _, eval_set, collate = pretraining_data(task, data, tokenizer, steps)
-    config = TrainConfig(task=task, out_dir=tempfile.mkdtemp(prefix="minillm-evaluate-"), batch_size=batch_size,
-                         eval_batches=max_batches, device=device, progress=False, warmup_steps=0)
-    metrics = Trainer(model, config, [], eval_set, collate_fn=collate, tokenizer=tokenizer).evaluate()
+    with tempfile.TemporaryDirectory(prefix="minillm-evaluate-") as scratch:  # the Trainer's unused log
+        config = TrainConfig(task=task, out_dir=scratch, batch_size=batch_size, eval_batches=max_batches,
+                             device=device, progress=False, warmup_steps=0)
+        metrics = Trainer(model, config, [], eval_set, collate_fn=collate, tokenizer=tokenizer).evaluate()
     _say(echo, f"{ckpt.resolve_checkpoint(checkpoint)} ({task}): " +
          ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)))
     return {"task": task, **metrics}

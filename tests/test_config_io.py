@@ -121,6 +121,7 @@ def test_example_configs_exist():
     assert {"tiny-gpt-cpu.toml", "tiny-bert.toml", "gpt2-124m-gpu.toml", "finetune-bert.toml"} <= names
 
 
-def test_tiny_gpt_config_is_the_default_main_job():
-    from_file = config_io.load_configs(SECTIONS, [p for p in CONFIGS if p.name == "tiny-gpt-cpu.toml"][0])
-    assert from_file == config_io.build_configs(SECTIONS, defaults_for("pretrain", "gpt"))
+@pytest.mark.parametrize("name, kind", [("tiny-gpt-cpu.toml", "gpt"), ("tiny-bert.toml", "bert")])
+def test_tiny_configs_are_the_default_commands(name, kind):
+    from_file = config_io.load_configs(SECTIONS, [p for p in CONFIGS if p.name == name][0])
+    assert from_file == config_io.build_configs(SECTIONS, defaults_for("pretrain", kind))
