@@ -402,7 +402,7 @@ class Trainer:
                 if self.step % c.log_every == 0 or self.step == c.max_steps:
                     self.log.log(self.step, "train", row)
                 bar.update(1)
-                bar.set_postfix(_postfix(row), refresh=False)
+                bar.set_postfix(_postfix(row, self.last_eval), refresh=False)
                 self._hook("on_step_end", row)
                 # evaluate
                 last = self.step == c.max_steps
@@ -418,6 +418,7 @@ class Trainer:
                     break
         finally:
             bar.close()
+        train_seconds = time.perf_counter() - start
 
         if self.eval_data is not None and (self.last_eval is None or self.last_eval["step"] != self.step):
             self._evaluate_and_track()
@@ -429,7 +430,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return {
             "steps": self.step, "stopped": stop_reason, "tokens": self.tokens_seen,
-            "tokens_per_s": (self.tokens_seen - start_tokens) / max(elapsed, 1e-9), "elapsed_s": elapsed,
+            "tokens_per_s": (self.tokens_seen - start_tokens) / max(train_seconds, 1e-9), "elapsed_s": elapsed,
             "train_loss": next((r["loss"] for r in reversed(self.log.records) if r["kind"] == "train"), None),
             "best_metric": c.early_stopping_metric, "best_value": self.best_value, "best_step": self.best_step,
             "final": self.last_eval, "trainable_parameters": self.trainable["trainable"],
@@ -619,8 +620,10 @@ class Trainer:
         return path
 
 
-def _postfix(row: dict) -> dict:
+def _postfix(row: dict, last_eval: dict | None) -> dict:
     out = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+    if last_eval is not None:
+        out["val_loss"] = f"{last_eval['val_loss']:.4f}"
     if "mfu" in row:
         out["mfu"] = f"{100 * row['mfu']:.1f}%"
     return out
