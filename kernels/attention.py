@@ -53,10 +53,15 @@ autotuned, and dot operands are upcast to fp32 (the interpreter's bf16 ``tl.dot`
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -232,13 +237,6 @@ def attention_reference(
 # an additive mask is added (times log2(e)). A row whose scores are all -inf keeps m = -inf:
 # it is rescaled from a base of 0 (not -inf, which would give NaN), ends with l = 0 and is
 # written as O = 0 with LSE = +inf, so the backward recomputes P = exp2(-inf) = 0 for it.
-
-import functools
-import os
-from dataclasses import dataclass
-
-import triton
-import triton.language as tl
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 _MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
@@ -634,8 +632,8 @@ _CONFIGS: dict[int, dict[str, dict[int, list[BlockConfig]]]] = {
 # fp32 inputs run tl.dot in IEEE fp32 (no tensor cores), so tiles are kept small.
 _FP32_CONFIGS: dict[str, dict[int, list[BlockConfig]]] = {
     "fwd": {16: [_C(32, 32, 4, 2)], 32: [_C(32, 32, 4, 2)], 64: [_C(32, 32, 4, 2)],
-            128: [_C(16, 32, 4, 1)], 256: [_C(16, 16, 4, 1)]},
-    "dkdv": {16: [_C(32, 32, 4, 2)], 32: [_C(32, 32, 4, 2)], 64: [_C(16, 32, 4, 2)],
+            128: [_C(16, 16, 4, 1)], 256: [_C(16, 16, 4, 1)]},
+    "dkdv": {16: [_C(16, 32, 4, 2)], 32: [_C(32, 32, 4, 2)], 64: [_C(16, 32, 4, 2)],
              128: [_C(16, 16, 4, 1)], 256: [_C(16, 16, 4, 1)]},
     "dq": {16: [_C(32, 32, 4, 2)], 32: [_C(32, 32, 4, 2)], 64: [_C(32, 16, 4, 2)],
            128: [_C(16, 16, 4, 1)], 256: [_C(16, 16, 4, 1)]},
@@ -660,22 +658,18 @@ def head_dim_bucket(head_dim: int) -> int:
 def _fit_for_features(c: BlockConfig, kernel: str, block_d: int) -> BlockConfig:
     """Shrink a tile for calls with dropout or a mask. Each score element then costs a Philox
     draw or an (unvectorised) mask load in registers, and the compiler spills above ~16 such
-    elements per thread (8 at D >= 128). The dK/dV kernel first halves the keys it owns (it
-    holds two fp32 (BLOCK_N, D) accumulators); at D = 256 the other kernels halve the queries
-    they own. Then the inner-loop dimension is halved until the tile fits."""
+    elements per thread (8 at D >= 128). The dK/dV kernel, which also holds two fp32
+    (BLOCK_N, D) accumulators, halves the keys it owns and steps through 16 queries at a time;
+    at D = 256 the other kernels halve the queries they own, then halve the key step until
+    the tile fits."""
     bm, bn = c.block_m, c.block_n
     if kernel == "dkdv":
-        bn = max(16, bn // 2)
-    elif block_d >= 256:
+        return BlockConfig(16, max(16, bn // 2), c.num_warps, c.num_stages)
+    if block_d >= 256:
         bm = max(16, bm // 2)
-    limit = 8 if (kernel == "dkdv" or block_d >= 128) else 16
-    while bm * bn > limit * 32 * c.num_warps:
-        if kernel == "dkdv" and bm > 16:
-            bm //= 2
-        elif kernel != "dkdv" and bn > 16:
-            bn //= 2
-        else:
-            break
+    limit = 8 if block_d >= 128 else 16
+    while bm * bn > limit * 32 * c.num_warps and bn > 16:
+        bn //= 2
     return BlockConfig(bm, bn, c.num_warps, c.num_stages)
 
 
