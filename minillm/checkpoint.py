@@ -414,6 +414,8 @@ def init_from(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict
         checkpoint = resolve_checkpoint(path)
         configs = json.loads((checkpoint / CONFIG).read_text())
         saved_config, tensors = configs.get("model", {}), read_weights(checkpoint)
+        if any(".lora_A" in name for name in tensors):  # a LoRA fine-tune: start from its merged weights
+            tensors = dict(load_model(checkpoint)[0].state_dict())
         saved_tokenizer = Tokenizer.load(checkpoint / TOKENIZER) if (checkpoint / TOKENIZER).is_file() else None
     # num_labels belongs to the head, which a new task replaces.
     mismatch = architecture_mismatch(saved_config, model.config, ignore=("num_labels",))

@@ -78,10 +78,15 @@ def test_merged_lora_model_equals_the_unmerged_one(tmp_path):
     assert set(merged.state_dict()) == set(classifier().state_dict())  # plain model layout again
     torch.testing.assert_close(merged(**{k: v for k, v in batch.items() if k != "labels"}).logits, unmerged,
                                rtol=1e-5, atol=1e-6)
-    # A LoRA checkpoint loads back merged, with the same outputs.
+    # A LoRA checkpoint loads back merged, with the same outputs...
     loaded, configs, _ = ckpt.load_model(tmp_path / "lora")
     assert configs["train"]["finetune_mode"] == "lora"
     torch.testing.assert_close(loaded(**{k: v for k, v in batch.items() if k != "labels"}).logits, unmerged,
+                               rtol=1e-5, atol=1e-6)
+    # ...and initialises a further fine-tune with its merged weights.
+    again = classifier(seed=4)
+    ckpt.init_from(again, tmp_path / "lora")
+    torch.testing.assert_close(again.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits, unmerged,
                                rtol=1e-5, atol=1e-6)
 
 
