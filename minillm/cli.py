@@ -56,7 +56,6 @@ PRETRAIN_DEFAULTS = {
                 "eval_every": 100, "eval_batches": 20, "checkpoint_every": 0, "log_every": 10},
 }
 
-DEFAULT_BERT_RUN = "runs/pretrain-bert"
 FINETUNE_DEFAULTS = {"batch_size": 32, "max_steps": 300, "max_minutes": 4.5, "lr": 5e-4, "warmup_steps": 30,
                      "eval_every": 50, "eval_batches": 0, "checkpoint_every": 0, "log_every": 10,
                      "weight_decay": 0.01, "early_stopping_metric": "accuracy"}
@@ -71,16 +70,19 @@ class UsageError(Exception):
 def defaults_for(command: str, kind: str) -> config_io.Layer:
     """The built-in layer under --config and the overrides."""
     model, task, objective = MODEL_KINDS[kind]
-    if command == "finetune":
-        init_from = DEFAULT_BERT_RUN if (Path(DEFAULT_BERT_RUN) / "latest").is_file() else None
+    if command == "finetune":  # from `minillm pretrain --model KIND`'s run when there is one
+        pretrained = pretrain_dir(kind)
         train = {**FINETUNE_DEFAULTS, "task": "classification", "out_dir": f"runs/finetune-{kind}",
-                 "init_from": init_from}
+                 "init_from": pretrained if (Path(pretrained) / "latest").is_file() else None}
         # docstrings average ~55 tokens: 64 keeps most of each and halves the padded batch
         data = {**DATA_DEFAULTS, "train_file": "default", "objective": objective, "seq_len": 64}
-        return {"model": model, "data": data,
-                "train": train}
+        return {"model": model, "data": data, "train": train}
     return {"model": model, "data": {**DATA_DEFAULTS, "objective": objective},
-            "train": {**PRETRAIN_DEFAULTS[kind], "task": task, "out_dir": f"runs/pretrain-{kind}"}}
+            "train": {**PRETRAIN_DEFAULTS[kind], "task": task, "out_dir": pretrain_dir(kind)}}
+
+
+def pretrain_dir(kind: str) -> str:
+    return f"runs/pretrain-{kind}"
 
 
 def resolve(args: argparse.Namespace, overrides: dict[str, str]) -> dict:
@@ -98,8 +100,7 @@ def cmd_pretrain(args, overrides) -> int:
     from minillm import recipes
 
     c = resolve(args, overrides)
-    config_io.save_configs(c, c["train"].out_dir)
-    recipes.pretrain(c["model"], c["data"], c["train"])
+    recipes.pretrain(c["model"], c["data"], c["train"], before_fit=lambda: config_io.save_configs(c, c["train"].out_dir))
     return 0
 
 
@@ -108,10 +109,9 @@ def cmd_finetune(args, overrides) -> int:
 
     c = resolve(args, overrides)
     if c["train"].init_from is None:
-        print(f"note: no pretrained checkpoint (none at {DEFAULT_BERT_RUN}, no --train.init_from): training from "
-              f"scratch; run `minillm pretrain --model bert` first to fine-tune a pretrained model")
-    config_io.save_configs(c, c["train"].out_dir)
-    recipes.finetune(c["model"], c["data"], c["train"])
+        print(f"note: training from scratch (train.init_from is none); by default finetune starts from "
+              f"{pretrain_dir(args.model)}, written by `minillm pretrain --model {args.model}`")
+    recipes.finetune(c["model"], c["data"], c["train"], before_fit=lambda: config_io.save_configs(c, c["train"].out_dir))
     return 0
 
 
@@ -214,10 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
                "Prepare the corpus, train the tokenizer and the model, report the validation loss next to the "
                "corpus's unigram entropy, print samples, save checkpoint, metrics and plot under runs/.")
     configured("finetune", "fine-tune a classifier (default: stdlib-package task from runs/pretrain-bert)",
-               f"Sequence classification. Starts from --train.init_from (default {DEFAULT_BERT_RUN} when it holds "
-               f"a checkpoint, else from scratch; --train.init_from=none forces scratch). Default data: the "
-               f"embedded stdlib-package task (--data.train_file=default); or --data.train_file=train.csv "
-               f"--data.validation_file=dev.csv. Reports test accuracy next to the majority-class baseline.")
+               "Sequence classification. Starts from --train.init_from (default runs/pretrain-MODEL when it holds "
+               "a checkpoint, else from scratch; --train.init_from=none forces scratch). Default data: the "
+               "embedded stdlib-package task (--data.train_file=default); or --data.train_file=train.csv "
+               "--data.validation_file=dev.csv. Reports test accuracy next to the majority-class baseline.")
     configured("prepare", "tokenise a corpus into shards (the data step of pretrain)",
                "Train (or load) the tokenizer and write token shards to data.prepared_dir, with progress.")
 

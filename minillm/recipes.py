@@ -175,8 +175,11 @@ def _fit_to_tokenizer(model: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
 
 
 def pretrain(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=print, hooks=None,
-             num_samples: int = 3) -> dict:
+             num_samples: int = 3, before_fit=None) -> dict:
     """Prepare the data, train ``model`` on ``train.task``, report against the unigram baseline.
+
+    ``hooks`` go to the Trainer; ``before_fit()`` is called once the Trainer has accepted
+    ``train.out_dir`` (the CLI saves the resolved config there).
 
     Returns {"val_loss", "unigram_entropy", "metrics" (final evaluation), "summary" (Trainer.fit),
     "checkpoint", "out_dir", "samples", "seconds", "model_config", "parameters"}.
@@ -197,6 +200,8 @@ def pretrain(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
     _say(echo, f"model: {type(net).__name__} ({model.arch}), {net.num_parameters():,} parameters; task {train.task}")
     trainer = Trainer(net, train, train_set, val_set, collate_fn=collate, configs_to_save={"data": data},
                       tokenizer=tokenizer, hooks=hooks)
+    if before_fit is not None:
+        before_fit()
     summary = trainer.fit()
     metrics = summary["final"] or {}
     result = {
@@ -373,7 +378,10 @@ def _finetune_start(model: ModelConfig, data: DataConfig, train: TrainConfig, pr
         config = config_from_hf(hf, "classification")
         tokenizer = Tokenizer.load(data.tokenizer)
         return config, tokenizer, f"Hugging Face checkpoint {source}"
-    checkpoint = ckpt.resolve_checkpoint(source)
+    try:
+        checkpoint = ckpt.resolve_checkpoint(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"TrainConfig.init_from: {err}") from None
     saved = ckpt.read_configs(checkpoint)["model"]
     runtime = {name: getattr(model, name) for name in ckpt.RUNTIME_FIELDS}  # dropouts, backends: ours
     config = ModelConfig.from_dict({**saved, **runtime})
@@ -382,7 +390,8 @@ def _finetune_start(model: ModelConfig, data: DataConfig, train: TrainConfig, pr
     return config, Tokenizer.load(checkpoint / ckpt.TOKENIZER), f"checkpoint {checkpoint}"
 
 
-def finetune(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=print, hooks=None) -> dict:
+def finetune(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=print, hooks=None,
+             before_fit=None) -> dict:
     """Fine-tune a sequence classifier and report test accuracy next to the majority baseline.
 
     Weights come from ``train.init_from`` (a minillm checkpoint or run directory, whose architecture
@@ -406,6 +415,8 @@ def finetune(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
     collate = ClassificationCollator(tokenizer)
     trainer = Trainer(net, train, splits["train"], splits["validation"], collate_fn=collate,
                       configs_to_save={"data": data, "labels": splits["labels"]}, tokenizer=tokenizer, hooks=hooks)
+    if before_fit is not None:
+        before_fit()
     summary = trainer.fit()
     best = trainer.out_dir / ckpt.BEST
     if best.exists():

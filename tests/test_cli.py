@@ -174,9 +174,12 @@ def test_missing_init_checkpoint_and_occupied_out_dir(work, gpt_run, monkeypatch
     monkeypatch.chdir(work)
     code, _, err = run("finetune", "--train.init_from=runs/nothing-here", "--train.max_steps=1",
                        "--train.warmup_steps=0")
-    one_line_error(code, err, "runs/nothing-here")
-    code, _, err = run("pretrain", *TINY_MODEL, *data_args(work), *TINY_TRAIN, f"--train.out_dir={gpt_run[0]}")
+    one_line_error(code, err, "TrainConfig.init_from", "runs/nothing-here")
+    saved = (gpt_run[0] / "config.toml").read_text()
+    code, _, err = run("pretrain", *TINY_MODEL, *data_args(work), *TINY_TRAIN, "--train.seed=5",
+                       f"--train.out_dir={gpt_run[0]}")
     one_line_error(code, err, "already holds a run", "resume")
+    assert (gpt_run[0] / "config.toml").read_text() == saved  # the earlier run's config is kept
 
 
 def test_help_lists_the_commands():
