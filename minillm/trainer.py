@@ -118,10 +118,10 @@ def forward_sums(model, task: str, batch: dict):
     return out, {"lm": out.loss}
 
 
-def batch_tokens(batch: dict) -> int:
+def batch_tokens(task: str, batch: dict) -> int:
     """Token positions the model processes for a batch (encoder + decoder for seq2seq)."""
     n = batch["input_ids"].numel()
-    if "decoder_input_ids" in batch or (batch["labels"].dim() == 2 and batch["labels"].shape != batch["input_ids"].shape):
+    if task == "seq2seq":
         n += batch["labels"].numel()
     return n
 
@@ -396,7 +396,7 @@ class Trainer:
                 # step
                 grad_norm = self._optimizer_step(loss)
                 self.step += 1
-                self.tokens_seen += sum(batch_tokens(b) for b in micro) * self.world
+                self.tokens_seen += sum(batch_tokens(c.task, b) for b in micro) * self.world
                 elapsed = time.perf_counter() - start
                 row = self._step_row(loss, lr, grad_norm, (self.tokens_seen - start_tokens) / elapsed, micro[0])
                 if self.step % c.log_every == 0 or self.step == c.max_steps:

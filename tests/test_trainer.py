@@ -320,6 +320,43 @@ def test_summed_terms_over_counts_equal_the_mean_loss(task):
     torch.testing.assert_close(ours, model(**batch).loss, rtol=1e-6, atol=1e-6)
 
 
+def task_batches(task: str, n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(7, V, (4, 12), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if task == "classification":
+            batch["labels"] = torch.randint(0, 3, (4,), generator=g)
+        else:
+            labels = torch.randint(7, V, (4, 10 if task == "seq2seq" else 12), generator=g)
+            if task in ("mlm", "mlm-nsp"):
+                labels[torch.rand(labels.shape, generator=g) < 0.7] = -100
+            batch["labels"] = labels
+        if task == "mlm-nsp":
+            batch["next_sentence_label"] = torch.randint(0, 2, (4,), generator=g)
+        out.append(batch)
+    return out
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "mlm", "mlm-nsp", "classification", "seq2seq"])
+def test_every_task_trains_and_reports_its_metrics(tmp_path, task):
+    from minillm.train_config import TASK_METRICS
+
+    arch = {"causal-lm": "decoder", "seq2seq": "encoder-decoder"}.get(task, "encoder")
+    model = make_model(task=task, arch=arch, num_labels=3)
+    metric = "accuracy" if task == "classification" else "val_loss"
+    config = train_config(tmp_path, task, task=task, max_steps=2, early_stopping_metric=metric)
+    summary = Trainer(model, config, task_batches(task, 3, 0), task_batches(task, 2, 1)).fit()
+    final = summary["final"]
+    assert set(final) - {"step"} == set(TASK_METRICS[task]) - ({"f1"} if task == "classification" else set())
+    assert all(math.isfinite(v) for v in final.values())
+    assert summary["tokens"] == 2 * 4 * (12 + (10 if task == "seq2seq" else 0))
+    if task == "mlm-nsp":
+        assert final["val_loss"] == pytest.approx(final["mlm_loss"] + final["nsp_loss"])
+        assert final["val_ppl"] == pytest.approx(math.exp(final["mlm_loss"]))
+
+
 # =============================================================================================
 # NaN, early stopping, hooks, outputs
 # =============================================================================================
