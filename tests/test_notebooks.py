@@ -24,6 +24,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = [
     "01_attention_from_scratch.ipynb",
+    "04_attention_kernels_vs_sdpa.ipynb",
 ]
 CELL_TIMEOUT_S = 900  # generous: CI machines are slow and shared; a whole notebook takes well under a minute there
 
@@ -45,6 +46,9 @@ def execute(nb, run_dir: Path, monkeypatch) -> None:
     """Run every cell in a fresh python3 kernel, cwd = notebooks/, with the CI size."""
     monkeypatch.setenv("MINILLM_NOTEBOOK_SIZE", "ci")
     monkeypatch.setenv("MINILLM_NOTEBOOK_RUN_DIR", str(run_dir))
+    # One intra-op thread: on a busy or shared CPU, torch's default (one thread per core) can make
+    # the small training runs several times slower through contention, not faster.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     client = nbclient.NotebookClient(
         nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
     )
@@ -78,6 +82,8 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     execute(nb, tmp_path, monkeypatch)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert errors == []
+    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert figures, f"{path.name} drew no figure inline"
     assert _repo_files() == before, f"{path.name} wrote into the repository tree"
 
 
