@@ -75,10 +75,6 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0) ->
     return wrapped
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
-
-
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight and remove the wrappers (in place).
 

@@ -406,6 +406,15 @@ def test_early_stopping_best_checkpoint_and_outputs(tmp_path):
     assert (out / "metrics.png").stat().st_size > 1000
 
 
+def test_wall_clock_budget_and_bf16_autocast(tmp_path):
+    config = train_config(tmp_path, "budget", max_steps=50, max_minutes=1e-9, precision="bf16")
+    trainer = Trainer(make_model(), config, task_batches("causal-lm", 2, 0), task_batches("causal-lm", 1, 1))
+    summary = trainer.fit()
+    assert summary["stopped"] == "max_minutes" and summary["steps"] == 1
+    assert trainer.dtype == torch.bfloat16 and math.isfinite(summary["train_loss"])
+    assert ckpt.latest_checkpoint(config.out_dir).name == "step_000001"
+
+
 # =============================================================================================
 # Bad input
 # =============================================================================================
@@ -441,6 +450,9 @@ def test_bad_runs_are_refused_clearly(tmp_path):
         Trainer(make_model(), train_config(tmp_path, "h"), data, hooks={"on_batch": print})
     with pytest.raises(ValueError, match="cannot fill one global micro-batch"):
         Trainer(make_model(), train_config(tmp_path, "s", batch_size=16), data, collate_fn=PadCollator()).fit()
+
+    with pytest.raises(ValueError, match="TrainConfig.precision: 'fp16' needs a CUDA device"):
+        Trainer(make_model(), train_config(tmp_path, "p", precision="fp16", device="cpu"), data)
 
     class Tok:  # only the vocabulary size matters for this check
         vocab_size = V + 1
