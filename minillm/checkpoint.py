@@ -201,6 +201,21 @@ def mark_best(out_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> None
     _point_symlink(Path(out_dir), BEST, Path(checkpoint).name)
 
 
+def clear_run(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete what a run wrote into out_dir (checkpoints, pointers, metrics, plot); nothing else."""
+    out = Path(out_dir)
+    patterns = ("step_*", ".tmp-step_*", LATEST, BEST, ".latest.tmp", ".best.tmp", "metrics.*", "tensorboard")
+    removed = []
+    for pattern in patterns:
+        for path in out.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
 def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
     """Delete step checkpoints beyond the newest `keep`, never the latest or the best one."""
     out = Path(out_dir)

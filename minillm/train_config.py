@@ -110,6 +110,9 @@ class TrainConfig:
     Ignored when resuming: the run's own checkpoint already holds the fine-tuned weights."""
     resume: bool = False
     """Continue the run in out_dir from its latest checkpoint, exactly where it stopped."""
+    overwrite: bool = False
+    """Start afresh in an out_dir that already holds a run, deleting its checkpoints and logs
+    (otherwise that is an error: a finished run is never replaced by accident)."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the training process)."""
     progress: bool = True
@@ -161,6 +164,8 @@ class TrainConfig:
             fail("lora_dropout", "a number in [0, 1)")
         if not 0.0 < self.layer_lr_decay <= 1.0:
             fail("layer_lr_decay", "a number in (0, 1]")
+        if self.resume and self.overwrite:
+            fail("overwrite", "False when resume=True (resume continues the run that overwrite would delete)")
         if self.finetune_mode == "freeze" and self.freeze_layers == 0:
             fail("freeze_layers", "an integer >= 1 when finetune_mode='freeze'")
 

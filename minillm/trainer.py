@@ -297,11 +297,15 @@ class Trainer:
                     f"TrainConfig.resume: no checkpoint to resume in {self.out_dir} (no '{ckpt.LATEST}' file there)"
                 )
             return latest
-        if latest is not None:
+        if latest is not None and not self.config.overwrite:
             raise FileExistsError(
                 f"TrainConfig.out_dir: {self.out_dir} already holds a run (latest checkpoint {latest.name}); "
-                f"set resume=true to continue it or choose another out_dir"
+                f"set resume=true to continue it, overwrite=true to replace it, or choose another out_dir"
             )
+        if latest is not None and self.is_main:
+            ckpt.clear_run(self.out_dir)
+        if self.world > 1:
+            dist.barrier()  # no rank looks at out_dir before rank 0 has cleared it
         return None
 
     def _load_state(self, checkpoint: Path) -> None:

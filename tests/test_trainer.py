@@ -446,6 +446,11 @@ def test_bad_runs_are_refused_clearly(tmp_path):
     Trainer(make_model(), train_config(tmp_path, "r", max_steps=1), data, collate_fn=PadCollator()).fit()
     with pytest.raises(FileExistsError, match="already holds a run"):
         Trainer(make_model(), train_config(tmp_path, "r", max_steps=1), data, collate_fn=PadCollator())
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    Trainer(make_model(), train_config(tmp_path, "r", max_steps=2, overwrite=True), data, collate_fn=PadCollator())
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["metrics.csv", "metrics.jsonl", "notes.txt"]
+    with pytest.raises(ValueError, match="TrainConfig.overwrite"):
+        train_config(tmp_path, "r", resume=True, overwrite=True)
     with pytest.raises(ValueError, match="unknown hook"):
         Trainer(make_model(), train_config(tmp_path, "h"), data, hooks={"on_batch": print})
     with pytest.raises(ValueError, match="cannot fill one global micro-batch"):
