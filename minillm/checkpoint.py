@@ -338,7 +338,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     for name, param in model.state_dict().items():
         if tuple(tensors[name].shape) != tuple(param.shape):
             raise ValueError(
-                f"load_weights: {checkpoint}: {name} has shape {tuple(tensors[name].shape)}, the model expects {tuple(param.shape)}"
+                f"load_weights: {checkpoint}: {name} has shape {tuple(tensors[name].shape)}, "
+                f"the model expects {tuple(param.shape)}"
             )
     model.load_state_dict(tensors, strict=True)
     return checkpoint

@@ -177,7 +177,8 @@ def test_missing_checkpoint_names_the_path(tmp_path):
 def test_architecture_mismatch_names_the_fields(tmp_path):
     path = save(tmp_path, 1, model_for())
     other = build_model(tiny(d_model=64, n_layers=3), "causal-lm")
-    with pytest.raises(ValueError, match=r"different architecture: d_model: checkpoint 32, model 64; n_layers: checkpoint 2, model 3"):
+    expected = r"different architecture: d_model: checkpoint 32, model 64; n_layers: checkpoint 2, model 3"
+    with pytest.raises(ValueError, match=expected):
         ckpt.load_weights(other, path)
     with pytest.raises(ValueError, match="different architecture: d_model"):
         ckpt.init_from(other, path)
@@ -211,7 +212,8 @@ def test_vocab_mismatch_is_clear(tmp_path, tokenizer):
 
     tensors = load_file(path / ckpt.WEIGHTS)
     tensors["decoder.blocks.0.mlp.fc_in.bias"] = tensors["decoder.blocks.0.mlp.fc_in.bias"][:10]
-    save_file(tensors, path / ckpt.WEIGHTS, metadata={"format": "pt", "ties": json.dumps({"lm_head.weight": "decoder.embeddings.token.weight"})})
+    ties = json.dumps({"lm_head.weight": "decoder.embeddings.token.weight"})
+    save_file(tensors, path / ckpt.WEIGHTS, metadata={"format": "pt", "ties": ties})
     with pytest.raises(ValueError, match=r"decoder.blocks.0.mlp.fc_in.bias has shape \(10,\), the model expects \(128,\)"):
         ckpt.load_model(path)
 
@@ -224,7 +226,8 @@ def test_vocab_mismatch_is_clear(tmp_path, tokenizer):
 def test_init_from_an_mlm_checkpoint_into_a_classifier(tmp_path):
     pretrained = model_for("mlm-nsp", type_vocab_size=2)
     config = TrainConfig(out_dir=str(tmp_path / "pre"), task="mlm-nsp", early_stopping_metric="val_loss")
-    path = ckpt.save_checkpoint(tmp_path / "pre", 1, pretrained, {}, {"task": "mlm-nsp", "model": pretrained.config, "train": config})
+    configs = {"task": "mlm-nsp", "model": pretrained.config, "train": config}
+    path = ckpt.save_checkpoint(tmp_path / "pre", 1, pretrained, {}, configs)
     classifier = model_for("classification", seed=1, type_vocab_size=2, num_labels=3)
     head_before = classifier.classifier.weight.clone()
     report = ckpt.init_from(classifier, path)

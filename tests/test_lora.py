@@ -58,7 +58,8 @@ def test_lora_trains_only_its_parameters_and_the_head(tmp_path):
     model = trainer.raw_model
     wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     # 4 attention projections + 3 SwiGLU projections in each of 3 blocks
-    assert len(wrapped) == 3 * 7 and all(n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_gate", "fc_out") for n in wrapped)
+    targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_gate", "fc_out")
+    assert len(wrapped) == 3 * 7 and all(n.split(".")[-1] in targets for n in wrapped)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in dict(model.named_parameters()) if "lora_" in n or n.startswith("classifier.")}
     moved = {n for n, c in changed.items() if c}
