@@ -406,6 +406,19 @@ def test_early_stopping_best_checkpoint_and_outputs(tmp_path):
     assert (out / "metrics.png").stat().st_size > 1000
 
 
+def test_regression_head_trains_on_mse(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(7, V, (4, 8), generator=g), "labels": torch.rand(4, generator=g)}
+               for _ in range(3)]
+    model = make_model(task="classification", arch="encoder", num_labels=1)
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(model.eval()(batches[2]["input_ids"]).logits.squeeze(-1), batches[2]["labels"])
+    config = train_config(tmp_path, "reg", task="classification", max_steps=1, lr=1e-30, warmup_steps=0)
+    summary = Trainer(model, config, batches, batches[2:]).fit()
+    assert set(summary["final"]) == {"step", "val_loss"}
+    assert summary["final"]["val_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_wall_clock_budget_and_bf16_autocast(tmp_path):
     config = train_config(tmp_path, "budget", max_steps=50, max_minutes=1e-9, precision="bf16")
     trainer = Trainer(make_model(), config, task_batches("causal-lm", 2, 0), task_batches("causal-lm", 1, 1))
