@@ -80,15 +80,18 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter, 2019) over `parameter_groups`; fused on CUDA."""
+    """AdamW (Loshchilov & Hutter, 2019) over `parameter_groups`.
+
+    Fused kernels on CUDA; on CPU the multi-tensor (foreach) path, which PyTorch only picks by
+    itself on GPUs: one call per group instead of a Python loop over every parameter (measured
+    4 ms a step faster for the tiny preset, see benchmarks/train.py).
+    """
     groups = parameter_groups(model, config)
     if not groups:
         raise ValueError("build_optimizer: the model has no trainable parameters (check finetune_mode)")
     on_cuda = next(iter(groups[0]["params"])).is_cuda
-    return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-        fused=True if on_cuda else None,
-    )
+    speed = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, **speed)
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> float:

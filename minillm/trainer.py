@@ -493,7 +493,8 @@ class Trainer:
             self._diverged(f"the training loss is {loss}")
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf")).item()
+        max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True).item()
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips the step
             self._diverged(f"the gradient norm is {grad_norm}")
         self.scaler.step(self.optimizer)
