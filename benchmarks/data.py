@@ -10,13 +10,9 @@ into a fresh directory each repeat so nothing is skipped. Throughput:
     MB/s     = UTF-8 bytes of all documents / 1e6 / seconds
     tokens/s = tokens written (train + val, one EOS per document included) / seconds
 
-The machine may be shared (load average printed). So that a busy machine does not hide the
-figure, each run also reports the CPU seconds it used (parent + pool workers, from
-``getrusage``) and an idle-machine estimate:
-
-    idle MB/s = MB / max(total CPU s / cores, parent CPU s, worker CPU s / workers)
-
-i.e. the wall time the same work needs when nothing else competes for the cores.
+The machine may be shared, so the load average is printed, and each run also reports the CPU
+seconds it used (parent + pool workers, from ``getrusage``): a wall time far above CPU s / cores
+means other processes were competing for the cores, and the figure should be measured again.
 
 For reference it also times sentencepiece alone on whole documents in one thread (what prepare
 would do without its per-word cache). Building the corpus and training the tokenizer are timed
@@ -85,8 +81,7 @@ def main() -> None:
         print(f"sentencepiece alone, whole documents, 1 thread: {text_bytes / 1e6 / seconds:6.2f} MB/s  "
               f"{n_tokens / seconds / 1e6:5.2f} M tokens/s")
 
-        cores = os.cpu_count() or 1
-        print(f"{'workers':>7} {'seconds':>8} {'MB/s':>7} {'M tokens/s':>10} {'CPU s':>7} {'idle MB/s (est.)':>17}")
+        print(f"{'workers':>7} {'seconds':>8} {'MB/s':>7} {'M tokens/s':>10} {'CPU s':>7}")
         for workers in [int(w) for w in args.workers.split(",")]:
             best = None
             for repeat in range(args.repeats):
@@ -100,18 +95,16 @@ def main() -> None:
                 parent = (self_after.ru_utime + self_after.ru_stime) - (self_before.ru_utime + self_before.ru_stime)
                 child = (children_after.ru_utime + children_after.ru_stime) - (
                     children_before.ru_utime + children_before.ru_stime)
-                idle_seconds = max((parent + child) / cores, parent, child / workers)
                 run = {"workers": workers, "seconds": result.seconds, "cpu_seconds": parent + child,
-                       "idle_seconds_estimate": idle_seconds, "manifest": result.manifest}
+                       "manifest": result.manifest}
                 if best is None or run["seconds"] < best["seconds"]:
                     best = run
             tokens = sum(s["tokens"] for s in best.pop("manifest")["splits"].values())
             mbps = text_bytes / 1e6 / best["seconds"]
-            idle_mbps = text_bytes / 1e6 / best["idle_seconds_estimate"]
             print(f"{workers:>7} {best['seconds']:8.3f} {mbps:7.2f} {tokens / best['seconds'] / 1e6:10.2f} "
-                  f"{best['cpu_seconds']:7.2f} {idle_mbps:17.2f}")
+                  f"{best['cpu_seconds']:7.2f}")
             results["runs"].append({**best, "mb_per_s": mbps, "tokens_per_s": tokens / best["seconds"],
-                                    "idle_mb_per_s_estimate": idle_mbps, "tokens": tokens})
+                                    "tokens": tokens})
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
