@@ -56,7 +56,7 @@ PRETRAIN_DEFAULTS = {
                 "eval_every": 100, "eval_batches": 20, "checkpoint_every": 0, "log_every": 10},
 }
 
-FINETUNE_DEFAULTS = {"batch_size": 32, "max_steps": 300, "max_minutes": 4.5, "lr": 5e-4, "warmup_steps": 30,
+FINETUNE_DEFAULTS = {"batch_size": 32, "max_steps": 300, "max_minutes": 4.5, "lr": 1e-3, "warmup_steps": 30,
                      "eval_every": 50, "eval_batches": 0, "checkpoint_every": 0, "log_every": 10,
                      "weight_decay": 0.01, "early_stopping_metric": "accuracy"}
 
@@ -75,7 +75,7 @@ def defaults_for(command: str, kind: str) -> config_io.Layer:
         train = {**FINETUNE_DEFAULTS, "task": "classification", "out_dir": f"runs/finetune-{kind}",
                  "init_from": pretrained if (Path(pretrained) / "latest").is_file() else None}
         # docstrings average ~55 tokens: 64 keeps most of each and halves the padded batch
-        data = {**DATA_DEFAULTS, "train_file": "default", "objective": objective, "seq_len": 64}
+        data = {**DATA_DEFAULTS, "train_file": "default", "objective": "classification", "seq_len": 64}
         return {"model": model, "data": data, "train": train}
     return {"model": model, "data": {**DATA_DEFAULTS, "objective": objective},
             "train": {**PRETRAIN_DEFAULTS[kind], "task": task, "out_dir": pretrain_dir(kind)}}

@@ -121,7 +121,11 @@ def test_example_configs_exist():
     assert {"tiny-gpt-cpu.toml", "tiny-bert.toml", "gpt2-124m-gpu.toml", "finetune-bert.toml"} <= names
 
 
-@pytest.mark.parametrize("name, kind", [("tiny-gpt-cpu.toml", "gpt"), ("tiny-bert.toml", "bert")])
-def test_tiny_configs_are_the_default_commands(name, kind):
+@pytest.mark.parametrize("name, command, kind", [
+    ("tiny-gpt-cpu.toml", "pretrain", "gpt"), ("tiny-bert.toml", "pretrain", "bert"), ("finetune-bert.toml", "finetune", "bert"),
+])
+def test_tiny_configs_are_the_default_commands(name, command, kind):
     from_file = config_io.load_configs(SECTIONS, [p for p in CONFIGS if p.name == name][0])
-    assert from_file == config_io.build_configs(SECTIONS, defaults_for("pretrain", kind))
+    defaults = defaults_for(command, kind)
+    defaults["train"]["init_from"] = from_file["train"].init_from  # finetune: runs/pretrain-bert when it exists
+    assert from_file == config_io.build_configs(SECTIONS, defaults)
