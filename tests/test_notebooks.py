@@ -24,6 +24,8 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = [
     "01_attention_from_scratch.ipynb",
+    "02_pretrain_tiny_gpt_and_bert.ipynb",
+    "03_finetune.ipynb",
     "04_attention_kernels_vs_sdpa.ipynb",
 ]
 CELL_TIMEOUT_S = 900  # generous: CI machines are slow and shared; a whole notebook takes well under a minute there
