@@ -26,8 +26,14 @@ gradient of one 4x batch, however the targets are spread among them. MLM + NSP k
 DDP averages gradients over ranks, so each rank scales its loss by the world size.
 
 Hooks. ``hooks={"on_step_end": fn, "on_eval_end": fn, "on_checkpoint": fn}``; each is called as
-``fn(trainer, info)`` (info: the step's metrics dict, or the checkpoint path) and may set
-``trainer.should_stop = True``.
+``fn(trainer, info)`` (info: the step's metrics dict, or the checkpoint path; on_checkpoint runs
+on rank 0 only) and may set ``trainer.should_stop = True``.
+
+Run directory. ``out_dir`` gets checkpoints, ``metrics.jsonl``/``.csv`` and ``metrics.png`` (see
+:mod:`minillm.checkpoint`). An out_dir that already holds a run is an error unless
+``resume=True`` (continue exactly where it stopped) or ``overwrite=True`` (start afresh). A
+non-finite loss or gradient stops training with a FloatingPointError naming the last good
+checkpoint; no checkpoint is ever written from non-finite weights.
 
 DDP. Launched by torchrun (``WORLD_SIZE`` > 1 in the environment) the trainer initialises the
 process group (NCCL on GPU, gloo on CPU), wraps the model in DistributedDataParallel and shards
