@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def pretrain(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
     """
     if train.task == "classification":
         raise ValueError("TrainConfig.task: 'classification' is fine-tuning; use finetune() / `minillm finetune`")
-    start = _now()
+    start = time.perf_counter()
     tokenizer, prepared = prepare_data(data, progress=train.progress)
     model = _fit_to_tokenizer(model, tokenizer)
     _check_lengths(model, data)
@@ -211,16 +212,10 @@ def pretrain(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
     }
     _say(echo, _pretrain_report(train.task, result))
     result["samples"] = _show_samples(trainer.raw_model, tokenizer, num_samples, train.seed, echo)
-    result["seconds"] = _now() - start
+    result["seconds"] = time.perf_counter() - start
     _say(echo, f"checkpoint: {result['checkpoint']}  metrics: {trainer.out_dir / 'metrics.jsonl'}  "
                f"plot: {trainer.out_dir / 'metrics.png'}  ({result['seconds']:.0f} s in all)")
     return result
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
 
 
 def _pretrain_report(task: str, result: dict) -> str:
