@@ -284,7 +284,8 @@ def sample(model, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: i
                        do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                        eos_token_id=tokenizer.eos_id, generator=generator)
         new = [t for t in out[0, len(ids):].tolist() if t != tokenizer.eos_id and t != tokenizer.pad_id]
-        outs.append(tokenizer.decode(new))
+        # decoded with the prompt: a piece's leading space ("▁the") survives only inside a sequence
+        outs.append(tokenizer.decode(ids + new)[len(tokenizer.decode(ids)):])
     return outs
 
 
