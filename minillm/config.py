@@ -64,6 +64,18 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
+def config_from_dict(cls, values: dict):
+    """Build the dataclass `cls` from a plain dict (a TOML table, a saved config.json).
+
+    Unknown keys are a ValueError naming them, so a typo never silently falls back to a default.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**values)
+
+
 def _check_choice(config, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(config, name)
     if value not in allowed:
@@ -207,11 +219,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
         """Build from a plain dict (a TOML table, a saved config); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**values)
+        return config_from_dict(cls, values)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ import torch
 import torch.nn as nn
 
 from minillm.config import ModelConfig
-from minillm.model import CausalLM, Encoder, MaskedLM, SequenceClassifier
+from minillm.model import CausalLM, Encoder, MaskedLM, SequenceClassifier, build_model
 
 # =============================================================================================
 # 1. What we support: architectures, tasks, activations
@@ -450,13 +450,7 @@ def _canonical_keys(state: dict[str, torch.Tensor], family: str) -> dict[str, to
 
 
 def _build(config: ModelConfig, task: str) -> nn.Module:
-    if task == "causal-lm":
-        return CausalLM(config)
-    if task in ("mlm", "mlm-nsp"):
-        return MaskedLM(config, nsp=task == "mlm-nsp")
-    if task == "classification":
-        return SequenceClassifier(config)
-    return Encoder(config)
+    return Encoder(config) if task == "encoder" else build_model(config, task)
 
 
 def from_hf(source, task: str | None = None, **overrides) -> nn.Module:

@@ -6,8 +6,9 @@ or list. ``DataConfig(**fields)`` raises ``ValueError`` naming the field on a ba
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
+from minillm.config import config_from_dict
 from minillm.data.corpus import ERRORS, FORMATS, TEXT_SPLITS
 
 OBJECTIVES = ("causal", "mlm", "nsp", "seq2seq", "classification")
@@ -120,8 +121,4 @@ class DataConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "DataConfig":
         """Build from a dict (TOML table); unknown keys are a ValueError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"DataConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
+        return config_from_dict(cls, values)
