@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from minillm.data.collate import pad_2d, pair_with_specials, to_tensors, truncate_longest_first
-from minillm.data.corpus import column_index, detect_format, read_table, read_utf8
+from minillm.data.corpus import column_index, detect_format, read_json_records, read_table
 from minillm.tokenizer import Tokenizer
 
 
@@ -102,16 +102,7 @@ class ClassificationExamples:
 def _records(path: Path, fields: list[str], errors: str, header: list[str] | None = None):
     """Yield (where, {field: value}) for every row/line of a CSV/TSV/JSONL file."""
     if detect_format(path) == "jsonl":
-        for number, line in enumerate(read_utf8(path, errors).split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            for name in fields:
-                if name not in record:
-                    raise ValueError(f"{path}:{number}: no field {name!r} (found {sorted(record)})")
+        for number, record in read_json_records(path, fields, errors):
             yield f"{path}:{number}", {name: str(record[name]) for name in fields}
         return
     if header is None:

@@ -89,19 +89,27 @@ def read_text_file(path: str | os.PathLike, split: str = "file", errors: str = "
             block = []
 
 
-def read_jsonl(path: str | os.PathLike, field: str = "text", errors: str = "strict") -> Iterator[Document]:
-    """One document per JSON line, its text taken from ``field``."""
-    text = read_utf8(path, errors)
-    for number, line in enumerate(text.split("\n"), start=1):
+def read_json_records(
+    path: str | os.PathLike, fields: Sequence[str], errors: str = "strict"
+) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a JSONL file; each record must hold ``fields``."""
+    for number, line in enumerate(read_utf8(path, errors).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or field not in record:
+        missing = [name for name in fields if not isinstance(record, dict) or name not in record]
+        if missing:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{number}: no field {field!r} (found {keys})")
+            raise ValueError(f"{path}:{number}: no field {missing[0]!r} (found {keys})")
+        yield number, record
+
+
+def read_jsonl(path: str | os.PathLike, field: str = "text", errors: str = "strict") -> Iterator[Document]:
+    """One document per JSON line, its text taken from ``field``."""
+    for number, record in read_json_records(path, [field], errors):
         value = record[field]
         if not isinstance(value, str):
             raise ValueError(f"{path}:{number}: field {field!r} must be a string, got {type(value).__name__}")

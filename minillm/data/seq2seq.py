@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from minillm.data.collate import IGNORE_INDEX, pad_2d, to_tensors
-from minillm.data.corpus import column_index, detect_format, read_table, read_utf8
+from minillm.data.corpus import column_index, detect_format, read_json_records, read_table
 from minillm.data.shards import TokenShards
 from minillm.tokenizer import Tokenizer
 
@@ -125,22 +125,10 @@ def read_seq2seq_pairs(
     path: str | os.PathLike, source_field: str = "source", target_field: str = "target", errors: str = "strict"
 ) -> list[tuple[str, str]]:
     """(source, target) pairs from a CSV/TSV (header row) or JSONL file."""
-    import json
-
     path = Path(path)
     if detect_format(path) == "jsonl":
-        pairs = []
-        for number, line in enumerate(read_utf8(path, errors).split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            for name in (source_field, target_field):
-                if name not in record:
-                    raise ValueError(f"{path}:{number}: no field {name!r} (found {sorted(record)})")
-            pairs.append((str(record[source_field]), str(record[target_field])))
+        fields = (source_field, target_field)
+        pairs = [(str(r[source_field]), str(r[target_field])) for _, r in read_json_records(path, fields, errors)]
     else:
         header, rows = read_table(path, errors=errors)
         s, t = column_index(header, source_field, path), column_index(header, target_field, path)
