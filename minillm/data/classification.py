@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillm.data.collate import pad_2d, pair_with_specials, to_tensors, truncate_longest_first
+from minillm.data.collate import pad_segment_pairs, pair_with_specials, to_tensors, truncate_longest_first
 from minillm.data.corpus import column_index, detect_format, read_json_records, read_table
 from minillm.tokenizer import Tokenizer
 
@@ -236,13 +236,7 @@ class ClassificationCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids = pad_2d([s["input_ids"] for s in samples], self.pad_id, self.pad_to_multiple_of)  # (B, T)
-        lengths = np.array([len(s["input_ids"]) for s in samples])
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64),
-            "token_type_ids": pad_2d([s["token_type_ids"] for s in samples], 0, self.pad_to_multiple_of),
-        }
+        batch = pad_segment_pairs(samples, self.pad_id, self.pad_to_multiple_of)
         if "label" in samples[0]:
             batch["labels"] = np.array([s["label"] for s in samples], dtype=np.int64)
         return to_tensors(batch)

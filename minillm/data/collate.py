@@ -32,6 +32,17 @@ def pad_2d(rows: Sequence[Sequence[int] | np.ndarray], value: int, multiple_of: 
     return out
 
 
+def pad_segment_pairs(samples: Sequence[dict], pad_id: int, multiple_of: int | None = None) -> dict[str, np.ndarray]:
+    """Pad `[CLS] A [SEP] B [SEP]` samples: input_ids, attention_mask (1 = token) and token_type_ids, (B, T) each."""
+    input_ids = pad_2d([s["input_ids"] for s in samples], pad_id, multiple_of)  # (B, T)
+    lengths = np.array([len(s["input_ids"]) for s in samples])  # (B,)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64),
+        "token_type_ids": pad_2d([s["token_type_ids"] for s in samples], 0, multiple_of),
+    }
+
+
 def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """numpy arrays to torch tensors (int64 stays long; int32 stays int32 for cu_seqlens)."""
     return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}

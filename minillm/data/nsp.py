@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minillm.data.collate import pad_2d, pair_with_specials, to_tensors, truncate_longest_first
+from minillm.data.collate import pad_segment_pairs, pair_with_specials, to_tensors, truncate_longest_first
 from minillm.data.shards import TokenShards
 from minillm.tokenizer import Tokenizer
 
@@ -103,11 +103,6 @@ class NSPCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids = pad_2d([s["input_ids"] for s in samples], self.pad_id, self.pad_to_multiple_of)  # (B, T)
-        lengths = np.array([len(s["input_ids"]) for s in samples])
-        return to_tensors({
-            "input_ids": input_ids,
-            "attention_mask": (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64),
-            "token_type_ids": pad_2d([s["token_type_ids"] for s in samples], 0, self.pad_to_multiple_of),
-            "next_sentence_label": np.array([s["next_sentence_label"] for s in samples], dtype=np.int64),
-        })
+        batch = pad_segment_pairs(samples, self.pad_id, self.pad_to_multiple_of)
+        batch["next_sentence_label"] = np.array([s["next_sentence_label"] for s in samples], dtype=np.int64)
+        return to_tensors(batch)
