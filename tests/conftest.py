@@ -8,3 +8,16 @@ Triton kernel runs on CPU tensors through numpy, so kernels are checked on machi
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402  (after TRITON_INTERPRET, before anything imports triton)
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread: on a small, shared machine, training loops of tiny
+    models run several times faster than with threads contending for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,12 +16,7 @@ from minillm.train_config import TrainConfig
 from minillm.trainer import Trainer, seed_everything
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def classifier(seed: int = 0, **overrides):

@@ -31,13 +31,7 @@ from minillm.trainer import Trainer, forward_sums, seed_everything, target_count
 V, T = 100, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared and small: one intra-op thread is faster than two contending.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def tiny_config(**overrides) -> ModelConfig:
