@@ -45,6 +45,8 @@ WEIGHTS, STATE, CONFIG, TOKENIZER = "model.safetensors", "state.pt", "config.jso
 LATEST, BEST = "latest", "best"
 # ModelConfig fields that change how a model runs but not which weights it has.
 RUNTIME_FIELDS = ("attn_backend", "norm_backend", "embed_dropout", "attn_dropout", "resid_dropout", "init_std")
+# Fields of a task's head, which a new task replaces: pretrained weights load whatever they are.
+HEAD_FIELDS = ("num_labels", "classifier_pooling")
 
 
 def checkpoint_name(step: int) -> str:
@@ -433,8 +435,7 @@ def init_from(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict
         if any(".lora_A" in name for name in tensors):  # a LoRA fine-tune: start from its merged weights
             tensors = dict(load_model(checkpoint)[0].state_dict())
         saved_tokenizer = Tokenizer.load(checkpoint / TOKENIZER) if (checkpoint / TOKENIZER).is_file() else None
-    # num_labels belongs to the head, which a new task replaces.
-    mismatch = architecture_mismatch(saved_config, model.config, ignore=("num_labels",))
+    mismatch = architecture_mismatch(saved_config, model.config, ignore=HEAD_FIELDS)
     if mismatch:
         raise ValueError(f"init_from: {path} is a different architecture: " + "; ".join(mismatch))
     check_vocab(model.config, tokenizer, f"init_from({path})")

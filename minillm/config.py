@@ -23,6 +23,7 @@ NORM_PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "relu")
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "triton")
 NORM_BACKENDS = ("auto", "torch", "triton")
+CLASSIFIER_POOLINGS = ("auto", "cls", "last", "mean")
 
 
 def check_field_types(config) -> None:
@@ -143,6 +144,9 @@ class ModelConfig:
     """Decoder blocks for encoder-decoder; None = n_layers."""
     num_labels: int = 2
     """Classes for sequence classification (1 = regression with MSE loss)."""
+    classifier_pooling: str = "auto"
+    """What a sequence classifier reads: "cls" (BERT: the pooled first token), "last" (GPT: the last
+    real token), "mean" (the mean over real tokens), or "auto" (cls for encoders, last for decoders)."""
     pad_token_id: int = 0
     """Padding id; labels use -100 for ignored positions, never this id."""
     bos_token_id: int = 5
@@ -161,6 +165,13 @@ class ModelConfig:
         _check_choice(self, "activation", ACTIVATIONS)
         _check_choice(self, "attn_backend", ATTENTION_BACKENDS)
         _check_choice(self, "norm_backend", NORM_BACKENDS)
+        _check_choice(self, "classifier_pooling", CLASSIFIER_POOLINGS)
+        wrong_end = {"decoder": "cls", "encoder": "last"}.get(self.arch)
+        if self.classifier_pooling == wrong_end:
+            raise ValueError(
+                f"ModelConfig.classifier_pooling: {wrong_end!r} does not suit arch={self.arch!r} (a decoder's first "
+                f"token has seen only itself; an encoder has no privileged last token); use 'auto' or 'mean'"
+            )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "num_labels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name}: got {getattr(self, name)}, expected an integer >= 1")
@@ -274,11 +285,18 @@ def tiny() -> ModelConfig:
 
 
 def tiny_bert() -> ModelConfig:
-    """A BERT small enough to pretrain (MLM + NSP) on 2 CPU cores in minutes."""
+    """A BERT small enough to pretrain (MLM + NSP) on 2 CPU cores in minutes.
+
+    BERT's layout (post-norm, GELU, segment embeddings) with two changes for a few-minute budget:
+    RoPE instead of learned positions, because MLM must first learn to look at the neighbouring
+    tokens, which relative positions give at once (default corpus, 30% masking, step 600 of 1000: MLM
+    loss 4.66 with RoPE, 5.77 with learned positions, still near the unigram plateau); and
+    no dropout, since such a run sees each token about twice. `bert-tiny` is the HF-compatible one.
+    """
     return ModelConfig(
         arch="encoder", vocab_size=4096, d_model=128, n_layers=4, n_heads=4, max_seq_len=128,
-        pos_encoding="learned", norm="layernorm", norm_placement="post", norm_eps=1e-12,
-        activation="gelu", embed_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1, type_vocab_size=2,
+        pos_encoding="rope", norm="layernorm", norm_placement="post", norm_eps=1e-12,
+        activation="gelu", type_vocab_size=2,
     )
 
 

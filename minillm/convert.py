@@ -296,6 +296,8 @@ def _check_exportable(config: ModelConfig, family: str) -> None:
         ("activation", config.activation in TO_HF_ACTIVATION[family], str(sorted(TO_HF_ACTIVATION[family]))),
         ("bias", config.bias, "True"),
         ("n_kv_heads", config.kv_heads == config.n_heads, f"None or n_heads={config.n_heads} (no GQA)"),
+        ("classifier_pooling", config.classifier_pooling == "auto",
+         "'auto' (transformers pools [CLS] for BERT and the last token for GPT-2)"),
     ]
     if family == "gpt2":
         requirements.append(("type_vocab_size", config.type_vocab_size == 0, "0 (GPT-2 has no segment embeddings)"))

@@ -511,6 +511,14 @@ def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> tor
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def mean_over_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Average hidden state over the real (non-padding) tokens of each row: sum_t m_t h_t / sum_t m_t."""
+    if attention_mask is None:
+        return hidden.mean(dim=1)  # (B, C)
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
 # =============================================================================================
 # 9. Task models
 # =============================================================================================
@@ -518,7 +526,7 @@ def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> tor
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V) for language models, (B, num_labels) for classifiers
+    logits: torch.Tensor  # (B, T, V) for language models ((N, V) masked positions only, on request), (B, num_labels) for classifiers
     loss: torch.Tensor | None = None
     nsp_logits: torch.Tensor | None = None  # (B, 2): BERT pretraining
     cache: list[LayerCache] | None = None  # for the next decoding step
@@ -640,14 +648,26 @@ class MaskedLM(Model):
         next_sentence_label: torch.Tensor | None = None,  # (B,), 0 = B follows A, 1 = random B
         position_ids: torch.Tensor | None = None,  # (B, T); default counts real tokens only
         loss_reduction: str = "mean",
+        masked_logits_only: bool = False,
     ) -> ModelOutput:
+        """`masked_logits_only=True` (needs `labels`) runs the MLM head on the labelled positions
+        only and returns their logits, (N, V) in row-major (B, T) order: the vocabulary
+        projection is the costliest matmul of a small BERT, and ~85% of its rows feed no loss."""
         hidden, _ = self.encoder(input_ids, attention_mask, token_type_ids, position_ids=position_ids)
-        logits = self.mlm_head(hidden)  # (B, T, V)
         nsp_logits = self.nsp_head(self.pooler(hidden)) if self.nsp_head is not None else None  # (B, 2)
         loss = None
         if labels is not None:
             _check_labels("labels", labels, tuple(input_ids.shape))
-            loss = token_loss(logits, labels, loss_reduction)
+        if masked_logits_only:
+            if labels is None:
+                raise ValueError("masked_logits_only: needs labels (the positions to predict)")
+            predicted = labels != IGNORE_INDEX  # (B, T)
+            logits = self.mlm_head(hidden[predicted])  # (N, V)
+            loss = token_loss(logits, labels[predicted], loss_reduction)
+        else:
+            logits = self.mlm_head(hidden)  # (B, T, V)
+            if labels is not None:
+                loss = token_loss(logits, labels, loss_reduction)
         if next_sentence_label is not None:
             if nsp_logits is None:
                 raise ValueError("next_sentence_label: this model has no NSP head (build it with nsp=True)")
@@ -658,19 +678,36 @@ class MaskedLM(Model):
 
 
 class SequenceClassifier(Model):
-    """A label for a whole sequence (or sentence pair). An encoder reads the pooled [CLS] token;
-    a decoder reads its last non-padding token, the only one that has seen everything."""
+    """A label for a whole sequence (or sentence pair), from one summary vector of its hidden states
+    (`config.classifier_pooling`):
+
+    - "cls", the encoder default (BERT): the pooled [CLS] token, tanh(W h_0 + b);
+    - "last", the decoder default (GPT): the last real token, the only one that has seen everything;
+    - "mean": the average over real tokens, which needs no pretrained [CLS] summary and learns
+      quickly from few labels (as Sentence-BERT does).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.arch == "encoder-decoder":
             raise ValueError("config.arch: SequenceClassifier needs 'encoder' or 'decoder', got 'encoder-decoder'")
         self.config = config
+        self.pooling = config.classifier_pooling
+        if self.pooling == "auto":
+            self.pooling = "cls" if config.arch == "encoder" else "last"
         self.body = Encoder(config) if config.arch == "encoder" else Decoder(config)
-        self.pooler = Pooler(config) if config.arch == "encoder" else None
+        self.pooler = Pooler(config) if self.pooling == "cls" else None
         self.dropout = nn.Dropout(config.resid_dropout)
         self.classifier = nn.Linear(config.d_model, config.num_labels)
         init_weights(self, config)
+
+    def summarise(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, C) hidden states -> (B, C) summary, by `self.pooling`."""
+        if self.pooling == "cls":
+            return self.pooler(hidden)
+        if self.pooling == "last":
+            return last_token(hidden, attention_mask)
+        return mean_over_tokens(hidden, attention_mask)
 
     def forward(
         self,
@@ -682,7 +719,7 @@ class SequenceClassifier(Model):
         loss_reduction: str = "mean",
     ) -> ModelOutput:
         hidden, _ = self.body(input_ids, attention_mask, token_type_ids, position_ids=position_ids)
-        summary = self.pooler(hidden) if self.pooler is not None else last_token(hidden, attention_mask)  # (B, C)
+        summary = self.summarise(hidden, attention_mask)  # (B, C)
         logits = self.classifier(self.dropout(summary))  # (B, num_labels)
         loss = None
         if labels is not None:

@@ -296,7 +296,9 @@ def _fill_masks(model: MaskedLM, tokenizer: Tokenizer, prompt: str, device) -> s
     mask_id = tokenizer.require("mask")
     ids, masked = [tokenizer.require("cls")], []
     for k, part in enumerate(parts):
-        ids += tokenizer.encode(part) if part.strip() else []
+        # Strip the spaces around a mask: the dummy prefix gives each part its leading "▁", and a
+        # masked word carries its own, so "a [MASK] b" reads as it did in training, not "a ▁ [MASK]".
+        ids += tokenizer.encode(part.strip()) if part.strip() else []
         if k < len(parts) - 1:
             masked.append(len(ids))
             ids.append(mask_id)
@@ -371,7 +373,7 @@ def _finetune_start(model: ModelConfig, data: DataConfig, train: TrainConfig, pr
                 f"with its vocabulary (WordPiece/BPE vocab files are not supported)"
             )
         hf = json.loads((source / "config.json").read_text())
-        config = config_from_hf(hf, "classification")
+        config = dataclasses.replace(config_from_hf(hf, "classification"), classifier_pooling=model.classifier_pooling)
         tokenizer = Tokenizer.load(data.tokenizer)
         return config, tokenizer, f"Hugging Face checkpoint {source}"
     try:
@@ -379,8 +381,9 @@ def _finetune_start(model: ModelConfig, data: DataConfig, train: TrainConfig, pr
     except FileNotFoundError as err:
         raise FileNotFoundError(f"TrainConfig.init_from: {err}") from None
     saved = ckpt.read_configs(checkpoint)["model"]
-    runtime = {name: getattr(model, name) for name in ckpt.RUNTIME_FIELDS}  # dropouts, backends: ours
-    config = ModelConfig.from_dict({**saved, **runtime})
+    # dropouts, backends and the classifier's pooling come from this run's config, the rest from the checkpoint
+    ours = {name: getattr(model, name) for name in ckpt.RUNTIME_FIELDS + ckpt.HEAD_FIELDS}
+    config = ModelConfig.from_dict({**saved, **ours})
     if not (checkpoint / ckpt.TOKENIZER).is_file():
         raise ValueError(f"TrainConfig.init_from: {checkpoint} has no {ckpt.TOKENIZER}; it cannot be fine-tuned here")
     return config, Tokenizer.load(checkpoint / ckpt.TOKENIZER), f"checkpoint {checkpoint}"

@@ -117,9 +117,12 @@ def forward_sums(model, task: str, batch: dict):
     """(model output, {term: summed loss}) for one batch."""
     if task == "mlm-nsp":  # two terms with their own denominators: NSP is summed here
         inputs = {k: v for k, v in batch.items() if k != "next_sentence_label"}
-        out = model(**inputs, loss_reduction="sum")
+        out = model(**inputs, loss_reduction="sum", masked_logits_only=True)
         nsp = F.cross_entropy(out.nsp_logits.float(), batch["next_sentence_label"], ignore_index=IGNORE_INDEX, reduction="sum")
         return out, {"lm": out.loss, "nsp": nsp}
+    if task == "mlm":  # logits (N, V) of the masked positions only: the head skips the others
+        out = model(**batch, loss_reduction="sum", masked_logits_only=True)
+        return out, {"lm": out.loss}
     out = model(**batch, loss_reduction="sum")
     return out, {"lm": out.loss}
 
@@ -567,6 +570,11 @@ class Trainer:
             if task == "classification":
                 if not regression:
                     confusion += confusion_matrix(out.logits.argmax(-1), labels, num_labels).double()
+                continue
+            if task in ("mlm", "mlm-nsp"):  # logits (N, V): the masked positions, in order
+                targets = labels[labels != IGNORE_INDEX]
+                hits[0] += (out.logits.argmax(-1) == targets).sum()
+                hits[1] += targets.numel()
                 continue
             logits = out.logits[:, :-1] if task == "causal-lm" else out.logits  # (B, T, V)
             targets = labels[:, 1:] if task == "causal-lm" else labels

@@ -242,6 +242,16 @@ def test_init_from_an_mlm_checkpoint_into_a_classifier(tmp_path):
     assert torch.equal(same.mlm_head.dense.weight, pretrained.mlm_head.dense.weight)
 
 
+def test_init_from_an_mlm_checkpoint_into_a_mean_pooling_classifier_skips_the_pooler(tmp_path):
+    pretrained = model_for("mlm-nsp", type_vocab_size=2)
+    config = TrainConfig(out_dir=str(tmp_path / "pre"), task="mlm-nsp", early_stopping_metric="val_loss")
+    path = ckpt.save_checkpoint(tmp_path / "pre", 1, pretrained, {}, {"task": "mlm-nsp", "model": pretrained.config, "train": config})
+    classifier = model_for("classification", seed=1, type_vocab_size=2, num_labels=3, classifier_pooling="mean")
+    report = ckpt.init_from(classifier, path)
+    assert classifier.pooler is None and sorted(report["fresh"]) == ["classifier.bias", "classifier.weight"]
+    assert torch.equal(classifier.body.blocks[0].attn.q_proj.weight, pretrained.encoder.blocks[0].attn.q_proj.weight)
+
+
 def test_init_from_a_hugging_face_directory_in_the_trainer(tmp_path):
     from minillm.convert import save_hf
 

@@ -116,6 +116,27 @@ def test_pretrain_bert_reports_mlm_and_nsp(bert_run):
     assert out.startswith("Return the [") and out.rstrip().endswith("] of a file.")
 
 
+def test_mask_filling_encodes_the_prompt_as_training_text_without_stray_spaces(bert_run):
+    import torch
+
+    from minillm import recipes
+    from minillm.model import ModelOutput
+    from minillm.tokenizer import Tokenizer
+
+    out_dir, _ = bert_run
+    tok = Tokenizer.load(out_dir / (out_dir / "latest").read_text().strip() / "tokenizer.model")
+    seen = []
+
+    def spy(ids):  # a model that records its input and predicts nothing in particular
+        seen.append(ids[0].tolist())
+        return ModelOutput(logits=torch.zeros(1, ids.shape[1], tok.vocab_size))
+
+    recipes._fill_masks(spy, tok, "Return the [MASK] of a file.", "cpu")
+    expected = [tok.require("cls"), *tok.encode("Return the"), tok.require("mask"), *tok.encode("of a file."),
+                tok.require("sep")]
+    assert seen == [expected]  # no lone "▁" before the mask or after it
+
+
 def test_finetune_from_bert_on_a_csv_and_evaluate(work, bert_run):
     out_dir = work / "clf"
     code, out, err = run("finetune", f"--train.init_from={bert_run[0]}", f"--data.train_file={work / 'train.csv'}",

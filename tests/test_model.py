@@ -183,6 +183,46 @@ def test_loss_sum_equals_mean_times_token_count():
     torch.testing.assert_close(total, mean * n_predicted)
 
 
+def test_masked_logits_only_equals_the_full_head_at_masked_positions_in_value_and_gradient():
+    config = small("encoder")
+    model = model_for(config, "mlm-nsp")
+    ids = torch.randint(7, 97, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    chosen = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3) & mask.bool()
+    labels[chosen] = ids[chosen]
+    full = model(ids, mask, labels=labels, loss_reduction="sum")
+    full.loss.backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    sparse = model(ids, mask, labels=labels, loss_reduction="sum", masked_logits_only=True)
+    sparse.loss.backward()
+    assert sparse.logits.shape == (int(chosen.sum()), config.vocab_size)
+    torch.testing.assert_close(sparse.logits, full.logits[chosen])
+    torch.testing.assert_close(sparse.loss, full.loss)
+    for name, p in model.named_parameters():
+        if name in full_grads:
+            torch.testing.assert_close(p.grad, full_grads[name], msg=name)
+    with pytest.raises(ValueError, match="masked_logits_only: needs labels"):
+        model(ids, mask, masked_logits_only=True)
+
+
+@pytest.mark.parametrize("arch", ["encoder", "decoder"])
+def test_mean_pooling_classifier_reads_the_average_of_real_tokens_and_ignores_padding(arch):
+    model = model_for(small(arch, classifier_pooling="mean", num_labels=3), "classification")
+    assert model.pooler is None  # no [CLS] pooler to train
+    ids = torch.randint(7, 97, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    out = model(ids, mask)
+    for row, n in ((0, 10), (1, 6)):
+        mean = out.hidden_states[row, :n].mean(dim=0)  # independent: the plain average of real tokens
+        torch.testing.assert_close(out.logits[row], model.classifier(mean))
+    alone = model(ids[1:, :6])  # the same row without its padding
+    torch.testing.assert_close(out.logits[1:], alone.logits)
+
+
 def test_tied_embeddings_share_storage_and_optimizer_groups_skip_norms_biases_embeddings():
     model = build_model(small(), "causal-lm")
     assert model.lm_head.weight is model.decoder.embeddings.token.weight
@@ -250,6 +290,8 @@ def test_wrong_mask_and_token_type_shapes_are_rejected():
         (dict(attn_dropout=1.0), ValueError, "attn_dropout"),
         (dict(vocab_size=0), ValueError, "vocab_size"),
         (dict(pad_token_id=500), ValueError, "pad_token_id"),
+        (dict(classifier_pooling="max"), ValueError, "classifier_pooling: got 'max'"),
+        (dict(classifier_pooling="cls"), ValueError, "classifier_pooling: 'cls' does not suit arch='decoder'"),
     ],
 )
 def test_config_validation_names_the_field(overrides, error, match):
