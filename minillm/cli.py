@@ -49,7 +49,7 @@ DATA_DEFAULTS = {"inputs": ["default"], "vocab_size": 4096, "seq_len": 128, "val
 PRETRAIN_DEFAULTS = {
     "gpt": {"batch_size": 16, "max_steps": 600, "max_minutes": 4.5, "lr": 2e-3, "warmup_steps": 30,
             "eval_every": 100, "eval_batches": 0, "checkpoint_every": 0, "log_every": 10, "weight_decay": 0.1},
-    "bert": {"batch_size": 16, "max_steps": 600, "max_minutes": 4.5, "lr": 1e-3, "warmup_steps": 30,
+    "bert": {"batch_size": 16, "max_steps": 1000, "max_minutes": 4.5, "lr": 1e-3, "warmup_steps": 50,
              "eval_every": 100, "eval_batches": 20, "checkpoint_every": 0, "log_every": 10, "weight_decay": 0.01,
              "early_stopping_metric": "val_loss"},
     "seq2seq": {"batch_size": 16, "max_steps": 600, "max_minutes": 4.5, "lr": 1e-3, "warmup_steps": 30,
