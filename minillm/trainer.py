@@ -115,15 +115,14 @@ def target_counts(task: str, batch: dict) -> dict[str, torch.Tensor]:
 
 def forward_sums(model, task: str, batch: dict):
     """(model output, {term: summed loss}) for one batch."""
+    # MLM: logits (N, V) of the masked positions only; the head skips the others
+    options = {"masked_logits_only": True} if task in ("mlm", "mlm-nsp") else {}
     if task == "mlm-nsp":  # two terms with their own denominators: NSP is summed here
         inputs = {k: v for k, v in batch.items() if k != "next_sentence_label"}
-        out = model(**inputs, loss_reduction="sum", masked_logits_only=True)
+        out = model(**inputs, loss_reduction="sum", **options)
         nsp = F.cross_entropy(out.nsp_logits.float(), batch["next_sentence_label"], ignore_index=IGNORE_INDEX, reduction="sum")
         return out, {"lm": out.loss, "nsp": nsp}
-    if task == "mlm":  # logits (N, V) of the masked positions only: the head skips the others
-        out = model(**batch, loss_reduction="sum", masked_logits_only=True)
-        return out, {"lm": out.loss}
-    out = model(**batch, loss_reduction="sum")
+    out = model(**batch, loss_reduction="sum", **options)
     return out, {"lm": out.loss}
 
 
