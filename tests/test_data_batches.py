@@ -26,13 +26,21 @@ WORDS = (
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("batches")
     rng = random.Random(0)
-    docs = []
-    for d in range(300):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) for _ in range(rng.randint(1, 8))]
-        docs.append(Document(f"doc-{d}", "\n".join(lines)))
+    docs = [Document(f"doc-{d}", random_lines(rng, rng.randint(1, 8), 3, 20)) for d in range(300)]
+    tok, shards = tokenize_and_shard(docs, root)
+    return tok, shards, docs
+
+
+def random_lines(rng: random.Random, n_lines: int, min_words: int, max_words: int) -> str:
+    """`n_lines` lines of `min_words`..`max_words` random words each."""
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n_lines))
+
+
+def tokenize_and_shard(docs: list[Document], root) -> tuple[Tokenizer, TokenShards]:
+    """A 400-piece tokenizer trained on `docs`, and the train-split shards of `docs`."""
     tok = Tokenizer.train(docs, root / "tok", vocab_size=400)
     prepare(docs, tok, root / "out", val_fraction=0.05, progress=False)
-    return tok, TokenShards(root / "out", "train"), docs
+    return tok, TokenShards(root / "out", "train")
 
 
 def test_causal_windows(data):
@@ -147,6 +155,62 @@ def test_nsp_pairs(data):
             assert np.concatenate([a, b]).astype(np.int64).tobytes() in stream
     batch = NSPCollator(tok)(samples[:16])
     assert batch["next_sentence_label"].shape == (16,) and batch["token_type_ids"].shape == batch["input_ids"].shape
+
+
+@pytest.fixture(scope="module")
+def paragraph_data(tmp_path_factory):
+    """Documents of 2-6 paragraphs (1-3 lines each) separated by blank lines."""
+    root = tmp_path_factory.mktemp("paragraphs")
+    rng = random.Random(1)
+    docs = []
+    for d in range(80):
+        paragraphs = [random_lines(rng, rng.randint(1, 3), 2, 8) for _ in range(rng.randint(2, 6))]
+        docs.append(Document(f"doc-{d}", "\n\n".join(paragraphs)))
+    return tokenize_and_shard(docs, root)
+
+
+def test_nsp_cuts_at_paragraphs(paragraph_data):
+    tok, shards = paragraph_data
+    ds = NSPDataset(shards, tok, 64, seed=0, samples=3000)
+    newline = ds.newline_id
+    assert newline is not None and tok.id_to_piece(newline) == "\n"
+    stream = shards.tokens.astype(np.int64)
+    stream_bytes = stream.tobytes()
+    blank = np.array([newline, newline], dtype=np.int64)
+    # where a paragraph may start in the stream: after a blank line or at a document's start
+    starts = set(ds.paragraph_starts(stream).tolist()) | {0} | set((np.flatnonzero(stream == EOS_ID) + 1).tolist())
+    b_lengths = {0: [], 1: []}
+    paragraph_cuts = 0
+    for i in range(len(ds)):
+        s = ds[i]
+        ids = s["input_ids"]
+        sep = int(np.flatnonzero(ids == SEP_ID)[0])
+        a, b = ids[1:sep], ids[sep + 1 : -1]
+        if len(a) < 2 or not np.array_equal(a[-2:], blank):
+            continue  # a token cut: a span that is one long paragraph
+        paragraph_cuts += 1
+        assert b[0] != newline
+        b_lengths[s["next_sentence_label"]].append(len(b))
+        if s["next_sentence_label"] == 0:  # B is the paragraph that follows A in the same document
+            assert np.concatenate([a, b]).tobytes() in stream_bytes
+        else:  # B starts at a paragraph start of some document, like a true B does
+            where = [k for k in np.flatnonzero(stream == b[0]) if np.array_equal(stream[k : k + len(b)], b)]
+            assert any(k in starts for k in where), tok.decode(b.tolist())
+    assert paragraph_cuts > 0.9 * len(ds)  # 64 tokens hold several paragraphs of these documents
+    # B's length says nothing about the label
+    mean_true, mean_random = np.mean(b_lengths[0]), np.mean(b_lengths[1])
+    assert abs(mean_true - mean_random) < 0.1 * mean_true, (mean_true, mean_random)
+
+
+def test_nsp_without_paragraphs_cuts_anywhere(data):
+    tok, shards, _ = data  # lines joined by single newlines: no blank lines, no paragraphs
+    ds = NSPDataset(shards, tok, 40, seed=0, samples=500)
+    assert len(ds.paragraph_starts(shards.tokens.astype(np.int64))) == 0
+    cuts = set()
+    for i in range(len(ds)):
+        ids = ds[i]["input_ids"]
+        cuts.add(int(np.flatnonzero(ids == SEP_ID)[0]))
+    assert len(cuts) > 10  # random token cuts, not a few fixed places
 
 
 def test_span_corruption_reconstructs_the_original(data):
