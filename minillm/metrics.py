@@ -167,17 +167,17 @@ def read_metrics(log_path: str | os.PathLike) -> list[dict]:
 
 def plot_metrics(log_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
     """Loss curves (train and validation) on the left, the other evaluation metrics on the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    # A Figure made without pyplot draws to a file only: no window, and matplotlib's backend
+    # (a notebook's inline figures, say) is left as the caller set it.
+    from matplotlib.figure import Figure
 
     records = read_metrics(log_path)
     train = [r for r in records if r["kind"] == "train" and "loss" in r]
     evals = [r for r in records if r["kind"] == "eval"]
     other = sorted({k for r in evals for k in r} - {"step", "kind", "val_loss", "val_ppl", "mlm_loss", "nsp_loss"})
 
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_metric = fig.subplots(1, 2)
     if train:
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.8)
     for key in ("val_loss", "mlm_loss", "nsp_loss"):
@@ -196,6 +196,5 @@ def plot_metrics(log_path: str | os.PathLike, png_path: str | os.PathLike) -> Pa
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
     return png_path
 

@@ -519,5 +519,20 @@ def test_metrics_log_resume_truncates_and_plots(tmp_path):
     assert plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "m.png").stat().st_size > 1000
 
 
+def test_plot_metrics_leaves_the_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    log = MetricsLog(tmp_path)
+    log.log(1, "train", {"loss": 3.0})
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a caller's choice (a notebook's inline backend, say) must survive the plot
+    try:
+        plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "m.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # still a PNG, whatever the backend
+
+
 if __name__ == "__main__":
     ddp_worker(sys.argv[1])
