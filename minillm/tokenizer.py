@@ -28,7 +28,8 @@ sentencepiece: the character U+2581 ("▁") itself stands for a space and decode
 
 Foreign models. ``Tokenizer.load`` accepts any sentencepiece ``.model``. Its pad/unk/bos/eos
 ids come from the model itself; CLS/SEP/MASK are looked up by piece name (``[CLS]``/``<cls>``,
-``[SEP]``/``<sep>``, ``[MASK]``/``<mask>``). An id the model lacks is ``None`` on the instance
+``[SEP]``/``<sep>``, ``[MASK]``/``<mask>``), and so is the newline piece ``"\\n"``
+(``newline_id``; NSP cuts at blank lines with it). An id the model lacks is ``None`` on the instance
 (``tok.mask_id is None``) and an objective that needs it raises a ``ValueError`` naming the
 token. Sentinels are the pieces named ``<sentinel_i>`` or ``<extra_id_i>`` (T5); a model with
 neither uses the top ``n`` ids of its vocabulary (those pieces become ambiguous: documented
@@ -193,6 +194,7 @@ class Tokenizer:
         self.cls_id = piece_id("[CLS]", "<cls>")
         self.sep_id = piece_id("[SEP]", "<sep>")
         self.mask_id = piece_id("[MASK]", "<mask>")
+        self.newline_id = piece_id("\n")
 
         pieces = [sp.id_to_piece(i) for i in range(n)]
         types = np.array(_piece_types(model_proto))  # (V,) sentencepiece piece types

@@ -56,6 +56,7 @@ def test_special_ids_are_fixed(tok):
     assert tok.sentinel_ids == list(range(7, 7 + 16))
     assert tok.special[:23].all()  # specials and sentinels
     assert tok.id_to_piece(23) == "\n" and not tok.special[23:].any()  # newline, bytes, pieces: maskable
+    assert tok.newline_id == 23
 
 
 @pytest.mark.parametrize("text", TRICKY)
@@ -131,6 +132,7 @@ def test_foreign_model_maps_specials(tmp_path):
     # sentencepiece defaults: unk=0, bos=1, eos=2, no pad; <mask> found by name
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, None)
     assert tok.mask_id == 3 and tok.cls_id is None
+    assert tok.newline_id is None  # no "\n" piece: NSP falls back to token cuts
     assert tok.special[3] and tok.word_start[3]  # a user-defined <mask> is still never masked
     with pytest.raises(ValueError, match="no CLS token"):
         tok.require("cls")

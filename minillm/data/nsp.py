@@ -58,7 +58,7 @@ class NSPDataset(torch.utils.data.Dataset):
         self.shards, self.max_len, self.seed = shards, max_len, seed
         self.random_probability = random_probability
         self.cls_id, self.sep_id = tokenizer.require("cls"), tokenizer.require("sep")
-        self.newline_id = newline_id(tokenizer)
+        self.newline_id = tokenizer.newline_id
         lengths = np.diff(shards.offsets) - (1 if shards.eos_id is not None else 0)
         self.lengths = lengths
         self.eligible = np.flatnonzero(lengths >= 2)  # documents A can come from
@@ -85,12 +85,16 @@ class NSPDataset(torch.utils.data.Dataset):
         is_newline = tokens == self.newline_id  # (n,)
         return np.flatnonzero(is_newline[:-2] & is_newline[1:-1] & ~is_newline[2:]) + 2
 
+    def segment_starts(self, tokens: np.ndarray) -> np.ndarray:
+        """Where a segment may begin: the document's start and its paragraph starts."""
+        return np.concatenate([[0], self.paragraph_starts(tokens)])
+
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         budget = self.max_len - 3  # room for A and B after [CLS], [SEP], [SEP]
         doc = int(self.eligible[rng.integers(len(self.eligible))])
         tokens = self.shards.document(doc)
-        starts = np.concatenate([[0], self.paragraph_starts(tokens)])  # where a span may begin
+        starts = self.segment_starts(tokens)
         first = starts[: max(1, len(starts) - 1)]  # not the last paragraph: nothing would follow it
         start = int(first[rng.integers(len(first))])
         width = max(2, min(len(tokens) - start, budget))
@@ -108,7 +112,7 @@ class NSPDataset(torch.utils.data.Dataset):
             other_tokens = self.shards.document(other)
             n = min(len(b), len(other_tokens))
             if by_paragraph:
-                other_starts = np.concatenate([[0], self.paragraph_starts(other_tokens)])
+                other_starts = self.segment_starts(other_tokens)
                 other_starts = other_starts[other_starts <= len(other_tokens) - n]  # room for n tokens: 0 always is
                 s = int(other_starts[rng.integers(len(other_starts))])
             else:
@@ -121,12 +125,6 @@ class NSPDataset(torch.utils.data.Dataset):
             "token_type_ids": np.array(types, dtype=np.int64),
             "next_sentence_label": label,
         }
-
-
-def newline_id(tokenizer: Tokenizer) -> int | None:
-    """Id of the newline piece ``"\\n"``, or None when the vocabulary has none."""
-    candidate = tokenizer.sp.piece_to_id("\n")
-    return candidate if tokenizer.id_to_piece(candidate) == "\n" else None
 
 
 class NSPCollator:
