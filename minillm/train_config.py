@@ -49,7 +49,9 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps of the whole run (also the horizon of the learning-rate schedule)."""
     max_minutes: float | None = None
-    """Optional wall-clock budget; training stops (and checkpoints) at the first step past it."""
+    """Optional wall-clock budget; training stops (and checkpoints) at the first step past it. The
+    schedule's horizon stays max_steps, so a run the budget cuts short ends before its learning rate
+    has decayed: a warning then names the max_steps that fits the budget."""
     lr: float = 6e-4
     """Peak learning rate, reached at the end of warmup (GPT-2 small's value)."""
     min_lr_ratio: float = 0.1

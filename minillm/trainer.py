@@ -433,6 +433,8 @@ class Trainer:
         finally:
             bar.close()
         train_seconds = time.perf_counter() - start
+        if stop_reason == "max_minutes" and self.is_main:
+            self._warn_schedule_cut(lr)
 
         if self.eval_data is not None and (self.last_eval is None or self.last_eval["step"] != self.step):
             self._evaluate_and_track()
@@ -459,6 +461,20 @@ class Trainer:
                 self._flops_per_token[seq_len] = self.raw_model.flops_per_token(seq_len)
             row["mfu"] = self._flops_per_token[seq_len] * tokens_per_s / self.world / self.peak
         return row
+
+    def _warn_schedule_cut(self, lr: float) -> None:
+        """max_minutes ended the run before max_steps: the schedule's horizon is max_steps, so the
+        learning rate never finished its decay. Say so, and what max_steps fits the budget."""
+        c = self.config
+        if c.schedule == "constant":
+            return
+        warnings.warn(
+            f"TrainConfig.max_minutes={c.max_minutes:g} stopped the run at step {self.step} of max_steps={c.max_steps}: "
+            f"the learning rate was still {lr:.3g} (the schedule decays it to {c.min_lr:.3g} at step {c.max_steps}). "
+            f"For a schedule that finishes within this budget on this machine, set max_steps={self.step} "
+            f"(--train.max_steps={self.step}), or raise max_minutes",
+            stacklevel=3,
+        )
 
     def _stop_reason(self, elapsed: float) -> str | None:
         """Why training stops after this step, or None. Every rank stops when one of them does."""

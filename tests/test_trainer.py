@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import os
 import socket
 import subprocess
@@ -416,10 +417,16 @@ def test_regression_head_trains_on_mse(tmp_path):
 def test_wall_clock_budget_and_bf16_autocast(tmp_path):
     config = train_config(tmp_path, "budget", max_steps=50, max_minutes=1e-9, precision="bf16")
     trainer = Trainer(make_model(), config, task_batches("causal-lm", 2, 0), task_batches("causal-lm", 1, 1))
-    summary = trainer.fit()
+    with pytest.warns(UserWarning, match=r"max_minutes=1e-09 stopped the run at step 1 of max_steps=50.*max_steps=1"):
+        summary = trainer.fit()
     assert summary["stopped"] == "max_minutes" and summary["steps"] == 1
     assert trainer.dtype == torch.bfloat16 and math.isfinite(summary["train_loss"])
     assert ckpt.latest_checkpoint(config.out_dir).name == "step_000001"
+    # a budget that is not reached: the schedule finishes, nothing to warn about
+    roomy = train_config(tmp_path, "roomy", max_steps=3, max_minutes=60.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*max_minutes")
+        assert Trainer(make_model(), roomy, task_batches("causal-lm", 2, 0)).fit()["stopped"] == "max_steps"
 
 
 # =============================================================================================
