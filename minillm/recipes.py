@@ -67,7 +67,7 @@ from minillm.metrics import classification_metrics, confusion_matrix
 from minillm.model import CausalLM, MaskedLM, Seq2SeqLM, build_model
 from minillm.tokenizer import Tokenizer
 from minillm.train_config import TrainConfig
-from minillm.trainer import Trainer
+from minillm.trainer import Trainer, seed_everything
 
 DEFAULT_TASK_FILE = "default"  # DataConfig.train_file naming the embedded classification task
 MASK_TEXT = "[MASK]"  # where `sample` puts a mask token in a BERT prompt
@@ -197,6 +197,7 @@ def pretrain(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
                f"({prepared['prepared_dir']}); unigram entropy of the train split {baseline:.3f} nats")
 
     train_set, val_set, collate = pretraining_data(train.task, data, tokenizer, train)
+    seed_everything(train.seed)  # the initial weights are the seed's (every rank builds the same model)
     net = build_model(model, train.task)
     _say(echo, f"model: {type(net).__name__} ({model.arch}), {net.num_parameters():,} parameters; task {train.task}")
     trainer = Trainer(net, train, train_set, val_set, collate_fn=collate, configs_to_save={"data": data},
@@ -410,6 +411,7 @@ def finetune(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
     _say(echo, f"data: {len(splits['train'])} train / {len(splits['validation'])} validation / "
                f"{len(splits['test'])} test examples, {len(splits['labels'])} labels {splits['labels']}",
          f"start: {start}")
+    seed_everything(train.seed)  # the initial weights (from scratch, or the new head) are the seed's
     net = build_model(config, "classification")
     collate = ClassificationCollator(tokenizer)
     trainer = Trainer(net, train, splits["train"], splits["validation"], collate_fn=collate,

@@ -150,6 +150,26 @@ def test_finetune_from_bert_on_a_csv_and_evaluate(work, bert_run):
     assert "(classification)" in out and "accuracy" in out
 
 
+def test_the_seed_decides_the_initial_weights(work, bert_run):
+    """--train.seed seeds the model's initialisation, not only the data order and dropout."""
+    import torch
+
+    from minillm import checkpoint
+
+    tokenizer = bert_run[0] / (bert_run[0] / "latest").read_text().strip() / "tokenizer.model"
+    weights = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        code, out, err = run("finetune", "--train.init_from=none", *TINY_MODEL, f"--data.tokenizer={tokenizer}",
+                             f"--data.train_file={work / 'train.csv'}", f"--data.validation_file={work / 'dev.csv'}",
+                             "--data.seq_len=32", *TINY_TRAIN, "--train.max_steps=1", "--train.lr=1e-30",
+                             f"--train.seed={seed}", f"--train.out_dir={work / ('seed-' + name)}")
+        assert code == 0, err
+        weights[name] = checkpoint.read_weights(work / f"seed-{name}")
+    assert all(torch.equal(weights["a"][n], weights["b"][n]) for n in weights["a"])
+    matrices = [n for n, w in weights["a"].items() if w.dim() == 2]
+    assert all(not torch.equal(weights["a"][n], weights["c"][n]) for n in matrices)
+
+
 def test_finetune_from_scratch_says_so(work, bert_run, monkeypatch):
     monkeypatch.chdir(work)  # no runs/pretrain-bert here
     tokenizer = bert_run[0] / (bert_run[0] / "latest").read_text().strip() / "tokenizer.model"
