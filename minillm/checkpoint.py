@@ -203,6 +203,27 @@ def mark_best(out_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> None
     _point_symlink(Path(out_dir), BEST, Path(checkpoint).name)
 
 
+def run_to_resume(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint a run in out_dir continues from (resume=True), or None for a fresh run.
+
+    Errors (before any work is done): resume=True with nothing to resume; a fresh run into an
+    out_dir that already holds one, unless overwrite=True (a finished run is never replaced by
+    accident).
+    """
+    out = Path(out_dir)
+    latest = latest_checkpoint(out)
+    if resume:
+        if latest is None:
+            raise FileNotFoundError(f"TrainConfig.resume: no checkpoint to resume in {out} (no '{LATEST}' file there)")
+        return latest
+    if latest is not None and not overwrite:
+        raise FileExistsError(
+            f"TrainConfig.out_dir: {out} already holds a run (latest checkpoint {latest.name}); "
+            f"set resume=true to continue it, overwrite=true to replace it, or choose another out_dir"
+        )
+    return None
+
+
 def clear_run(out_dir: str | os.PathLike) -> list[Path]:
     """Delete what a run wrote into out_dir (checkpoints, pointers, metrics, plot); nothing else."""
     out = Path(out_dir)

@@ -414,8 +414,12 @@ def finetune(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
     seed_everything(train.seed)  # the initial weights (from scratch, or the new head) are the seed's
     net = build_model(config, "classification")
     collate = ClassificationCollator(tokenizer)
+    saved = {"data": data, "labels": splits["labels"]}
+    if train.probe_steps and train.init_from is not None and not train.resume:
+        ckpt.run_to_resume(train.out_dir, train.resume, train.overwrite)  # a taken out_dir fails now, not after the probe
+        _probe_head(net, train, splits, collate, saved, tokenizer, echo)
     trainer = Trainer(net, train, splits["train"], splits["validation"], collate_fn=collate,
-                      configs_to_save={"data": data, "labels": splits["labels"]}, tokenizer=tokenizer, hooks=hooks)
+                      configs_to_save=saved, tokenizer=tokenizer, hooks=hooks)
     if before_fit is not None:
         before_fit()
     summary = trainer.fit()
@@ -431,6 +435,23 @@ def finetune(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
     return {"test": test, "majority_baseline": majority, "labels": splits["labels"], "start": start,
             "summary": summary, "out_dir": str(trainer.out_dir), "checkpoint": str(best if best.exists() else
                                                                                 ckpt.latest_checkpoint(trainer.out_dir))}
+
+
+def _probe_head(net, train: TrainConfig, splits: dict, collate, saved: dict, tokenizer, echo) -> None:
+    """LP-FT's first stage (TrainConfig.probe_steps): train only the new head of `net`, on the
+    frozen pretrained weights, in out_dir/probe. The fine-tuning Trainer built next re-applies
+    train.finetune_mode, so what trains after the probe is exactly what train asks for."""
+    probe = dataclasses.replace(
+        train, finetune_mode="freeze", freeze_layers=net.config.n_layers, lr=train.probe_lr,
+        max_steps=train.probe_steps, warmup_steps=min(train.warmup_steps, train.probe_steps), probe_steps=0,
+        early_stopping_patience=0, resume=False, overwrite=True, out_dir=str(Path(train.out_dir) / "probe"),
+    )
+    summary = Trainer(net, probe, splits["train"], splits["validation"], collate_fn=collate,
+                      configs_to_save=saved, tokenizer=tokenizer).fit()
+    final = summary["final"] or {}
+    _say(echo, f"probe: the head alone ({summary['trainable_parameters']:,} parameters) trained "
+               f"{summary['steps']} steps at lr {train.probe_lr:g}; validation {train.early_stopping_metric} "
+               f"{final.get(train.early_stopping_metric, float('nan')):.4f}; fine-tuning ({train.finetune_mode}) starts from it")
 
 
 @torch.no_grad()

@@ -107,6 +107,15 @@ class TrainConfig:
     """finetune_mode="freeze": number of leading blocks to freeze (embeddings are frozen too)."""
     layer_lr_decay: float = 1.0
     """Layer-wise LR decay: block i of L gets lr * decay^(L + 1 - (i + 1)); 1.0 disables it."""
+    probe_steps: int = 0
+    """Fine-tuning from pretrained weights: first train the new head alone for this many steps,
+    everything else frozen (a linear probe), then fine-tune from there: LP-FT (Kumar et al., 2022).
+    A random head's first gradients pull the pretrained features towards whatever fits it; a
+    probed head already fits the labels as well as the frozen features allow. 0 turns it off; it
+    is skipped from scratch (init_from=None) and when resuming. The probe run is kept in
+    out_dir/probe."""
+    probe_lr: float = 3e-3
+    """Peak learning rate of the probe (only the head trains, so it takes larger steps)."""
     init_from: str | None = None
     """Initial weights: a minillm checkpoint (or run directory) or a Hugging Face directory.
     Ignored when resuming: the run's own checkpoint already holds the fine-tuned weights."""
@@ -138,15 +147,18 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 fail(name, "an integer >= 1")
         for name in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-                     "early_stopping_patience", "freeze_layers", "num_workers"):
+                     "early_stopping_patience", "freeze_layers", "probe_steps", "num_workers"):
             if getattr(self, name) < 0:
                 fail(name, "an integer >= 0")
         if self.log_every < 1:
             fail("log_every", "an integer >= 1")
         if self.max_minutes is not None and not (self.max_minutes > 0 and math.isfinite(self.max_minutes)):
             fail("max_minutes", "None or a positive number of minutes")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            fail("lr", "a positive finite number")
+        for name in ("lr", "probe_lr"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                fail(name, "a positive finite number")
+        if self.probe_steps and self.task != "classification":
+            fail("probe_steps", "0 unless task='classification' (the probe trains a new classification head)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             fail("min_lr_ratio", "a number in [0, 1]")
         if not 0.0 <= self.weight_decay < 1.0:

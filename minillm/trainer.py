@@ -298,19 +298,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
 
     def _check_out_dir(self) -> Path | None:
-        latest = ckpt.latest_checkpoint(self.out_dir)
-        if self.config.resume:
-            if latest is None:
-                raise FileNotFoundError(
-                    f"TrainConfig.resume: no checkpoint to resume in {self.out_dir} (no '{ckpt.LATEST}' file there)"
-                )
-            return latest
-        if latest is not None and not self.config.overwrite:
-            raise FileExistsError(
-                f"TrainConfig.out_dir: {self.out_dir} already holds a run (latest checkpoint {latest.name}); "
-                f"set resume=true to continue it, overwrite=true to replace it, or choose another out_dir"
-            )
-        if latest is not None and self.is_main:
+        resume_from = ckpt.run_to_resume(self.out_dir, self.config.resume, self.config.overwrite)
+        if resume_from:
+            return resume_from
+        if ckpt.latest_checkpoint(self.out_dir) is not None and self.is_main:
             ckpt.clear_run(self.out_dir)
         if self.world > 1:
             dist.barrier()  # no rank looks at out_dir before rank 0 has cleared it

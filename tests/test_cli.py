@@ -150,6 +150,47 @@ def test_finetune_from_bert_on_a_csv_and_evaluate(work, bert_run):
     assert "(classification)" in out and "accuracy" in out
 
 
+def test_finetune_probes_the_head_first_then_fine_tunes_from_it(work, bert_run):
+    """LP-FT: during the probe only the head moves; the fine-tune starts from the probed model."""
+    import torch
+
+    from minillm import checkpoint
+    from minillm.lora import head_parameters
+
+    out_dir = work / "lpft"
+    task = [f"--data.train_file={work / 'train.csv'}", f"--data.validation_file={work / 'dev.csv'}", "--data.seq_len=32"]
+    # lr 1e-30: the fine-tune itself moves nothing, so its weights are where it started
+    code, out, err = run("finetune", f"--train.init_from={bert_run[0]}", *task, *TINY_TRAIN, "--train.lr=1e-30",
+                         "--train.probe_steps=5", "--train.probe_lr=1e-2", f"--train.out_dir={out_dir}")
+    assert code == 0, err
+    # the same run without the probe: the pretrained body and the seed's fresh head
+    code, no_probe_out, err = run("finetune", f"--train.init_from={bert_run[0]}", *task, *TINY_TRAIN,
+                                  "--train.lr=1e-30", f"--train.out_dir={work / 'no-probe'}")
+    assert code == 0, err
+    assert "probe:" not in no_probe_out and not (work / "no-probe" / "probe").exists()
+    start = checkpoint.read_weights(work / "no-probe")
+    probed = checkpoint.read_weights(out_dir / "probe")
+    finetuned = checkpoint.read_weights(out_dir)
+    model, _, _ = checkpoint.load_model(out_dir)
+    head = {name for name, p in model.named_parameters() if any(p is q for q in head_parameters(model))}
+    assert f"probe: the head alone ({sum(probed[n].numel() for n in head):,} parameters) trained 5 steps" in out
+    body = [name for name in probed if name not in head]
+    assert body and all(torch.equal(probed[n], start[n]) for n in body)  # frozen: bit for bit
+    assert all(not torch.equal(probed[n], start[n]) for n in head)  # the probe trained the head
+    assert all(torch.equal(finetuned[n], probed[n]) for n in probed)  # the fine-tune started from the probe
+
+    # a taken out_dir is refused before the probe runs again
+    code, out, err = run("finetune", f"--train.init_from={bert_run[0]}", *task, *TINY_TRAIN,
+                         "--train.probe_steps=5", f"--train.out_dir={out_dir}")
+    assert code == 2 and "already holds a run" in err and "probe:" not in out
+    # from scratch there is nothing to probe: the option is skipped
+    tokenizer = bert_run[0] / (bert_run[0] / "latest").read_text().strip() / "tokenizer.model"
+    code, out, err = run("finetune", "--train.init_from=none", *TINY_MODEL, f"--data.tokenizer={tokenizer}", *task,
+                         *TINY_TRAIN, "--train.probe_steps=5", f"--train.out_dir={work / 'lpft-scratch'}")
+    assert code == 0, err
+    assert "probe:" not in out and not (work / "lpft-scratch" / "probe").exists()
+
+
 def test_the_seed_decides_the_initial_weights(work, bert_run):
     """--train.seed seeds the model's initialisation, not only the data order and dropout."""
     import torch
