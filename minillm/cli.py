@@ -20,6 +20,7 @@ with status 2. ``MINILLM_DEBUG=1`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overrides, rest = config_io.parse_overrides(argv)
         args = parser.parse_args(rest)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports; errors still reach stderr
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return COMMANDS[args.command](args, overrides)
         return COMMANDS[args.command](args, overrides)
     except (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         if os.environ.get("MINILLM_DEBUG"):

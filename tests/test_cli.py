@@ -74,6 +74,15 @@ def bert_run(work):
     return out_dir, out
 
 
+def test_only_rank_zero_prints_under_torchrun(work, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    code, out, err = run("prepare", *data_args(work))
+    assert code == 0 and out == "", err
+    monkeypatch.setenv("RANK", "0")
+    code, out, err = run("prepare", *data_args(work))
+    assert code == 0 and "[data]" in out and "tokenizer" in out
+
+
 def test_pretrain_gpt_writes_checkpoint_metrics_plot_and_config(gpt_run):
     out_dir, out = gpt_run
     checkpoint = out_dir / (out_dir / "latest").read_text().strip()
