@@ -58,7 +58,10 @@ PRETRAIN_DEFAULTS = {
 }
 
 # About 3 epochs of the stdlib task's 6,355 training docstrings.
+# probe_steps: LP-FT from a pretrained checkpoint (skipped from scratch); it lifted the pretrained
+# BERT's test accuracy in 7 of 8 paired seeds, +3.6 points on average (README, Known limits).
 FINETUNE_DEFAULTS = {"batch_size": 32, "max_steps": 600, "max_minutes": 4.5, "lr": 1e-3, "warmup_steps": 60,
+                     "probe_steps": 600,
                      "eval_every": 100, "eval_batches": 0, "checkpoint_every": 0, "log_every": 10,
                      "weight_decay": 0.01, "early_stopping_metric": "mcc"}  # imbalanced classes: accuracy favours the majority
 # The classifier reads the mean of the hidden states: from scratch, a [CLS] summary is slow to learn.
