@@ -424,7 +424,7 @@ class Trainer:
         finally:
             bar.close()
         train_seconds = time.perf_counter() - start
-        if stop_reason == "max_minutes" and self.is_main:
+        if stop_reason == "max_minutes" and self.step < c.max_steps and self.is_main:
             self._warn_schedule_cut(lr)
 
         if self.eval_data is not None and (self.last_eval is None or self.last_eval["step"] != self.step):
