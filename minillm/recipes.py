@@ -416,7 +416,7 @@ def finetune(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
     collate = ClassificationCollator(tokenizer)
     saved = {"data": data, "labels": splits["labels"]}
     if train.probe_steps and train.init_from is not None and not train.resume:
-        ckpt.run_to_resume(train.out_dir, train.resume, train.overwrite)  # a taken out_dir fails now, not after the probe
+        ckpt.run_to_resume(train.out_dir, resume=False, overwrite=train.overwrite)  # a taken out_dir fails now, not after the probe
         _probe_head(net, train, splits, collate, saved, tokenizer, echo)
     trainer = Trainer(net, train, splits["train"], splits["validation"], collate_fn=collate,
                       configs_to_save=saved, tokenizer=tokenizer, hooks=hooks)
