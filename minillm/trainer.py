@@ -424,7 +424,7 @@ class Trainer:
         finally:
             bar.close()
         train_seconds = time.perf_counter() - start
-        if stop_reason == "max_minutes" and self.step < c.max_steps and self.is_main:
+        if stop_reason == "max_minutes" and self.is_main:
             self._warn_schedule_cut(lr)
 
         if self.eval_data is not None and (self.last_eval is None or self.last_eval["step"] != self.step):
@@ -457,7 +457,7 @@ class Trainer:
         """max_minutes ended the run before max_steps: the schedule's horizon is max_steps, so the
         learning rate never finished its decay. Say so, and what max_steps fits the budget."""
         c = self.config
-        if c.schedule == "constant":
+        if c.schedule == "constant" or self.step >= c.max_steps:  # nothing left undecayed
             return
         warnings.warn(
             f"TrainConfig.max_minutes={c.max_minutes:g} stopped the run at step {self.step} of max_steps={c.max_steps}: "
