@@ -326,7 +326,7 @@ def classification_data(data: DataConfig, tokenizer: Tokenizer) -> dict:
     train/validation files (CSV/TSV/JSONL or a GLUE layout); the validation file is also the test.
     """
     if data.train_file in (None, DEFAULT_TASK_FILE):
-        task = stdlib_classification_task()
+        task = stdlib_classification_task(data.stdlib_classes)
         splits = {name: examples_from_pairs(getattr(task, name), task.labels, f"stdlib:{name}")
                   for name in ("train", "validation", "test")}
     else:
