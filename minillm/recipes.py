@@ -56,11 +56,8 @@ from minillm.data import (
     Seq2SeqCollator,
     SpanCorruptionDataset,
     TokenShards,
-    examples_from_pairs,
+    classification_examples,
     prepare_from_config,
-    read_classification,
-    read_glue,
-    stdlib_classification_task,
 )
 from minillm.generation import generate, generate_seq2seq
 from minillm.metrics import classification_metrics, confusion_matrix
@@ -325,22 +322,9 @@ def classification_data(data: DataConfig, tokenizer: Tokenizer) -> dict:
     ``data.train_file == "default"``: the embedded stdlib task (its own test split). Otherwise the
     train/validation files (CSV/TSV/JSONL or a GLUE layout); the validation file is also the test.
     """
-    if data.train_file in (None, DEFAULT_TASK_FILE):
-        task = stdlib_classification_task(data.stdlib_classes)
-        splits = {name: examples_from_pairs(getattr(task, name), task.labels, f"stdlib:{name}")
-                  for name in ("train", "validation", "test")}
-    else:
-        if data.validation_file is None:
-            raise ValueError("DataConfig.validation_file: required with a train_file (it is the held-out set)")
-        if data.glue_task is not None:
-            train = read_glue(data.glue_task, data.train_file, errors=data.encoding_errors)
-            validation = read_glue(data.glue_task, data.validation_file, errors=data.encoding_errors)
-        else:
-            train = read_classification(data.train_file, data.text_field, data.label_field, data.text_pair_field,
-                                        errors=data.encoding_errors)
-            validation = read_classification(data.validation_file, data.text_field, data.label_field,
-                                             data.text_pair_field, train.label_map, errors=data.encoding_errors)
-        splits = {"train": train, "validation": validation, "test": validation}
+    if data.train_file not in (None, DEFAULT_TASK_FILE) and data.validation_file is None:
+        raise ValueError("DataConfig.validation_file: required with a train_file (it is the held-out set)")
+    splits = classification_examples(dataclasses.replace(data, train_file=data.train_file or DEFAULT_TASK_FILE))
     out = {name: ClassificationDataset(examples, tokenizer, data.seq_len) for name, examples in splits.items()}
     out["labels"] = splits["train"].label_map.names
     out["label_ids"] = {name: examples.labels for name, examples in splits.items()}

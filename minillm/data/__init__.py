@@ -59,7 +59,7 @@ from minillm.data.corpus import Corpus, Document
 from minillm.data.default_corpus import build_default_corpus, default_corpus_documents, stdlib_classification_task
 from minillm.data.mlm import MLMCollator, MLMDataset
 from minillm.data.nsp import NSPCollator, NSPDataset
-from minillm.data.pipeline import DataBundle, build_data
+from minillm.data.pipeline import DataBundle, build_data, classification_examples
 from minillm.data.prepare import PrepareResult, prepare_from_config
 from minillm.data.seq2seq import (
     Seq2SeqCollator,
@@ -75,6 +75,6 @@ __all__ = [
     "ClassificationExamples", "LabelMap", "examples_from_pairs", "read_classification", "read_glue",
     "IGNORE_INDEX", "DataConfig", "Corpus", "Document", "build_default_corpus", "default_corpus_documents",
     "stdlib_classification_task", "MLMCollator", "MLMDataset", "NSPCollator", "NSPDataset", "PrepareResult",
-    "prepare_from_config", "DataBundle", "build_data", "Seq2SeqCollator", "Seq2SeqPairDataset", "SpanCorruptionDataset",
+    "prepare_from_config", "DataBundle", "build_data", "classification_examples", "Seq2SeqCollator", "Seq2SeqPairDataset", "SpanCorruptionDataset",
     "read_seq2seq_pairs", "span_corruption", "TokenShards",
 ]

@@ -36,6 +36,7 @@ from minillm.data.causal import CausalLMCollator, CausalLMDataset
 from minillm.data.classification import (
     ClassificationCollator,
     ClassificationDataset,
+    ClassificationExamples,
     LabelMap,
     examples_from_pairs,
     read_classification,
@@ -71,15 +72,20 @@ def _require_tokenizer(config: DataConfig) -> Tokenizer:
     return Tokenizer.load(config.tokenizer)
 
 
-def _classification(config: DataConfig) -> DataBundle:
-    tok = _require_tokenizer(config)
+def classification_examples(config: DataConfig) -> dict[str, ClassificationExamples | None]:
+    """{"train", "validation", "test"} examples of a classification config.
+
+    ``train_file="default"``: the embedded stdlib-package task with ``config.stdlib_classes``
+    named packages, and its own test split. Otherwise the train and validation files (GLUE layout
+    with ``glue_task``); the validation file is also the test set, and both are None without one.
+    """
     if config.train_file == "default":  # the embedded stdlib-package task
         from minillm.data.default_corpus import stdlib_classification_task
 
         task = stdlib_classification_task(config.stdlib_classes)
-        train = examples_from_pairs(task.train, task.labels, "stdlib:train")
-        validation = examples_from_pairs(task.validation, task.labels, "stdlib:validation")
-    elif config.glue_task is not None:
+        return {name: examples_from_pairs(getattr(task, name), task.labels, f"stdlib:{name}")
+                for name in ("train", "validation", "test")}
+    if config.glue_task is not None:
         train = read_glue(config.glue_task, config.train_file, errors=config.encoding_errors)
         validation = read_glue(config.glue_task, config.validation_file, errors=config.encoding_errors) \
             if config.validation_file else None
@@ -89,12 +95,18 @@ def _classification(config: DataConfig) -> DataBundle:
         train = read_classification(config.train_file, **read)
         validation = read_classification(config.validation_file, label_map=train.label_map, **read) \
             if config.validation_file else None
+    return {"train": train, "validation": validation, "test": validation}
+
+
+def _classification(config: DataConfig) -> DataBundle:
+    tok = _require_tokenizer(config)
+    splits = classification_examples(config)
     return DataBundle(
         tok,
-        ClassificationDataset(train, tok, config.seq_len),
-        ClassificationDataset(validation, tok, config.seq_len) if validation is not None else None,
+        ClassificationDataset(splits["train"], tok, config.seq_len),
+        ClassificationDataset(splits["validation"], tok, config.seq_len) if splits["validation"] else None,
         ClassificationCollator(tok),
-        label_map=train.label_map,
+        label_map=splits["train"].label_map,
     )
 
 
