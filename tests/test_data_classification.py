@@ -10,8 +10,10 @@ from minillm.data.classification import (
     LabelMap,
     read_classification,
     read_glue,
+    sample_examples,
 )
 from minillm.data.config import DataConfig
+from minillm.data.pipeline import classification_examples
 from minillm.data.seq2seq import Seq2SeqCollator, Seq2SeqPairDataset, read_seq2seq_pairs
 from minillm.tokenizer import CLS_ID, EOS_ID, SEP_ID, Tokenizer
 
@@ -120,10 +122,32 @@ def test_data_config_validation():
     config = DataConfig(seq_len=128, objective="mlm", whole_word_mask=True)
     assert DataConfig.from_dict(config.to_dict()) == config
     for field, value in [("seq_len", 2), ("val_fraction", 1.0), ("objective", "rlhf"), ("model_type", "wordpiece"),
-                         ("mlm_probability", 0.0), ("inputs", []), ("glue_task", "stsb"), ("random_ratio", 0.5)]:
+                         ("mlm_probability", 0.0), ("inputs", []), ("glue_task", "stsb"), ("random_ratio", 0.5),
+                         ("train_examples", -1)]:
         with pytest.raises(ValueError, match=rf"DataConfig\.{field}:"):
             DataConfig(**{field: value})
     with pytest.raises(ValueError, match=r"DataConfig.train_file:"):
         DataConfig(objective="classification")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['seq_length'\]"):
         DataConfig.from_dict({"seq_length": 3})
+
+
+def test_a_label_budget_samples_the_training_split(tmp_path):
+    rows = [f"text {i} {'good' if i % 3 else 'bad'},{'pos' if i % 3 else 'neg'}" for i in range(30)]
+    (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "dev.csv").write_text("text,label\nsome good text,pos\nsome bad text,neg\n")
+    files = dict(objective="classification", train_file=str(tmp_path / "train.csv"),
+                 validation_file=str(tmp_path / "dev.csv"))
+    full = classification_examples(DataConfig(**files))
+    few = classification_examples(DataConfig(**files, train_examples=8, seed=1))
+    assert len(full["train"]) == 30 and len(few["train"]) == 8
+    positions = [full["train"].texts.index(text) for text in few["train"].texts]
+    assert positions == sorted(positions) and len(set(positions)) == 8  # distinct, in file order
+    assert few["train"].labels == [full["train"].labels[i] for i in positions]  # labels stay with their texts
+    assert few["train"].label_map.names == full["train"].label_map.names
+    assert few["validation"].texts == full["validation"].texts  # held-out data untouched
+    again = classification_examples(DataConfig(**files, train_examples=8, seed=1))
+    other = classification_examples(DataConfig(**files, train_examples=8, seed=2))
+    assert again["train"].texts == few["train"].texts and other["train"].texts != few["train"].texts
+    with pytest.raises(ValueError, match=r"DataConfig.train_examples: got 31, expected 1..30"):
+        sample_examples(full["train"], 31, seed=0)

@@ -52,6 +52,7 @@ from minillm.data.classification import (
     examples_from_pairs,
     read_classification,
     read_glue,
+    sample_examples,
 )
 from minillm.data.collate import IGNORE_INDEX
 from minillm.data.config import DataConfig
@@ -73,6 +74,7 @@ from minillm.data.shards import TokenShards
 __all__ = [
     "CausalLMCollator", "CausalLMDataset", "GLUE_TASKS", "ClassificationCollator", "ClassificationDataset",
     "ClassificationExamples", "LabelMap", "examples_from_pairs", "read_classification", "read_glue",
+    "sample_examples",
     "IGNORE_INDEX", "DataConfig", "Corpus", "Document", "build_default_corpus", "default_corpus_documents",
     "stdlib_classification_task", "MLMCollator", "MLMDataset", "NSPCollator", "NSPDataset", "PrepareResult",
     "prepare_from_config", "DataBundle", "build_data", "classification_examples", "Seq2SeqCollator", "Seq2SeqPairDataset", "SpanCorruptionDataset",

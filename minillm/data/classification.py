@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,22 @@ def read_classification(
             label_map = LabelMap.from_labels(raw_labels)
         labels = [label_map.id(label, where) for label, where in zip(raw_labels, wheres)]
     return ClassificationExamples(texts, pairs if text_pair_field else None, labels, label_map, str(path))
+
+
+def sample_examples(examples: ClassificationExamples, n: int, seed: int) -> ClassificationExamples:
+    """``n`` of ``examples`` drawn at random without replacement (``seed``), in their original
+    order; the label map is kept, so label ids do not change."""
+    if not 0 < n <= len(examples):
+        raise ValueError(f"DataConfig.train_examples: got {n}, expected 1..{len(examples)} ({examples.source} "
+                         f"has {len(examples)} examples; 0 keeps them all)")
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return ClassificationExamples(
+        [examples.texts[i] for i in keep],
+        [examples.text_pairs[i] for i in keep] if examples.text_pairs is not None else None,
+        [examples.labels[i] for i in keep] if examples.labels is not None else None,
+        examples.label_map,
+        f"{examples.source} ({n} sampled, seed {seed})",
+    )
 
 
 def examples_from_pairs(pairs: list[tuple[str, int]], label_names: list[str], source: str) -> ClassificationExamples:

@@ -71,6 +71,9 @@ class DataConfig:
     ``"default"`` is the built-in stdlib-package task (classification only)."""
     stdlib_classes: int = 8
     """Classification on ``train_file="default"``: number of named packages (plus "other")."""
+    train_examples: int = 0
+    """Classification: train on this many examples, a random sample (``seed``) of the training
+    split, to see how a model fares with few labels; 0 keeps them all."""
     validation_file: str | None = None
     """Classification / seq2seq pairs: validation file."""
     label_field: str = "label"
@@ -107,6 +110,8 @@ class DataConfig:
         check(0.0 < self.noise_density < 1.0, "noise_density", "a float in (0, 1)")
         check(self.mean_span_length >= 1.0, "mean_span_length", "a float >= 1")
         check(isinstance(self.stdlib_classes, int) and self.stdlib_classes >= 1, "stdlib_classes", "an int >= 1")
+        check(isinstance(self.train_examples, int) and self.train_examples >= 0, "train_examples",
+              "an int >= 0 (0: every training example)")
         if self.objective == "classification":
             check(self.train_file is not None, "train_file", "a file path when objective='classification'")
         if self.glue_task is not None:

@@ -41,6 +41,7 @@ from minillm.data.classification import (
     examples_from_pairs,
     read_classification,
     read_glue,
+    sample_examples,
 )
 from minillm.data.config import DataConfig
 from minillm.data.mlm import MLMCollator, MLMDataset
@@ -78,24 +79,29 @@ def classification_examples(config: DataConfig) -> dict[str, ClassificationExamp
     ``train_file="default"``: the embedded stdlib-package task with ``config.stdlib_classes``
     named packages, and its own test split. Otherwise the train and validation files (GLUE layout
     with ``glue_task``); the validation file is also the test set, and both are None without one.
+    ``train_examples > 0`` keeps that many training examples, sampled with ``seed``.
     """
     if config.train_file == "default":  # the embedded stdlib-package task
         from minillm.data.default_corpus import stdlib_classification_task
 
         task = stdlib_classification_task(config.stdlib_classes)
-        return {name: examples_from_pairs(getattr(task, name), task.labels, f"stdlib:{name}")
-                for name in ("train", "validation", "test")}
-    if config.glue_task is not None:
-        train = read_glue(config.glue_task, config.train_file, errors=config.encoding_errors)
-        validation = read_glue(config.glue_task, config.validation_file, errors=config.encoding_errors) \
-            if config.validation_file else None
+        splits = {name: examples_from_pairs(getattr(task, name), task.labels, f"stdlib:{name}")
+                  for name in ("train", "validation", "test")}
     else:
-        read = dict(text_field=config.text_field, label_field=config.label_field,
-                    text_pair_field=config.text_pair_field, errors=config.encoding_errors)
-        train = read_classification(config.train_file, **read)
-        validation = read_classification(config.validation_file, label_map=train.label_map, **read) \
-            if config.validation_file else None
-    return {"train": train, "validation": validation, "test": validation}
+        if config.glue_task is not None:
+            train = read_glue(config.glue_task, config.train_file, errors=config.encoding_errors)
+            validation = read_glue(config.glue_task, config.validation_file, errors=config.encoding_errors) \
+                if config.validation_file else None
+        else:
+            read = dict(text_field=config.text_field, label_field=config.label_field,
+                        text_pair_field=config.text_pair_field, errors=config.encoding_errors)
+            train = read_classification(config.train_file, **read)
+            validation = read_classification(config.validation_file, label_map=train.label_map, **read) \
+                if config.validation_file else None
+        splits = {"train": train, "validation": validation, "test": validation}
+    if config.train_examples:
+        splits["train"] = sample_examples(splits["train"], config.train_examples, config.seed)
+    return splits
 
 
 def _classification(config: DataConfig) -> DataBundle:
