@@ -100,7 +100,8 @@ class MetricsLog:
     Each record is ``{"step": int, "kind": "train" | "eval", <metric>: float, ...}``. The CSV has
     the union of all columns seen so far and is rewritten (atomically) on every write, so a new
     metric never corrupts its header. With ``enabled=False`` (DDP ranks other than 0) nothing is
-    written. TensorBoard scalars are written too when ``torch.utils.tensorboard`` imports.
+    written. TensorBoard scalars (``<kind>/<metric>``, in ``tensorboard/``) are written too when
+    ``torch.utils.tensorboard`` imports (``pip install tensorboard``).
     """
 
     def __init__(self, out_dir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
@@ -121,7 +122,9 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return
-        self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
+        # Resumed: TensorBoard hides the old run's events from resume_step + 1 on, as the log does.
+        purge_step = resume_step + 1 if resume_step is not None else None
+        self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, kind: str, values: dict[str, float]) -> None:
         record = {"step": step, "kind": kind, **{k: float(v) for k, v in values.items()}}

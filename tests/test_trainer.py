@@ -24,6 +24,7 @@ from minillm import checkpoint as ckpt
 from minillm.config import ModelConfig
 from minillm.metrics import (
     MetricsLog, accuracy, binary_f1, classification_metrics, confusion_matrix, macro_f1, mcc, perplexity, plot_metrics,
+    read_metrics,
 )
 from minillm.model import build_model
 from minillm.train_config import TrainConfig
@@ -526,6 +527,37 @@ def test_metrics_log_resume_truncates_and_plots(tmp_path):
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,kind,loss,lr,val_loss,accuracy" and rows[-1] == "3,eval,,,2.0,0.5"
     assert plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_tensorboard_scalars_follow_the_log_through_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(tag):
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    log = MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        log.log(step, "train", {"loss": 4.0 - step})
+    log.log(3, "eval", {"val_loss": 2.5})
+    log.close()
+    assert scalars("train/loss") == [(1, 3.0), (2, 2.0), (3, 1.0)] and scalars("eval/val_loss") == [(3, 2.5)]
+    again = MetricsLog(tmp_path, resume_step=2)  # resumed from step 2: step 3 is redone
+    again.log(3, "train", {"loss": 0.5})
+    again.close()
+    assert scalars("train/loss") == [(1, 3.0), (2, 2.0), (3, 0.5)]
+
+
+def test_without_tensorboard_the_log_is_written_all_the_same(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
+    log = MetricsLog(tmp_path)
+    log.log(1, "train", {"loss": 3.0})
+    log.close()
+    assert log.tensorboard is None and not (tmp_path / "tensorboard").exists()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "kind": "train", "loss": 3.0}]
 
 
 def test_plot_metrics_leaves_the_matplotlib_backend_alone(tmp_path):
