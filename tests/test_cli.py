@@ -201,6 +201,42 @@ def test_finetune_probes_the_head_first_then_fine_tunes_from_it(work, bert_run):
     assert "probe:" not in out and not (work / "lpft-scratch" / "probe").exists()
 
 
+def test_finetune_with_a_probe_under_torchrun_matches_one_process(work, bert_run):
+    """Two gloo processes with batch 2 each fine-tune (probe, then full) to the weights one process
+    gets with batch 4; only rank 0 reports."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from minillm import checkpoint
+
+    task = [f"--train.init_from={bert_run[0]}", f"--data.train_file={work / 'train.csv'}",
+            f"--data.validation_file={work / 'dev.csv'}", "--data.seq_len=32", *TINY_TRAIN, "--train.probe_steps=3"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         "-m", "minillm.cli", "finetune", *task, "--train.batch_size=2", f"--train.out_dir={work / 'ddp-lpft'}"],
+        env=env, capture_output=True, text=True, timeout=240, cwd=work,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("probe: the head alone") == 1 and result.stdout.count("test accuracy") == 1
+    code, out, err = run("finetune", *task, "--train.batch_size=4", f"--train.out_dir={work / 'one-lpft'}")
+    assert code == 0, err
+    for stage in ("probe", ""):
+        two, one = checkpoint.read_weights(work / "ddp-lpft" / stage), checkpoint.read_weights(work / "one-lpft" / stage)
+        assert two.keys() == one.keys()
+        for name in one:
+            if not name.endswith("k_proj.bias"):  # see tests/test_trainer.py: a zero gradient up to rounding
+                torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{stage or 'final'}: {name}")
+
+
 def test_the_seed_decides_the_initial_weights(work, bert_run):
     """--train.seed seeds the model's initialisation, not only the data order and dropout."""
     import torch
