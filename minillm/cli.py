@@ -67,7 +67,8 @@ FINETUNE_DEFAULTS = {"batch_size": 32, "max_steps": 600, "max_minutes": 4.5, "lr
 # The classifier reads the mean of the hidden states: from scratch, a [CLS] summary is slow to learn.
 FINETUNE_MODEL = {"classifier_pooling": "mean"}
 
-BENCHMARKS = ("attention", "layer_norm", "data", "train")
+BENCHMARKS = ("attention", "layer_norm", "data", "train")  # `bench all`: the speed benchmarks
+EXPERIMENTS = ("finetune",)  # minutes to an hour: run by name only (pretrained vs scratch)
 
 
 class UsageError(Exception):
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
                        description="Runs benchmarks/NAME.py with the remaining arguments (their own --help).")
-    p.add_argument("name", choices=(*BENCHMARKS, "all"))
+    p.add_argument("name", choices=(*BENCHMARKS, *EXPERIMENTS, "all"))
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return parser
 

@@ -383,7 +383,8 @@ def finetune(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
     from scratch when it is None (``model`` then gives the architecture). The best checkpoint by
     ``train.early_stopping_metric`` on the validation split is evaluated on the test split.
 
-    Returns {"test": metrics, "majority_baseline", "labels", "start", "summary", "out_dir", ...}.
+    Returns {"test": metrics, "majority_baseline", "labels", "start", "n_train" (training examples),
+    "summary", "out_dir", ...}.
     """
     if train.task != "classification":
         raise ValueError(f"TrainConfig.task: fine-tuning trains 'classification', got {train.task!r}")
@@ -417,6 +418,7 @@ def finetune(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=p
          f"test accuracy {test['accuracy']:.1%} (macro-F1 {test['macro_f1']:.3f}, MCC {test['mcc']:.3f}) vs "
          f"majority-class baseline {majority:.1%}; started from {start}")
     return {"test": test, "majority_baseline": majority, "labels": splits["labels"], "start": start,
+            "n_train": len(splits["train"]),
             "summary": summary, "out_dir": str(trainer.out_dir), "checkpoint": str(best if best.exists() else
                                                                                 ckpt.latest_checkpoint(trainer.out_dir))}
 

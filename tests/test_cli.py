@@ -237,6 +237,31 @@ def test_finetune_with_a_probe_under_torchrun_matches_one_process(work, bert_run
                 torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{stage or 'final'}: {name}")
 
 
+def test_pretraining_gain_benchmark_pairs_each_seed_across_the_arms(work, bert_run, tmp_path, monkeypatch):
+    """benchmarks/finetune.py: every seed and budget from the checkpoint and from scratch, paired."""
+    import importlib
+    from pathlib import Path
+
+    # importable by name, as the worker processes (spawned) import it to find their function
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("finetune")
+    task = [f"--data.train_file={work / 'train.csv'}", f"--data.validation_file={work / 'dev.csv'}", "--data.seq_len=32"]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        summary = bench.main(["--init", str(bert_run[0]), "--seeds", "0", "1", "--train-examples", "40", "0",
+                              "--jobs", "1", "--results", str(tmp_path), *task, *TINY_TRAIN])
+    assert "gain" in out.getvalue() and (tmp_path / "finetune_cpu.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "finetune_cpu.json").read_text())["rows"] == summary["rows"]
+    runs = summary["runs"]
+    assert len(runs) == 8 and {(r["arm"], r["seed"], r["train_examples"]) for r in runs} == {
+        (arm, seed, n) for arm in ("pretrained", "scratch") for seed in (0, 1) for n in (40, 0)}
+    assert all(("scratch" in r["start"]) == (r["arm"] == "scratch") for r in runs)
+    assert [row["n_train"] for row in summary["rows"]] == [40, 120]  # the budget, then all of train.csv
+    for row in summary["rows"]:
+        by = {(r["arm"], r["seed"]): r["test"]["mcc"] for r in runs if r["train_examples"] == row["train_examples"]}
+        assert row["gain_mcc"] == [by["pretrained", s] - by["scratch", s] for s in (0, 1)]
+        assert row["gain_mcc_mean"] == pytest.approx(sum(row["gain_mcc"]) / 2)
+
+
 def test_the_seed_decides_the_initial_weights(work, bert_run):
     """--train.seed seeds the model's initialisation, not only the data order and dropout."""
     import torch
