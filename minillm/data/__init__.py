@@ -73,10 +73,9 @@ from minillm.data.shards import TokenShards
 
 __all__ = [
     "CausalLMCollator", "CausalLMDataset", "GLUE_TASKS", "ClassificationCollator", "ClassificationDataset",
-    "ClassificationExamples", "LabelMap", "examples_from_pairs", "read_classification", "read_glue",
-    "sample_examples",
+    "ClassificationExamples", "LabelMap", "examples_from_pairs", "read_classification", "read_glue", "sample_examples",
     "IGNORE_INDEX", "DataConfig", "Corpus", "Document", "build_default_corpus", "default_corpus_documents",
     "stdlib_classification_task", "MLMCollator", "MLMDataset", "NSPCollator", "NSPDataset", "PrepareResult",
-    "prepare_from_config", "DataBundle", "build_data", "classification_examples", "Seq2SeqCollator", "Seq2SeqPairDataset", "SpanCorruptionDataset",
-    "read_seq2seq_pairs", "span_corruption", "TokenShards",
+    "prepare_from_config", "DataBundle", "build_data", "classification_examples", "Seq2SeqCollator",
+    "Seq2SeqPairDataset", "SpanCorruptionDataset", "read_seq2seq_pairs", "span_corruption", "TokenShards",
 ]
