@@ -8,7 +8,9 @@ Each run is `minillm finetune --model bert` (the embedded stdlib-package task un
 otherwise), once from `--init` and once from scratch (`--train.init_from=none`, the checkpoint's
 architecture and tokenizer), for every seed and every label budget (`--data.train_examples`, 0 =
 all). The seed sets the initial weights, the data order and which examples a budget keeps; the two
-arms of a seed see the same examples. Runs go `--jobs` at a time, each with cores / jobs threads.
+arms of a seed see the same examples. Both arms take the same fine-tuning settings; the head-only
+probe (`train.probe_steps`, on by default) runs in the pretrained arm only, as in `minillm finetune`,
+since from scratch there is nothing to probe. Runs go `--jobs` at a time, each with cores / jobs threads.
 
 Reported per budget: test accuracy and MCC, mean and standard deviation over seeds, for both arms,
 and the paired difference pretrained - scratch (same seed) with how many seeds it is positive; the
