@@ -46,7 +46,6 @@ def fine_tune(job: dict) -> dict:
     import dataclasses
 
     from minillm import checkpoint, cli, config_io, recipes
-    from minillm.config import ModelConfig
 
     overrides = {**job["overrides"], "train.seed": str(job["seed"]), "data.seed": str(job["seed"]),
                  "data.train_examples": str(job["train_examples"]), "train.out_dir": job["out_dir"],
@@ -54,8 +53,7 @@ def fine_tune(job: dict) -> dict:
     c = config_io.load_configs(cli.SECTIONS, job["config"], overrides, cli.defaults_for("finetune", "bert"))
     if job["arm"] == "scratch":  # the checkpoint's architecture and tokenizer, not its weights
         saved = checkpoint.resolve_checkpoint(job["init"])
-        ours = {name: getattr(c["model"], name) for name in checkpoint.RUNTIME_FIELDS + checkpoint.HEAD_FIELDS}
-        c["model"] = ModelConfig.from_dict({**checkpoint.read_configs(saved)["model"], **ours})
+        c["model"] = checkpoint.saved_architecture(saved, c["model"])
         c["data"] = dataclasses.replace(c["data"], tokenizer=str(saved / checkpoint.TOKENIZER))
         c["train"] = dataclasses.replace(c["train"], init_from=None)
     result = recipes.finetune(c["model"], c["data"], c["train"], echo=lambda *lines: None)
@@ -68,7 +66,8 @@ def summarise(runs: list[dict]) -> list[dict]:
     """Mean/std per (budget, arm) and the paired pretrained - scratch differences."""
     rows = []
     for budget in sorted({r["train_examples"] for r in runs}, key=lambda n: n or float("inf")):
-        by_arm = {arm: {r["seed"]: r for r in runs if r["train_examples"] == budget and r["arm"] == arm} for arm in ARMS}
+        by_arm = {arm: {r["seed"]: r for r in runs if r["train_examples"] == budget and r["arm"] == arm}
+                  for arm in ARMS}
         seeds = sorted(set(by_arm["pretrained"]) & set(by_arm["scratch"]))
         first = by_arm["scratch"][seeds[0]]
         row = {"train_examples": budget, "n_train": first["n_train"], "seeds": seeds,
@@ -94,8 +93,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax = fig.add_subplot()
     x = [r["n_train"] for r in rows]
     for arm, style, shift in zip(ARMS, ("o-", "s--"), (1.0, 1.03)):  # shifted so the error bars do not overlap
-        ax.errorbar([n * shift for n in x], [r[f"{arm}_mcc_mean"] for r in rows], yerr=[r[f"{arm}_mcc_std"] for r in rows],
-                    fmt=style, capsize=3, label=arm)
+        ax.errorbar([n * shift for n in x], [r[f"{arm}_mcc_mean"] for r in rows],
+                    yerr=[r[f"{arm}_mcc_std"] for r in rows], fmt=style, capsize=3, label=arm)
     ax.set_xscale("log")
     ax.set_xlabel("labelled training examples")
     ax.set_ylabel("test MCC (mean and std over seeds)")
@@ -134,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     on_gpu = torch.cuda.is_available()
     jobs = args.jobs or (1 if on_gpu else min(2, os.cpu_count() or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({os.cpu_count()} cores, {jobs} runs x {threads} threads)"
+    device = (torch.cuda.get_device_name(0) if on_gpu
+              else f"CPU ({os.cpu_count()} cores, {jobs} runs x {threads} threads)")
     print(f"device: {device}; {len(args.seeds)} seeds x {len(args.train_examples)} budgets x 2 arms, from {args.init}")
     with tempfile.TemporaryDirectory(prefix="minillm-finetune-") as tmp:
         out = Path(args.out or tmp)

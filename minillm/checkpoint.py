@@ -294,6 +294,13 @@ def read_configs(path: str | os.PathLike) -> dict:
     return json.loads((checkpoint / CONFIG).read_text())
 
 
+def saved_architecture(path: str | os.PathLike, config: ModelConfig) -> ModelConfig:
+    """The architecture saved with a checkpoint (or a run's latest one), with the runtime and head
+    fields (RUNTIME_FIELDS, HEAD_FIELDS) taken from `config`: how a model built to start from it is set up."""
+    ours = {name: getattr(config, name) for name in RUNTIME_FIELDS + HEAD_FIELDS}
+    return ModelConfig.from_dict({**read_configs(path)["model"], **ours})
+
+
 def load_state(path: str | os.PathLike) -> dict:
     """state.pt of a checkpoint, loaded with weights_only=True."""
     checkpoint = resolve_checkpoint(path)

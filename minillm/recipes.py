@@ -365,10 +365,8 @@ def _finetune_start(model: ModelConfig, data: DataConfig, train: TrainConfig, pr
         checkpoint = ckpt.resolve_checkpoint(source)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"TrainConfig.init_from: {err}") from None
-    saved = ckpt.read_configs(checkpoint)["model"]
     # dropouts, backends and the classifier's pooling come from this run's config, the rest from the checkpoint
-    ours = {name: getattr(model, name) for name in ckpt.RUNTIME_FIELDS + ckpt.HEAD_FIELDS}
-    config = ModelConfig.from_dict({**saved, **ours})
+    config = ckpt.saved_architecture(checkpoint, model)
     if not (checkpoint / ckpt.TOKENIZER).is_file():
         raise ValueError(f"TrainConfig.init_from: {checkpoint} has no {ckpt.TOKENIZER}; it cannot be fine-tuned here")
     return config, Tokenizer.load(checkpoint / ckpt.TOKENIZER), f"checkpoint {checkpoint}"

@@ -110,7 +110,7 @@ def _classification(config: DataConfig) -> DataBundle:
     return DataBundle(
         tok,
         ClassificationDataset(splits["train"], tok, config.seq_len),
-        ClassificationDataset(splits["validation"], tok, config.seq_len) if splits["validation"] else None,
+        ClassificationDataset(splits["validation"], tok, config.seq_len) if splits["validation"] is not None else None,
         ClassificationCollator(tok),
         label_map=splits["train"].label_map,
     )
