@@ -201,11 +201,10 @@ def test_finetune_probes_the_head_first_then_fine_tunes_from_it(work, bert_run):
     assert "probe:" not in out and not (work / "lpft-scratch" / "probe").exists()
 
 
-def test_finetune_with_a_probe_under_torchrun_matches_one_process(work, bert_run):
+def test_finetune_with_a_probe_under_torchrun_matches_one_process(work, bert_run, free_port):
     """Two gloo processes with batch 2 each fine-tune (probe, then full) to the weights one process
     gets with batch 4; only rank 0 reports."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -216,12 +215,9 @@ def test_finetune_with_a_probe_under_torchrun_matches_one_process(work, bert_run
 
     task = [f"--train.init_from={bert_run[0]}", f"--data.train_file={work / 'train.csv'}",
             f"--data.validation_file={work / 'dev.csv'}", "--data.seq_len=32", *TINY_TRAIN, "--train.probe_steps=3"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
          "-m", "minillm.cli", "finetune", *task, "--train.batch_size=2", f"--train.out_dir={work / 'ddp-lpft'}"],
         env=env, capture_output=True, text=True, timeout=240, cwd=work,
     )

@@ -11,7 +11,6 @@ import json
 import math
 import warnings
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -255,20 +254,14 @@ def ddp_worker(out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_torchrun_matches_single_process(tmp_path):
+def test_torchrun_matches_single_process(tmp_path, free_port):
     """2 processes (gloo) with batch_size 2 each = 1 process with batch_size 4, same global batch:
     same weights after 3 steps with accumulation, clipping and padded variable-length batches;
     the same validation loss (each rank evaluates half of the set, then all_reduce)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
          __file__, str(out)],
         env=env, capture_output=True, text=True, timeout=240,
     )
