@@ -122,46 +122,41 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
+def _fields(message: bytes):
+    """(field number, value) of each field of a serialised protobuf message, in order.
+
+    The wire type says how the value is stored: 0 varint (an int), 1 and 5 fixed 8 and 4 bytes,
+    2 length-delimited (bytes: a string or a nested message).
+    """
+    pos = 0
+    while pos < len(message):
+        key, pos = _varint(message, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(message, pos)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, pos = message[pos : pos + size], pos + size
+        elif wire == 2:
+            length, pos = _varint(message, pos)
+            value, pos = message[pos : pos + length], pos + length
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire} in sentencepiece model")
+        yield field, value
+
+
 def _piece_types(model_proto: bytes) -> list[int]:
     """The type of every piece, read from the serialised ModelProto with a minimal wire parser.
 
     ModelProto field 1 is ``repeated SentencePiece pieces``; in each, field 3 is the type
     (NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, UNUSED=5, BYTE=6; absent means NORMAL).
+    sentencepiece's Python API has is_control / is_unknown / is_unused but no is_user_defined.
     """
-    types: list[int] = []
-    pos = 0
-    while pos < len(model_proto):
-        key, pos = _varint(model_proto, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(model_proto, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            length, pos = _varint(model_proto, pos)
-            if field == 1:
-                piece, end, kind = model_proto[pos : pos + length], 0, 1
-                while end < len(piece):
-                    sub_key, end = _varint(piece, end)
-                    sub_field, sub_wire = sub_key >> 3, sub_key & 7
-                    if sub_wire == 0:
-                        value, end = _varint(piece, end)
-                        if sub_field == 3:
-                            kind = value
-                    elif sub_wire == 5:
-                        end += 4
-                    elif sub_wire == 1:
-                        end += 8
-                    else:
-                        sub_length, end = _varint(piece, end)
-                        end += sub_length
-                types.append(kind)
-            pos += length
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire} in sentencepiece model")
-    return types
+    return [
+        next((value for sub_field, value in _fields(piece) if sub_field == 3), 1)
+        for field, piece in _fields(model_proto)
+        if field == 1
+    ]
 
 
 class Tokenizer:
