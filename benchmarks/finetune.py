@@ -22,11 +22,14 @@ MCC against the number of labelled examples to benchmarks/results/finetune_<devi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -39,6 +42,32 @@ def _set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _workers_stop_with_us(pool: ProcessPoolExecutor):
+    """Stop the runs in progress when this process is stopped (Ctrl-C, or SIGTERM from `kill`/`timeout`).
+
+    Left alone, the pool would wait for them to finish (up to train.max_minutes each) or, on
+    SIGTERM, leave them running with no parent.
+    """
+    def on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    try:
+        yield
+    except BaseException:
+        if hasattr(pool, "terminate_workers"):  # Python >= 3.14
+            pool.terminate_workers()
+        else:
+            for process in list((pool._processes or {}).values()):
+                process.terminate()
+        raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def fine_tune(job: dict) -> dict:
@@ -142,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "overrides": overrides, "out_dir": str(out / f"{arm}-n{n}-seed{seed}")}
                 for n in args.train_examples for seed in args.seeds for arm in ARMS]
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_set_threads,
-                                 initargs=(threads,)) as pool:
+                                 initargs=(threads,)) as pool, _workers_stop_with_us(pool):
             runs = []
             for run in pool.map(fine_tune, work):
                 print(f"  {run['arm']:<10} examples={run['train_examples'] or 'all':<5} seed={run['seed']}: "

@@ -8,6 +8,7 @@ generate / evaluate / finetune from what it wrote.
 import contextlib
 import io
 import json
+import os
 import random
 
 import pytest
@@ -256,6 +257,66 @@ def test_pretraining_gain_benchmark_pairs_each_seed_across_the_arms(work, bert_r
         by = {(r["arm"], r["seed"]): r["test"]["mcc"] for r in runs if r["train_examples"] == row["train_examples"]}
         assert row["gain_mcc"] == [by["pretrained", s] - by["scratch", s] for s in (0, 1)]
         assert row["gain_mcc_mean"] == pytest.approx(sum(row["gain_mcc"]) / 2)
+
+
+def _processes() -> dict[int, tuple[str, int]]:
+    """{pid: (state, parent pid)} of every process, from Linux's /proc."""
+    from pathlib import Path
+
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]  # after "pid (comm)"
+        except (OSError, ValueError):
+            continue  # ended while we read
+        table[int(stat.parent.name)] = (state, int(ppid))
+    return table
+
+
+def _running_children(pid: int) -> list[int]:
+    return [child for child, (state, ppid) in _processes().items() if ppid == pid and state != "Z"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc (Linux)")
+def test_pretraining_gain_benchmark_stops_its_runs_on_sigterm(work, bert_run, tmp_path):
+    """`kill` or `timeout` on the benchmark stops the fine-tuning runs too, at once: none left orphaned."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune.py"
+    bench = subprocess.Popen(
+        [sys.executable, str(script), "--init", str(bert_run[0]), "--seeds", "0", "--jobs", "1",
+         "--results", str(tmp_path), f"--data.train_file={work / 'train.csv'}",
+         f"--data.validation_file={work / 'dev.csv'}", "--data.seq_len=32", *TINY_TRAIN,
+         "--train.max_steps=1000000", "--train.max_minutes=10"],  # far longer than the test waits
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr.txt").open("w"))
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(_running_children(bench.pid)) < 2 and bench.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the resource tracker, then the spawned run
+        workers = _running_children(bench.pid)
+        assert bench.poll() is None and len(workers) >= 2, f"no worker started: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+        time.sleep(1)
+        bench.send_signal(signal.SIGTERM)
+        bench.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        alive = workers
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            table = _processes()
+            alive = [pid for pid in workers if pid in table and table[pid][0] != "Z"]
+        assert alive == [], f"runs still going after the benchmark was stopped: {alive}"
+        assert bench.returncode == 128 + signal.SIGTERM  # SystemExit(143), as a shell reports SIGTERM
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        for pid in workers:  # a failing run of this test must not leave runs going
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_the_seed_decides_the_initial_weights(work, bert_run):
