@@ -116,20 +116,27 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Test MCC and accuracy against the label budget, both arms; accuracy with the majority baseline."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(10, 4))
+    ax_mcc, ax_acc = fig.subplots(1, 2)
     x = [r["n_train"] for r in rows]
-    for arm, style, shift in zip(ARMS, ("o-", "s--"), (1.0, 1.03)):  # shifted so the error bars do not overlap
-        ax.errorbar([n * shift for n in x], [r[f"{arm}_mcc_mean"] for r in rows],
-                    yerr=[r[f"{arm}_mcc_std"] for r in rows], fmt=style, capsize=3, label=arm)
-    ax.set_xscale("log")
-    ax.set_xlabel("labelled training examples")
-    ax.set_ylabel("test MCC (mean and std over seeds)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, metric, name in ((ax_mcc, "mcc", "test MCC"), (ax_acc, "accuracy", "test accuracy")):
+        for arm, style, shift in zip(ARMS, ("o-", "s--"), (1.0, 1.03)):  # shifted: error bars apart
+            ax.errorbar([n * shift for n in x], [r[f"{arm}_{metric}_mean"] for r in rows],
+                        yerr=[r[f"{arm}_{metric}_std"] for r in rows], fmt=style, capsize=3, label=arm)
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{n:,}" for n in x])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled training examples")
+        ax.set_ylabel(f"{name} (mean and std over seeds)")
+        ax.grid(alpha=0.3)
+    ax_acc.plot(x, [r["majority_baseline"] for r in rows], ":", color="gray", label="majority class")
+    ax_acc.yaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
+    ax_mcc.legend()
+    ax_acc.legend()
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
