@@ -1,7 +1,7 @@
 """Does pretraining pay? A pretrained checkpoint against the same model from scratch, fine-tuned alike.
 
     python benchmarks/finetune.py                                  # runs/pretrain-bert vs scratch
-    python benchmarks/finetune.py --init runs/bert-7k --seeds 0 1 --train-examples 1000 0
+    python benchmarks/finetune.py --init runs/bert-14k --seeds 0 1 --train-examples 1000 0
     python benchmarks/finetune.py --jobs 1 --train.max_steps=300   # any `minillm finetune` override
 
 Each run is `minillm finetune --model bert` (the embedded stdlib-package task unless overrides say
@@ -15,8 +15,9 @@ since from scratch there is nothing to probe. Runs go `--jobs` at a time, each w
 Reported per budget: test accuracy and MCC, mean and standard deviation over seeds, for both arms,
 and the paired difference pretrained - scratch (same seed) with how many seeds it is positive; the
 majority-class baseline. Results go to benchmarks/results/finetune_<device>.json and a chart of
-MCC against the number of labelled examples to benchmarks/results/finetune_<device>.png
-(``--results`` elsewhere).
+MCC and accuracy (beside the majority baseline) against the number of labelled examples to
+benchmarks/results/finetune_<device>.png (``--results`` elsewhere). Stopping the benchmark (Ctrl-C,
+SIGTERM) stops its runs.
 """
 
 from __future__ import annotations
