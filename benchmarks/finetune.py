@@ -116,6 +116,21 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def table(rows: list[dict]) -> list[str]:
+    """The summary, one line per label budget: both arms' means, the paired gains, the baseline."""
+    lines = [f"{'examples':>8} {'pretrained acc':>15} {'scratch acc':>12} {'acc gain':>9} {'> 0':>5} "
+             f"{'pretrained MCC':>15} {'scratch MCC':>12} {'MCC gain':>9} {'> 0':>5} {'majority':>9}"]
+    for r in rows:
+        seeds = len(r["seeds"])
+        lines.append(f"{r['n_train']:>8} {r['pretrained_accuracy_mean']:>15.1%} {r['scratch_accuracy_mean']:>12.1%} "
+                     f"{100 * r['gain_accuracy_mean']:>+6.1f} pt {r['gain_accuracy_positive']:>3}/{seeds:<1} "
+                     f"{r['pretrained_mcc_mean']:>15.3f} {r['scratch_mcc_mean']:>12.3f} {r['gain_mcc_mean']:>+9.3f} "
+                     f"{r['gain_mcc_positive']:>3}/{seeds:<1} {r['majority_baseline']:>9.1%}")
+    lines.append("gain = pretrained - scratch with the same seed (the same training examples), mean over seeds; "
+                 "> 0: for how many seeds it is positive")
+    return lines
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Test MCC and accuracy against the label budget, both arms; accuracy with the majority baseline."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
@@ -186,13 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"accuracy {run['test']['accuracy']:.1%}, MCC {run['test']['mcc']:.3f}", flush=True)
                 runs.append(run)
     rows = summarise(runs)
-    print(f"{'examples':>8} {'pretrained acc':>15} {'scratch acc':>12} {'pretrained MCC':>15} {'scratch MCC':>12} "
-          f"{'MCC gain':>9} {'gain > 0':>9} {'majority':>9}")
-    for r in rows:
-        print(f"{r['n_train']:>8} {r['pretrained_accuracy_mean']:>15.1%} {r['scratch_accuracy_mean']:>12.1%} "
-              f"{r['pretrained_mcc_mean']:>15.3f} {r['scratch_mcc_mean']:>12.3f} {r['gain_mcc_mean']:>+9.3f} "
-              f"{r['gain_mcc_positive']:>4}/{len(r['seeds']):<4} {r['majority_baseline']:>9.1%}")
-    print("gain = pretrained - scratch with the same seed (the same training examples), mean over seeds")
+    print("\n".join(table(rows)))
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     kind = "cuda" if on_gpu else "cpu"

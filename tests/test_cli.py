@@ -257,6 +257,12 @@ def test_pretraining_gain_benchmark_pairs_each_seed_across_the_arms(work, bert_r
         by = {(r["arm"], r["seed"]): r["test"]["mcc"] for r in runs if r["train_examples"] == row["train_examples"]}
         assert row["gain_mcc"] == [by["pretrained", s] - by["scratch", s] for s in (0, 1)]
         assert row["gain_mcc_mean"] == pytest.approx(sum(row["gain_mcc"]) / 2)
+        printed = [line.split() for line in out.getvalue().splitlines() if line.split()[:1] == [str(row["n_train"])]]
+        assert printed == [[str(row["n_train"]), f"{row['pretrained_accuracy_mean']:.1%}",
+                            f"{row['scratch_accuracy_mean']:.1%}", f"{100 * row['gain_accuracy_mean']:+.1f}", "pt",
+                            f"{row['gain_accuracy_positive']}/2", f"{row['pretrained_mcc_mean']:.3f}",
+                            f"{row['scratch_mcc_mean']:.3f}", f"{row['gain_mcc_mean']:+.3f}",
+                            f"{row['gain_mcc_positive']}/2", f"{row['majority_baseline']:.1%}"]]
 
 
 def _processes() -> dict[int, tuple[str, int]]:
