@@ -205,7 +205,6 @@ def test_finetune_probes_the_head_first_then_fine_tunes_from_it(work, bert_run):
 def test_finetune_with_a_probe_under_torchrun_matches_one_process(work, bert_run, free_port):
     """Two gloo processes with batch 2 each fine-tune (probe, then full) to the weights one process
     gets with batch 4; only rank 0 reports."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -265,22 +264,23 @@ def test_pretraining_gain_benchmark_pairs_each_seed_across_the_arms(work, bert_r
                             f"{row['gain_mcc_positive']}/2", f"{row['majority_baseline']:.1%}"]]
 
 
-def _processes() -> dict[int, tuple[str, int]]:
-    """{pid: (state, parent pid)} of every process, from Linux's /proc."""
+def _live_processes() -> dict[int, int]:
+    """{pid: parent pid} of every process that has not ended (zombies count as ended), from Linux's /proc."""
     from pathlib import Path
 
-    table = {}
+    live = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]  # after "pid (comm)"
         except (OSError, ValueError):
             continue  # ended while we read
-        table[int(stat.parent.name)] = (state, int(ppid))
-    return table
+        if state != "Z":
+            live[int(stat.parent.name)] = int(ppid)
+    return live
 
 
 def _running_children(pid: int) -> list[int]:
-    return [child for child, (state, ppid) in _processes().items() if ppid == pid and state != "Z"]
+    return [child for child, parent in _live_processes().items() if parent == pid]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc (Linux)")
@@ -313,8 +313,8 @@ def test_pretraining_gain_benchmark_stops_its_runs_on_sigterm(work, bert_run, tm
         alive = workers
         while alive and time.monotonic() < deadline:
             time.sleep(0.2)
-            table = _processes()
-            alive = [pid for pid in workers if pid in table and table[pid][0] != "Z"]
+            live = _live_processes()
+            alive = [pid for pid in workers if pid in live]
         assert alive == [], f"runs still going after the benchmark was stopped: {alive}"
         assert bench.returncode == 128 + signal.SIGTERM  # SystemExit(143), as a shell reports SIGTERM
     finally:
