@@ -12,7 +12,8 @@ arms of a seed see the same examples. Both arms take the same fine-tuning settin
 probe (`train.probe_steps`, on by default) runs in the pretrained arm only, as in `minillm finetune`,
 since from scratch there is nothing to probe. Runs go `--jobs` at a time, each with cores / jobs threads.
 
-Reported per budget: test accuracy and MCC, mean and standard deviation over seeds, for both arms,
+Reported per budget: test accuracy and MCC (validation figures when the data has no test split: say
+``--data.test_file`` with your own files), mean and standard deviation over seeds, for both arms,
 and the paired difference pretrained - scratch (same seed) with how many seeds it is positive; the
 majority-class baseline. Results go to benchmarks/results/finetune_<device>.json and a chart of
 MCC and accuracy (beside the majority baseline) against the number of labelled examples to
@@ -72,22 +73,23 @@ def _workers_stop_with_us(pool: ProcessPoolExecutor):
 
 
 def fine_tune(job: dict) -> dict:
-    """One `minillm finetune` run (in a worker process); its test metrics."""
+    """One `minillm finetune` run (in a worker process); its metrics on the test split (or validation)."""
     import dataclasses
 
-    from minillm import checkpoint, cli, config_io, recipes
+    from minillm import checkpoint, recipes
 
     overrides = {**job["overrides"], "train.seed": str(job["seed"]), "data.seed": str(job["seed"]),
                  "data.train_examples": str(job["train_examples"]), "train.out_dir": job["out_dir"],
                  "train.progress": "false", "train.overwrite": "true", "train.init_from": job["init"]}
-    c = config_io.load_configs(cli.SECTIONS, job["config"], overrides, cli.defaults_for("finetune", "bert"))
+    c, _ = recipes.configs("finetune", "bert", job["config"], overrides)
     if job["arm"] == "scratch":  # the checkpoint's architecture and tokenizer, not its weights
         saved = checkpoint.resolve_checkpoint(job["init"])
         c["model"] = checkpoint.saved_architecture(saved, c["model"])
         c["data"] = dataclasses.replace(c["data"], tokenizer=str(saved / checkpoint.TOKENIZER))
         c["train"] = dataclasses.replace(c["train"], init_from=None)
     result = recipes.finetune(c["model"], c["data"], c["train"], echo=lambda *lines: None)
-    return {**{k: job[k] for k in ("arm", "seed", "train_examples")}, "test": result["test"],
+    return {**{k: job[k] for k in ("arm", "seed", "train_examples")}, "metrics": result["metrics"],
+            "split": result["split"],
             "majority_baseline": result["majority_baseline"], "steps": result["summary"]["steps"],
             "n_train": result["n_train"], "start": result["start"]}
 
@@ -100,11 +102,11 @@ def summarise(runs: list[dict]) -> list[dict]:
                   for arm in ARMS}
         seeds = sorted(set(by_arm["pretrained"]) & set(by_arm["scratch"]))
         first = by_arm["scratch"][seeds[0]]
-        row = {"train_examples": budget, "n_train": first["n_train"], "seeds": seeds,
+        row = {"train_examples": budget, "n_train": first["n_train"], "seeds": seeds, "split": first["split"],
                "majority_baseline": first["majority_baseline"]}
         for metric in ("accuracy", "mcc"):
             for arm in ARMS:
-                values = [by_arm[arm][s]["test"][metric] for s in seeds]
+                values = [by_arm[arm][s]["metrics"][metric] for s in seeds]
                 row[f"{arm}_{metric}"] = values
                 row[f"{arm}_{metric}_mean"] = statistics.fmean(values)
                 row[f"{arm}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -126,19 +128,20 @@ def table(rows: list[dict]) -> list[str]:
                      f"{100 * r['gain_accuracy_mean']:>+6.1f} pt {r['gain_accuracy_positive']:>3}/{seeds:<1} "
                      f"{r['pretrained_mcc_mean']:>15.3f} {r['scratch_mcc_mean']:>12.3f} {r['gain_mcc_mean']:>+9.3f} "
                      f"{r['gain_mcc_positive']:>3}/{seeds:<1} {r['majority_baseline']:>9.1%}")
-    lines.append("gain = pretrained - scratch with the same seed (the same training examples), mean over seeds; "
-                 "> 0: for how many seeds it is positive")
+    lines.append(f"on the {rows[0]['split']} split; gain = pretrained - scratch with the same seed (the same training "
+                 f"examples), mean over seeds; > 0: for how many seeds it is positive")
     return lines
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Test MCC and accuracy against the label budget, both arms; accuracy with the majority baseline."""
+    """MCC and accuracy against the label budget, both arms; accuracy with the majority baseline."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     fig = Figure(figsize=(10, 4))
     ax_mcc, ax_acc = fig.subplots(1, 2)
     x = [r["n_train"] for r in rows]
-    for ax, metric, name in ((ax_mcc, "mcc", "test MCC"), (ax_acc, "accuracy", "test accuracy")):
+    split = rows[0]["split"]
+    for ax, metric, name in ((ax_mcc, "mcc", f"{split} MCC"), (ax_acc, "accuracy", f"{split} accuracy")):
         for arm, style, shift in zip(ARMS, ("o-", "s--"), (1.0, 1.03)):  # shifted: error bars apart
             ax.errorbar([n * shift for n in x], [r[f"{arm}_{metric}_mean"] for r in rows],
                         yerr=[r[f"{arm}_{metric}_std"] for r in rows], fmt=style, capsize=3, label=arm)
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
             runs = []
             for run in pool.map(fine_tune, work):
                 print(f"  {run['arm']:<10} examples={run['train_examples'] or 'all':<5} seed={run['seed']}: "
-                      f"accuracy {run['test']['accuracy']:.1%}, MCC {run['test']['mcc']:.3f}", flush=True)
+                      f"{run['split']} accuracy {run['metrics']['accuracy']:.1%}, MCC {run['metrics']['mcc']:.3f}",
+                      flush=True)
                 runs.append(run)
     rows = summarise(runs)
     print("\n".join(table(rows)))

@@ -14,7 +14,7 @@ trainer's `on_step_end` hook — so both see the same machine load (the test mac
 and each is timed among steps of its own kind. Reported: the median time
 per step, tokens/s = B * T / step time, and on a GPU MFU = flops_per_token(T) * tokens/s / peak,
 with flops_per_token = 6 N + 12 L C T (`Model.flops_per_token`) and the peak from the GPU's
-bf16 dense data-sheet figure (`minillm.trainer.PEAK_FLOPS`). Without a GPU no MFU is printed.
+bf16 dense data-sheet figure (`minillm.distributed.PEAK_FLOPS`). Without a GPU no MFU is printed.
 Results go to benchmarks/results/train_<device>.json.
 """
 
@@ -31,9 +31,10 @@ import time
 import torch
 
 from minillm.config import preset
-from minillm.model import build_model
+from minillm.tasks import build_model
 from minillm.train_config import TrainConfig
-from minillm.trainer import Trainer, peak_flops, seed_everything
+from minillm.distributed import peak_flops, seed_everything
+from minillm.trainer import Trainer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -39,7 +39,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from minillm.config import ModelConfig
-from minillm.model import build_model
+from minillm.tasks import build_model
 
 WEIGHTS, STATE, CONFIG, TOKENIZER = "model.safetensors", "state.pt", "config.json", "tokenizer.model"
 LATEST, BEST = "latest", "best"

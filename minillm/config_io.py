@@ -223,6 +223,23 @@ def build_configs(sections: dict[str, type], layer: Layer) -> dict[str, typing.A
     return {section: build_config(cls, layer.get(section, {}), section) for section, cls in sections.items()}
 
 
+def user_layer(sections: dict[str, type], config_file: str | Path | None, overrides: dict[str, str]
+               ) -> tuple[Layer, dict[str, str]]:
+    """What the user set: the TOML file, then the overrides (parsed), and where each field came
+    from ({"section.field": "FILE.toml" or "--section.field"}), so an error can name its source."""
+    toml = load_toml(config_file) if config_file else {}
+    for section, values in toml.items():
+        if section not in sections:
+            raise _unknown(f"{config_file}: [{section}]", "section", section, sections)
+        known = _fields(sections[section])
+        for key in values:
+            if key not in known:
+                raise _unknown(f"{config_file}: [{section}] {key}", f"key in [{section}]", key, known)
+    sources = {f"{section}.{key}": str(config_file) for section, values in toml.items() for key in values}
+    sources.update({dotted: f"--{dotted}" for dotted in overrides})
+    return apply_overrides(sections, toml, overrides), sources
+
+
 def load_configs(
     sections: dict[str, type],
     config_file: str | Path | None = None,
@@ -251,6 +268,11 @@ def _toml_value(value) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} ({type(value).__name__}) to TOML")
+
+
+def is_config(value) -> bool:
+    """A config object that :func:`to_toml` writes as a section (a dataclass instance)."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 def to_toml(configs: dict[str, typing.Any]) -> str:

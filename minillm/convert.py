@@ -92,7 +92,8 @@ import torch
 import torch.nn as nn
 
 from minillm.config import ModelConfig
-from minillm.model import CausalLM, Encoder, MaskedLM, SequenceClassifier, build_model
+from minillm.model import CausalLM, Encoder, MaskedLM, SequenceClassifier
+from minillm.tasks import build_model
 
 # =============================================================================================
 # 1. What we support: architectures, tasks, activations

@@ -128,3 +128,4 @@ def apply_finetune_mode(model: nn.Module, config) -> dict:
         param.requires_grad_(True)
     unique = {id(p): p for p in model.parameters()}.values()
     return {"trainable": sum(p.numel() for p in unique if p.requires_grad), "total": sum(p.numel() for p in unique)}
+

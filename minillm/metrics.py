@@ -89,6 +89,19 @@ def classification_metrics(matrix: torch.Tensor) -> dict[str, float]:
     return out
 
 
+
+def text_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU (Papineni et al., 2002) and chrF (Popovic, 2015) of generated texts against one
+    reference each, on sacrebleu's 0-100 scale with its default tokenisation, so the figures
+    compare with published ones."""
+    import sacrebleu
+
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError(f"text_scores: got {len(hypotheses)} hypotheses for {len(references)} references "
+                         f"(expected the same number, at least one)")
+    return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score}
+
 # =============================================================================================
 # The metrics log
 # =============================================================================================

@@ -11,7 +11,9 @@ Read it top to bottom; each section uses only what came before it.
     7. The stack             Encoder (bidirectional) and Decoder (causal, optional cross-attention)
     8. Heads                 LM head, MLM head, NSP head, pooler, classifier
     9. Task models           CausalLM (GPT), MaskedLM (BERT), SequenceClassifier, Seq2SeqLM
-   10. Initialisation and build_model
+   10. Initialisation
+
+Which model a task trains, and how, is `minillm.tasks`' business: `build_model(config, task)` is there.
 
 Shape legend (the same letters everywhere in minillm)
     B  batch                       T  sequence length (Tq queries, Tk keys)
@@ -791,7 +793,7 @@ class Seq2SeqLM(Model):
 
 
 # =============================================================================================
-# 10. Initialisation and build_model
+# 10. Initialisation
 # =============================================================================================
 
 
@@ -813,18 +815,3 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
     # Tied output layers share the embedding table, which was initialised last: nothing to redo.
 
-
-TASKS = ("causal-lm", "mlm", "mlm-nsp", "classification", "seq2seq")
-
-
-def build_model(config: ModelConfig, task: str) -> Model:
-    """The model for a training objective: causal-lm, mlm, mlm-nsp, classification, seq2seq."""
-    if task == "causal-lm":
-        return CausalLM(config)
-    if task in ("mlm", "mlm-nsp"):
-        return MaskedLM(config, nsp=task == "mlm-nsp")
-    if task == "classification":
-        return SequenceClassifier(config)
-    if task == "seq2seq":
-        return Seq2SeqLM(config)
-    raise ValueError(f"task: got {task!r}, expected one of {TASKS}")

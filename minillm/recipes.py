@@ -7,80 +7,200 @@ Each command of the CLI is one function here, so a notebook runs exactly what th
     from minillm.train_config import TrainConfig
     from minillm import recipes
 
-    result = recipes.pretrain(preset("tiny"), DataConfig(vocab_size=4096), TrainConfig(max_steps=300))
-    result["val_loss"], result["unigram_entropy"], result["checkpoint"]
+    result = recipes.train(preset("tiny"), DataConfig(vocab_size=4096), TrainConfig(max_steps=300))
+    result["metrics"]["val_loss"], result["unigram_entropy"], result["checkpoint"]
 
 ==================  ===========================================================================
+``RECIPES``         what ``minillm pretrain|finetune --model gpt|bert|seq2seq`` start from: a
+                    task and the defaults of the run (the only defaults besides the config
+                    dataclasses' and the model presets)
+``configs``         defaults, a TOML file and command-line overrides -> the run's three configs
 ``prepare_data``    corpus -> tokenizer + token shards (cached; see minillm.data.prepare)
-``pretrain``        prepare, build the model for the task, train, compare the validation loss
-                    with the corpus's unigram entropy, show samples, return the figures
-``finetune``        sequence classification from a checkpoint (or scratch), test accuracy next to
-                    the majority-class baseline
+``resolve``         everything a run depends on, fixed once: the model from the tokenizer or the
+                    pretrained checkpoint, the datasets, the number of labels
+``train``           the one road, for every task: resolve, build the model, train, report
+``pretrain``,       ``train`` for a task that learns from the corpus / from labelled files
+``finetune``
 ``evaluate``        a checkpoint's metrics on held-out data
 ``sample``          text from a checkpoint: continuations (GPT, encoder-decoder) or filled
                     ``[MASK]`` tokens (BERT)
 ==================  ===========================================================================
 
-Conventions. The task (``TrainConfig.task``) chooses the batches: causal-lm -> causal windows,
-mlm -> masked sequences, mlm-nsp -> masked sentence pairs, seq2seq -> T5 span corruption,
-classification -> labelled texts. The model's vocabulary and special ids are set to the
-tokenizer's. ``DataConfig.train_file = "default"`` (the fine-tuning default) is the embedded
-stdlib classification task (:func:`minillm.data.stdlib_classification_task`), as
-``inputs = ["default"]`` is the embedded corpus. Output goes through ``echo`` (``print`` by
-default) so callers can silence it.
+What a task does (its model, batches, metrics and report) is its task object's
+(:mod:`minillm.tasks`); nothing here compares task names. Output goes through ``echo``
+(``print`` by default) so callers can silence it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import tempfile
+import json
 import time
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from minillm import checkpoint as ckpt
+from minillm import config_io, distributed
+from minillm.batches import eval_batches
 from minillm.config import ModelConfig
-from minillm.data import (
-    ClassificationCollator,
-    ClassificationDataset,
-    CausalLMCollator,
-    CausalLMDataset,
-    DataConfig,
-    MLMCollator,
-    MLMDataset,
-    NSPDataset,
-    Seq2SeqCollator,
-    SpanCorruptionDataset,
-    TokenShards,
-    classification_examples,
-    prepare_from_config,
-)
+from minillm.data import DataConfig, TokenShards, prepare_from_config
+from minillm.distributed import seed_everything
+from minillm.evaluation import evaluate as evaluate_model
 from minillm.generation import generate, generate_seq2seq
-from minillm.metrics import classification_metrics, confusion_matrix
-from minillm.model import CausalLM, MaskedLM, Seq2SeqLM, build_model
+from minillm.model import CausalLM, MaskedLM, Seq2SeqLM
+from minillm.tasks import CORPUS_DATA_FIELDS, Task, TaskData, get_task, upgrade_saved_configs
+from minillm.tasks import unigram_entropy as _unigram_entropy
 from minillm.tokenizer import Tokenizer
 from minillm.train_config import TrainConfig
-from minillm.trainer import Trainer, seed_everything
+from minillm.trainer import Trainer
 
-DEFAULT_TASK_FILE = "default"  # DataConfig.train_file naming the embedded classification task
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 MASK_TEXT = "[MASK]"  # where `sample` puts a mask token in a BERT prompt
-# Prompts for the samples printed after pretraining on the default (stdlib docstring) corpus.
-DEFAULT_PROMPTS = ("Return the", "This module provides", "If the file")
-DEFAULT_MASK_PROMPTS = (
-    "Return a new [MASK] with the same items.",
-    "Raise a ValueError if the [MASK] is not found.",
-    "This module provides [MASK] for working with files.",
-)
+# Fields of the model that the tokenizer fixes: a value given for them would be overwritten.
+TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
 def _say(echo, *lines: str) -> None:
     if echo is not None:
         for line in lines:
             echo(line)
+
+
+# =============================================================================================
+# Recipes: the named starting points of the CLI
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """``minillm COMMAND --model FAMILY``: the task it trains and the defaults of the run."""
+
+    command: str  # "pretrain" or "finetune"
+    family: str  # "gpt", "bert" or "seq2seq"
+    task: str
+    model: dict
+    data: dict
+    train: dict
+    from_pretrained: bool = False  # start from `minillm pretrain --model FAMILY`'s run when it exists
+
+    def defaults(self) -> config_io.Layer:
+        """The layer under --config and the overrides."""
+        train = {**self.train, "task": self.task, "out_dir": f"runs/{self.command}-{self.family}"}
+        if self.from_pretrained:
+            pretrained = pretrain_dir(self.family)
+            train["init_from"] = pretrained if (Path(pretrained) / ckpt.LATEST).is_file() else None
+        return {"model": dict(self.model), "data": dict(self.data), "train": train}
+
+
+def pretrain_dir(family: str) -> str:
+    return f"runs/pretrain-{family}"
+
+
+# The embedded corpus: a tokenizer sized for the tiny presets, 5% of documents held out, shards
+# under runs/ (never in the source tree).
+CORPUS = {"inputs": ["default"], "vocab_size": 4096, "seq_len": 128, "val_fraction": 0.05,
+          "prepared_dir": "runs/data/default"}
+# The main job's budget: ~5 minutes on 2 CPU cores, preparation included. max_minutes caps the
+# training loop on slower machines; the learning-rate schedule's horizon is max_steps.
+SHORT_RUN = {"batch_size": 16, "max_minutes": 4.5, "eval_every": 100, "checkpoint_every": 0, "log_every": 10}
+# Fine-tuning: about 3 epochs of the stdlib task's 6,355 training docstrings; probe_steps: LP-FT
+# from a pretrained checkpoint (README, "Does pretraining pay?"); MCC picks the best checkpoint,
+# since accuracy favours the majority class of an imbalanced task.
+FINETUNE = {**SHORT_RUN, "batch_size": 32, "max_steps": 600, "lr": 1e-3, "warmup_steps": 60, "probe_steps": 600,
+            "eval_batches": 0, "weight_decay": 0.01, "early_stopping_metric": "mcc"}
+
+RECIPES = {
+    ("pretrain", "gpt"): Recipe(
+        "pretrain", "gpt", "causal-lm", {"preset": "tiny"}, CORPUS,
+        {**SHORT_RUN, "max_steps": 600, "lr": 2e-3, "warmup_steps": 30, "eval_batches": 0, "weight_decay": 0.1}),
+    ("pretrain", "bert"): Recipe(
+        "pretrain", "bert", "mlm-nsp", {"preset": "tiny-bert"}, CORPUS,
+        {**SHORT_RUN, "max_steps": 1000, "lr": 1e-3, "warmup_steps": 50, "eval_batches": 20, "weight_decay": 0.01}),
+    ("pretrain", "seq2seq"): Recipe(
+        "pretrain", "seq2seq", "span-corruption", {"preset": "tiny-seq2seq"}, CORPUS,
+        {**SHORT_RUN, "max_steps": 600, "lr": 1e-3, "warmup_steps": 30, "eval_batches": 20}),
+    # Docstrings average ~55 tokens: 64 keeps most of each and halves the padded batch. The
+    # classifier reads the mean of the hidden states: from scratch, a [CLS] summary is slow to learn.
+    ("finetune", "bert"): Recipe(
+        "finetune", "bert", "classification", {"preset": "tiny-bert", "classifier_pooling": "mean"},
+        {**CORPUS, "train_file": "default", "seq_len": 64}, FINETUNE, from_pretrained=True),
+    ("finetune", "gpt"): Recipe(
+        "finetune", "gpt", "classification", {"preset": "tiny", "classifier_pooling": "mean"},
+        {**CORPUS, "train_file": "default", "seq_len": 64}, FINETUNE, from_pretrained=True),
+    ("finetune", "seq2seq"): Recipe(
+        "finetune", "seq2seq", "seq2seq", {"preset": "tiny-seq2seq"}, {**CORPUS, "seq_len": 64},
+        {**FINETUNE, "probe_steps": 0, "early_stopping_metric": "val_loss", "lr": 1e-3}, from_pretrained=True),
+}
+DEFAULT_FAMILY = {"pretrain": "gpt", "finetune": "bert"}
+
+
+def families(command: str) -> list[str]:
+    return sorted(family for cmd, family in RECIPES if cmd == command)
+
+
+def choose_recipe(command: str, family: str | None, user: config_io.Layer, sources: dict[str, str]) -> Recipe:
+    """The recipe of ``minillm COMMAND --model FAMILY``. Without --model, the one whose task the
+    config file or overrides name, else the command's default. A --model that contradicts the
+    task or architecture the user's config asks for is refused (never silently overridden)."""
+    asked_task = user.get("train", {}).get("task")
+    asked_arch = _asked_arch(user)
+    if family is None:
+        matching = [r for (cmd, _), r in RECIPES.items() if cmd == command and asked_task is not None
+                    and get_task(r.task, sources.get("train.task", "train.task")) is get_task(asked_task)
+                    and (asked_arch is None or asked_arch in get_task(r.task).architectures)]
+        if matching:  # several share a task (classification: bert, gpt): the one of the asked architecture
+            by_arch = [r for r in matching if asked_arch is None or _asked_arch({"model": r.model}) == asked_arch]
+            return (by_arch or matching)[0]
+        return RECIPES[(command, DEFAULT_FAMILY[command])]
+    recipe = RECIPES[(command, family)]
+    if asked_task is not None and get_task(asked_task, sources["train.task"]) is not get_task(recipe.task):
+        raise ValueError(f"--model {family}: `minillm {command} --model {family}` trains task {recipe.task!r}, but "
+                         f"{sources['train.task']} sets train.task = {asked_task!r}; drop one of the two")
+    if asked_arch is not None and asked_arch != _asked_arch({"model": recipe.model}):
+        where = sources.get("model.arch") or sources.get("model.preset")
+        raise ValueError(f"--model {family}: `minillm {command} --model {family}` trains a model of arch "
+                         f"{_asked_arch({'model': recipe.model})!r}, but {where} asks for arch {asked_arch!r}; drop "
+                         f"one of the two")
+    return recipe
+
+
+def _asked_arch(layer: config_io.Layer) -> str | None:
+    """The architecture a [model] layer asks for (its arch, or its preset's), None if neither."""
+    model = layer.get("model", {})
+    if "arch" in model:
+        return model["arch"]
+    if "preset" in model:
+        from minillm.config import preset
+
+        return preset(model["preset"]).arch
+    return None
+
+
+def configs(command: str, family: str | None, config_file: str | None, overrides: dict[str, str]):
+    """(configs {"model", "data", "train"}, sources {"section.field": where the user set it}).
+
+    Layers, later winning: the recipe's defaults, the TOML file, the overrides. When the layers
+    ask to resume a run, the run's saved config takes the place of the defaults, so flags left
+    off the command line keep the values the run was started with."""
+    user, sources = config_io.user_layer(SECTIONS, config_file, overrides)
+    recipe = choose_recipe(command, family, user, sources)
+    base = recipe.defaults()
+    train = {**base["train"], **user.get("train", {})}
+    if train.get("resume"):
+        base = _saved_layer(Path(train["out_dir"]))
+    return config_io.build_configs(SECTIONS, config_io.merge(base, user)), sources
+
+
+def _saved_layer(out_dir: Path) -> config_io.Layer:
+    """The config a run was saved with, as a base layer for resuming it."""
+    try:
+        saved = upgrade_saved_configs(ckpt.read_configs(out_dir))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"TrainConfig.resume: no checkpoint to resume in {out_dir} (no '{ckpt.LATEST}' file "
+                                f"there)") from None
+    return {section: saved[section] for section in SECTIONS if isinstance(saved.get(section), dict)}
 
 
 # =============================================================================================
@@ -104,62 +224,11 @@ def prepare_data(data: DataConfig, progress: bool = True) -> tuple[Tokenizer, di
 
 
 def unigram_entropy(prepared_dir: str | Path, split: str = "train") -> float:
-    """Entropy in nats of the token unigram distribution of a prepared split (EOS included).
-
-    A model that ignores context and predicts each token's overall frequency has this expected
-    loss; a language model must get clearly below it to have learnt anything from context.
-    """
-    shards = TokenShards(prepared_dir, split)
-    counts = np.bincount(np.asarray(shards.tokens), minlength=shards.vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    """Entropy in nats of the token unigram distribution of a prepared split (see minillm.tasks)."""
+    return _unigram_entropy(TokenShards(prepared_dir, split))
 
 
-def _check_lengths(model: ModelConfig, data: DataConfig) -> None:
-    if data.seq_len > model.max_seq_len:
-        raise ValueError(
-            f"DataConfig.seq_len: got {data.seq_len}, longer than ModelConfig.max_seq_len={model.max_seq_len}; "
-            f"lower --data.seq_len or raise --model.max_seq_len"
-        )
-
-
-def pretraining_data(task: str, data: DataConfig, tokenizer: Tokenizer, train: TrainConfig):
-    """(train dataset, validation dataset, collator) for a pretraining task on prepared shards."""
-    train_shards, val_shards = TokenShards(data.prepared_dir, "train"), TokenShards(data.prepared_dir, "val")
-    if len(val_shards) == 0:
-        raise ValueError("DataConfig.val_fraction: got 0, but pretraining reports a validation loss; use e.g. 0.05")
-    # Samples the run will draw: random windows and NSP pairs are functions of their index, so
-    # at least this many indices means no sample repeats within the run.
-    n_train = train.max_steps * train.batch_size * train.grad_accum_steps
-    if task == "causal-lm":
-        windows = train_shards.n_tokens // data.seq_len
-        samples = max(windows, n_train) if data.causal_mode == "random" else None
-        return (
-            CausalLMDataset(train_shards, data.seq_len, data.causal_mode, data.seed, samples, data.document_mask),
-            CausalLMDataset(val_shards, data.seq_len, "sequential", data.seed, document_mask=data.document_mask),
-            CausalLMCollator(),
-        )
-    masking = MLMCollator(tokenizer, data.mlm_probability, data.whole_word_mask, data.mask_ratio,
-                          data.random_ratio, seed=data.seed)
-    if task == "mlm":
-        return MLMDataset(train_shards, tokenizer, data.seq_len), MLMDataset(val_shards, tokenizer, data.seq_len), masking
-    if task == "mlm-nsp":
-        n_val = max(4 * len(val_shards), 256)
-        return (
-            NSPDataset(train_shards, tokenizer, data.seq_len, data.nsp_random_probability, data.seed,
-                       max(n_train, len(train_shards))),
-            NSPDataset(val_shards, tokenizer, data.seq_len, data.nsp_random_probability, data.seed + 1, n_val),
-            masking,
-        )
-    if task == "seq2seq":
-        def spans(shards):
-            return SpanCorruptionDataset(shards, tokenizer, data.seq_len, data.noise_density, data.mean_span_length, data.seed)
-
-        return spans(train_shards), spans(val_shards), Seq2SeqCollator(tokenizer)
-    raise ValueError(f"TrainConfig.task: {task!r} is not a pretraining task (causal-lm, mlm, mlm-nsp, seq2seq)")
-
-
-def _fit_to_tokenizer(model: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
+def fit_to_tokenizer(model: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
     """The model config with the tokenizer's vocabulary size and special ids."""
     return dataclasses.replace(
         model, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.require("pad"),
@@ -168,83 +237,287 @@ def _fit_to_tokenizer(model: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
 
 
 # =============================================================================================
-# Pretraining
+# Resolving a run: every setting fixed once, before anything is trained
 # =============================================================================================
 
 
-def pretrain(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=print, hooks=None,
-             num_samples: int = 3, before_fit=None) -> dict:
-    """Prepare the data, train ``model`` on ``train.task``, report against the unigram baseline.
+@dataclass
+class Run:
+    """A run with everything resolved: what is trained, on what, from where."""
 
-    ``hooks`` go to the Trainer; ``before_fit()`` is called once the Trainer has accepted
-    ``train.out_dir`` (the CLI saves the resolved config there).
+    task: Task
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    tokenizer: Tokenizer
+    start: str  # where the weights come from, in words
+    task_data: TaskData
 
-    Returns {"val_loss", "unigram_entropy", "metrics" (final evaluation), "summary" (Trainer.fit),
-    "checkpoint", "out_dir", "samples", "seconds", "model_config", "parameters"}.
+    def configs(self) -> dict:
+        """The configs saved as config.toml and in every checkpoint's config.json."""
+        return {"model": self.model, "data": self.data, "train": self.train}
+
+
+def resolve(model: ModelConfig, data: DataConfig, train: TrainConfig, *, sources: dict[str, str] | None = None,
+            progress: bool = True) -> Run:
+    """Fix everything the run depends on, in one place.
+
+    - Where the architecture and the tokenizer come from: a resumed run's own checkpoint; the
+      pretrained checkpoint of ``train.init_from`` (its architecture, with this config's runtime
+      and head fields); a Hugging Face directory (with ``data.tokenizer``); or ``model`` from
+      scratch, with the vocabulary and special ids of the tokenizer (``data.tokenizer``, or one
+      trained on the corpus).
+    - What the data fixes: the task's datasets, and e.g. the number of labels.
+    - ``sources`` ({"section.field": where the user set it}): a field the user set but the run
+      would not use (another task's data field, LoRA's rank without LoRA, an architecture field
+      that differs from the checkpoint's) is an error naming it, never silently dropped.
     """
-    if train.task == "classification":
-        raise ValueError("TrainConfig.task: 'classification' is fine-tuning; use finetune() / `minillm finetune`")
-    start = time.perf_counter()
-    tokenizer, prepared = prepare_data(data, progress=train.progress)
-    model = _fit_to_tokenizer(model, tokenizer)
-    _check_lengths(model, data)
-    baseline = unigram_entropy(data.prepared_dir)
-    _say(echo, f"data: {prepared['train_documents']} train / {prepared['val_documents']} validation documents, "
-               f"{prepared['train_tokens']:,} / {prepared['val_tokens']:,} tokens, vocabulary {tokenizer.vocab_size} "
-               f"({prepared['prepared_dir']}); unigram entropy of the train split {baseline:.3f} nats")
+    sources = sources or {}
+    task = get_task(train.task)
+    pretrained = _pretrained_source(train)
+    tokenizer_path, start = None, "scratch (random initialisation)"
+    if pretrained is not None:
+        model, tokenizer_path, start = _pretrained_start(pretrained, model, data, task, sources)
+    tokenizer_from_corpus = tokenizer_path is None and data.tokenizer is None
+    _refuse_unused(task, data, train, sources, tokenizer_from_corpus, pretrained)
+    if task.from_corpus or tokenizer_from_corpus:
+        corpus = data if tokenizer_path is None else dataclasses.replace(data, tokenizer=str(tokenizer_path))
+        tokenizer, _ = prepare_data(corpus, progress)
+    else:
+        tokenizer = Tokenizer.load(tokenizer_path or data.tokenizer)
+    if pretrained is None:
+        model = fit_to_tokenizer(model, tokenizer)
+    task.check(model, data)
+    samples = train.max_steps * train.batch_size * train.grad_accum_steps * distributed.world_size()
+    task_data = task.datasets(data, tokenizer, model, samples)
+    return Run(task, task.configure_model(model, task_data), data, train, tokenizer, start, task_data)
 
-    train_set, val_set, collate = pretraining_data(train.task, data, tokenizer, train)
-    seed_everything(train.seed)  # the initial weights are the seed's (every rank builds the same model)
-    net = build_model(model, train.task)
-    _say(echo, f"model: {type(net).__name__} ({model.arch}), {net.num_parameters():,} parameters; task {train.task}")
-    trainer = Trainer(net, train, train_set, val_set, collate_fn=collate, configs_to_save={"data": data},
-                      tokenizer=tokenizer, hooks=hooks)
-    if before_fit is not None:
-        before_fit()
+
+def _pretrained_source(train: TrainConfig) -> Path | None:
+    """Where the architecture and tokenizer come from: the run's own checkpoint when resuming
+    one, else init_from; None from scratch."""
+    if train.resume and ckpt.latest_checkpoint(train.out_dir) is not None:
+        return ckpt.latest_checkpoint(train.out_dir)
+    return Path(train.init_from) if train.init_from is not None else None
+
+
+def _pretrained_start(source: Path, model: ModelConfig, data: DataConfig, task: Task, sources: dict):
+    """(model config, tokenizer path or None, description) when starting from pretrained weights."""
+    if ckpt._is_hf_directory(source):
+        from minillm.convert import config_from_hf
+
+        if data.tokenizer is None:
+            raise ValueError(f"DataConfig.tokenizer: starting from the Hugging Face model {source} needs a "
+                             f"sentencepiece .model with its vocabulary (WordPiece/BPE vocab files are not read)")
+        hf = json.loads((source / "config.json").read_text())
+        saved = config_from_hf(hf, task.name)
+        config = dataclasses.replace(saved, **{f: getattr(model, f) for f in ckpt.RUNTIME_FIELDS + ckpt.HEAD_FIELDS})
+        _refuse_architecture_changes(saved.to_dict(), model, sources, f"the Hugging Face model {source}")
+        return config, None, f"Hugging Face checkpoint {source}"
+    try:
+        checkpoint = ckpt.resolve_checkpoint(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"TrainConfig.init_from: {err}") from None
+    if not (checkpoint / ckpt.TOKENIZER).is_file():
+        raise ValueError(f"TrainConfig.init_from: {checkpoint} has no {ckpt.TOKENIZER}; it cannot be trained on here")
+    _refuse_architecture_changes(ckpt.read_configs(checkpoint)["model"], model, sources, f"checkpoint {checkpoint}")
+    return ckpt.saved_architecture(checkpoint, model), checkpoint / ckpt.TOKENIZER, f"checkpoint {checkpoint}"
+
+
+def _refuse_architecture_changes(saved: dict, model: ModelConfig, sources: dict, where: str) -> None:
+    """The architecture comes from the checkpoint: a model field the user set to something else
+    would be ignored. A preset counts as setting every architecture field."""
+    ignore = ckpt.HEAD_FIELDS + TOKENIZER_FIELDS
+    differ = {line.split(":")[0]: line for line in ckpt.architecture_mismatch(saved, model, ignore=ignore)}
+    preset_source = sources.get("model.preset")
+    given = {name: sources.get(f"model.{name}", preset_source) for name in differ}
+    given = {name: source for name, source in given.items() if source is not None}
+    if given:
+        details = "; ".join(f"{differ[name]} (from {source})" for name, source in given.items())
+        raise ValueError(f"ModelConfig: the architecture comes from {where}, but the config asks for another: "
+                         f"{details}. Drop these fields, or train from scratch (--train.init_from=none)")
+
+
+def _refuse_unused(task: Task, data: DataConfig, train: TrainConfig, sources: dict, tokenizer_from_corpus: bool,
+                   pretrained: Path | None) -> None:
+    """ValueError for a field the user set, to another value than its default, that this run
+    would not read (see resolve). Setting an unused field to its default changes nothing either
+    way (``--train.probe_steps=0`` from scratch), so it passes."""
+    reads = task.data_fields_read(data, tokenizer_from_corpus)
+    tokenizer_given = pretrained is not None and not ckpt._is_hf_directory(pretrained)
+    unused_train = train.fields_without_effect()
+    configs = {"model": None, "data": data, "train": train}
+    for key, source in sources.items():
+        section, name = key.split(".", 1)
+        why = None
+        if section == "data" and (name not in reads or (name == "tokenizer" and tokenizer_given)):
+            why = (f"task {task.name!r} does not read it" if name not in CORPUS_DATA_FIELDS | {"tokenizer"}
+                   else "the tokenizer comes from the pretrained checkpoint" if tokenizer_given
+                   else "the tokenizer comes from data.tokenizer")
+        elif section == "train" and name in unused_train:
+            why = unused_train[name]
+        elif section == "model" and name in TOKENIZER_FIELDS:
+            why = "the vocabulary and special ids are the tokenizer's (set data.vocab_size to train another)"
+        if why is not None and (configs[section] is None or _differs_from_default(configs[section], name)):
+            raise ValueError(f"{section}.{name} (set by {source}) would have no effect: {why}; remove it")
+
+
+def _differs_from_default(config, name: str) -> bool:
+    field = next(f for f in dataclasses.fields(config) if f.name == name)
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    return getattr(config, name) != default
+
+
+# =============================================================================================
+# The one road: train a task and report
+# =============================================================================================
+
+
+def train(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=print, hooks=None, num_samples: int = 3,
+          sources: dict[str, str] | None = None, show_config: bool = False) -> dict:
+    """Resolve the run, train it, report its figures next to the task's baseline.
+
+    ``hooks`` go to the Trainer. ``sources`` ({"section.field": where the user set it}) lets
+    :func:`resolve` refuse settings that would have no effect. ``show_config`` prints the
+    resolved config, which is what <out_dir>/config.toml and every checkpoint save.
+
+    Returns {"task", "metrics" (the report's figures), "split" ("test" or "validation"),
+    "summary" (Trainer.fit), "checkpoint", "out_dir", "start", "samples", "seconds",
+    "model_config", "parameters", "n_train", the task's baselines (e.g. "unigram_entropy",
+    "majority_baseline"), "labels" (classification), "val_loss", and "test" (the metrics, when
+    the split is the test split)}.
+    """
+    started = time.perf_counter()
+    run = resolve(model, data, train, sources=sources, progress=train.progress)
+    task, task_data = run.task, run.task_data
+    if show_config:
+        _say(echo, f"# resolved config (saved as {Path(train.out_dir) / 'config.toml'})", config_io.to_toml(run.configs()))
+    _say(echo, task_data.summary, f"start: {run.start}")
+    seed_everything(train.seed)  # the initial weights (from scratch, or a new head) are the seed's
+    net = task.build_model(run.model)
+    _say(echo, f"model: {type(net).__name__} ({run.model.arch}), {net.num_parameters():,} parameters; task {task.name}")
+    saved = {"data": run.data} | ({"labels": task_data.labels} if task_data.labels is not None else {})
+    probing = bool(train.probe_steps) and train.init_from is not None and task.new_head
+    trainer = Trainer(net, run.train, task_data.train, task_data.validation, collate_fn=task_data.collate,
+                      configs_to_save=saved, tokenizer=run.tokenizer, hooks=hooks,
+                      before_training=(lambda body: _probe_head(body, run, saved, echo)) if probing else None)
     summary = trainer.fit()
-    metrics = summary["final"] or {}
-    result = {
-        "val_loss": metrics.get("val_loss"), "unigram_entropy": baseline, "metrics": metrics, "summary": summary,
-        "out_dir": str(trainer.out_dir), "checkpoint": str(ckpt.latest_checkpoint(trainer.out_dir)),
-        "model_config": model, "parameters": net.num_parameters(), "prepare": prepared,
+    best = trainer.out_dir / ckpt.BEST
+    if task.keep_best and best.exists():  # the best checkpoint on validation is the one reported
+        ckpt.load_weights(trainer.raw_model, best)
+
+    def evaluate_split(dataset) -> dict:
+        batches = eval_batches(dataset, task_data.collate, batch_size=train.batch_size, seed=train.seed, rank=0, world=1)
+        return evaluate_model(trainer.raw_model, task, batches)
+
+    split = task_data.report_split
+    metrics = task.final_metrics(trainer.raw_model, task_data, run.tokenizer, evaluate_split, summary)
+    checkpoint = best if task.keep_best and best.exists() else ckpt.latest_checkpoint(trainer.out_dir)
+    _say(echo, f"trained {summary['steps']} steps ({summary['stopped']}), {summary['tokens']:,} tokens in "
+               f"{summary['elapsed_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; best "
+               f"{summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}",
+         *task.report(metrics, task_data, split))
+    samples = _show_samples(trainer.raw_model, run.tokenizer, task.sample_prompts[:num_samples], train.seed, echo)
+    seconds = time.perf_counter() - started
+    _say(echo, f"checkpoint: {checkpoint}  metrics: {trainer.out_dir / 'metrics.jsonl'}  plot: "
+               f"{trainer.out_dir / 'metrics.png'}  ({seconds:.0f} s in all)")
+    baselines = {("majority_baseline" if k == "majority" else k): v for k, v in task_data.baselines.items()}
+    return {
+        "task": task.name, "metrics": metrics, "split": split, "summary": summary, "checkpoint": str(checkpoint),
+        "out_dir": str(trainer.out_dir), "start": run.start, "samples": samples, "seconds": seconds,
+        "model_config": run.model, "parameters": net.num_parameters(), "n_train": len(task_data.train),
+        "labels": task_data.labels, "val_loss": metrics.get("val_loss"), **baselines,
+        **({"test": metrics} if split == "test" else {}),
     }
-    _say(echo, _pretrain_report(train.task, result))
-    result["samples"] = _show_samples(trainer.raw_model, tokenizer, num_samples, train.seed, echo)
-    result["seconds"] = time.perf_counter() - start
-    _say(echo, f"checkpoint: {result['checkpoint']}  metrics: {trainer.out_dir / 'metrics.jsonl'}  "
-               f"plot: {trainer.out_dir / 'metrics.png'}  ({result['seconds']:.0f} s in all)")
-    return result
 
 
-def _pretrain_report(task: str, result: dict) -> str:
-    m, s = result["metrics"], result["summary"]
-    lines = [f"trained {s['steps']} steps ({s['stopped']}), {s['tokens']:,} tokens in {s['elapsed_s']:.0f} s, "
-             f"{s['tokens_per_s']:,.0f} tokens/s"]
-    if task == "causal-lm":
-        verdict = "below" if m["val_loss"] < result["unigram_entropy"] else "NOT below"
-        lines.append(f"validation loss {m['val_loss']:.3f} nats (perplexity {m['val_ppl']:.1f}), {verdict} the "
-                     f"unigram-entropy baseline {result['unigram_entropy']:.3f} nats; next-token accuracy "
-                     f"{m['token_accuracy']:.1%}")
-    elif task in ("mlm", "mlm-nsp"):
-        line = f"validation MLM loss {m.get('mlm_loss', m['val_loss']):.3f}, MLM accuracy {m['mlm_accuracy']:.1%}"
-        if task == "mlm-nsp":
-            line += f", NSP loss {m['nsp_loss']:.3f}, NSP accuracy {m['nsp_accuracy']:.1%} (chance 50%)"
-        lines.append(line + f"; unigram entropy {result['unigram_entropy']:.3f} nats")
-    else:
-        lines.append(f"validation loss {m['val_loss']:.3f} nats, token accuracy {m['token_accuracy']:.1%}")
-    return "\n".join(lines)
+def pretrain(model: ModelConfig, data: DataConfig, train_config: TrainConfig, **options) -> dict:
+    """:func:`train` for a task that learns from the corpus (causal-lm, mlm, mlm-nsp, span-corruption)."""
+    if not get_task(train_config.task).from_corpus:
+        raise ValueError(f"TrainConfig.task: {train_config.task!r} learns from labelled files; use finetune() / "
+                         f"`minillm finetune`")
+    return train(model, data, train_config, **options)
 
 
-def _show_samples(model, tokenizer: Tokenizer, n: int, seed: int, echo) -> list[str]:
-    if n <= 0:
+def finetune(model: ModelConfig, data: DataConfig, train_config: TrainConfig, **options) -> dict:
+    """:func:`train` for a task that learns from labelled files (classification, seq2seq): weights
+    from ``train.init_from`` (a minillm checkpoint or run directory, or a Hugging Face GPT-2/BERT
+    directory with ``data.tokenizer``), or from scratch when it is None."""
+    if get_task(train_config.task).from_corpus:
+        raise ValueError(f"TrainConfig.task: {train_config.task!r} learns from the corpus; use pretrain() / "
+                         f"`minillm pretrain`")
+    return train(model, data, train_config, **options)
+
+
+def _probe_head(net, run: Run, saved: dict, echo) -> None:
+    """LP-FT's first stage (TrainConfig.probe_steps): train only the new head of `net`, on the
+    frozen pretrained weights, in out_dir/probe. The fine-tuning Trainer then applies
+    train.finetune_mode, so what trains after the probe is exactly what train asks for."""
+    train = run.train
+    probe = dataclasses.replace(
+        train, finetune_mode="freeze", freeze_layers=net.config.n_layers, lr=train.probe_lr, init_from=None,
+        max_steps=train.probe_steps, warmup_steps=min(train.warmup_steps, train.probe_steps), probe_steps=0,
+        early_stopping_patience=0, resume=False, overwrite=True, out_dir=str(Path(train.out_dir) / "probe"),
+    )
+    data = run.task_data
+    summary = Trainer(net, probe, data.train, data.validation, collate_fn=data.collate, configs_to_save=saved,
+                      tokenizer=run.tokenizer).fit()
+    final = summary["final"] or {}
+    _say(echo, f"probe: the head alone ({summary['trainable_parameters']:,} parameters) trained "
+               f"{summary['steps']} steps at lr {train.probe_lr:g}; validation {train.early_stopping_metric} "
+               f"{final.get(train.early_stopping_metric, float('nan')):.4f}; fine-tuning ({train.finetune_mode}) starts from it")
+
+
+def _show_samples(model, tokenizer: Tokenizer, prompts: tuple[str, ...], seed: int, echo) -> list[str]:
+    if not prompts:
         return []
-    if isinstance(model, MaskedLM):
-        prompts, kind = list(DEFAULT_MASK_PROMPTS[:n]), "MLM predictions"
-    else:
-        prompts, kind = list(DEFAULT_PROMPTS[:n]), "samples"
-    outputs = sample(model, tokenizer, prompts, max_new_tokens=40, seed=seed)
+    outputs = sample(model, tokenizer, list(prompts), max_new_tokens=40, seed=seed)
+    kind = "MLM predictions" if isinstance(model, MaskedLM) else "samples"
     _say(echo, f"{kind}:", *(f"  {p!r} -> {o!r}" for p, o in zip(prompts, outputs)))
     return outputs
+
+
+# =============================================================================================
+# Evaluation of a saved checkpoint
+# =============================================================================================
+
+
+def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, overrides: dict | None = None,
+             sources: dict[str, str] | None = None, batch_size: int = 16, max_batches: int = 0, device: str = "auto",
+             echo=print) -> dict:
+    """Metrics of a checkpoint on held-out data: the test split of its task when it has one, else
+    the validation split. The data is ``data``, or the DataConfig saved with the checkpoint with
+    ``overrides`` ({field: value}) on top; an override the task would not read is refused
+    (``sources`` names where each came from)."""
+    for name, value, low in (("batch_size", batch_size, 1), ("max_batches", max_batches, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    model, configs, tokenizer = ckpt.load_model(checkpoint)
+    if tokenizer is None:
+        raise ValueError(f"evaluate: {checkpoint} has no tokenizer.model; evaluate a minillm checkpoint")
+    configs = upgrade_saved_configs(configs)
+    task = get_task(configs["task"], f"{checkpoint}: task")
+    if data is None:
+        if not configs.get("data"):
+            raise ValueError(f"evaluate: {checkpoint} saved no data config; pass one")
+        data = DataConfig.from_dict({**configs["data"], **(overrides or {})})
+    reads = task.data_fields_read(data, tokenizer_from_corpus=False)
+    for key, source in (sources or {}).items():
+        if key.split(".", 1)[1] not in reads:
+            raise ValueError(f"{key} (set by {source}) would have no effect: task {task.name!r} does not read it; "
+                             f"remove it")
+    if task.from_corpus:  # the checkpoint's tokenizer: shards are rebuilt only if they are missing
+        prepare_data(dataclasses.replace(data, tokenizer=str(ckpt.resolve_checkpoint(checkpoint) / ckpt.TOKENIZER)),
+                     progress=False)
+    task.check(model.config, data)
+    task_data = task.datasets(data, tokenizer, model.config, samples=0)
+    dataset, split = (task_data.test, "test") if task_data.test is not None else (task_data.validation, "validation")
+    model.to(distributed.pick_device(device, 0))
+    batches = eval_batches(dataset, task_data.collate, batch_size=batch_size, seed=data.seed, rank=0, world=1)
+    metrics = evaluate_model(model, task, batches, max_batches=max_batches)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    _say(echo, f"{ckpt.resolve_checkpoint(checkpoint)} ({task.name}), {split} split: {shown}")
+    return {"task": task.name, "split": split, **metrics}
 
 
 # =============================================================================================
@@ -305,187 +578,8 @@ def _fill_masks(model: MaskedLM, tokenizer: Tokenizer, prompt: str, device) -> s
     logits[:, torch.from_numpy(tokenizer.special).to(device)] = float("-inf")  # predict words, not specials
     for position in masked:
         ids[position] = int(logits[position].argmax())
+
     def shown(i: int) -> str:  # the word, or the piece itself for whitespace ("▁", newline)
         return tokenizer.decode([i]).strip() or repr(tokenizer.id_to_piece(i))
 
     return "".join(parts[k] + (f"[{shown(ids[masked[k]])}]" if k < len(masked) else "") for k in range(len(parts)))
-
-
-# =============================================================================================
-# Fine-tuning (sequence classification)
-# =============================================================================================
-
-
-def classification_data(data: DataConfig, tokenizer: Tokenizer) -> dict:
-    """{"labels", "train", "validation", "test"} as ClassificationDatasets.
-
-    ``data.train_file == "default"``: the embedded stdlib task (its own test split). Otherwise the
-    train/validation files (CSV/TSV/JSONL or a GLUE layout); the validation file is also the test.
-    """
-    if data.train_file not in (None, DEFAULT_TASK_FILE) and data.validation_file is None:
-        raise ValueError("DataConfig.validation_file: required with a train_file (it is the held-out set)")
-    splits = classification_examples(dataclasses.replace(data, train_file=data.train_file or DEFAULT_TASK_FILE))
-    out = {name: ClassificationDataset(examples, tokenizer, data.seq_len) for name, examples in splits.items()}
-    out["labels"] = splits["train"].label_map.names
-    out["label_ids"] = {name: examples.labels for name, examples in splits.items()}
-    return out
-
-
-def majority_baseline(train_labels: list[int], test_labels: list[int]) -> float:
-    """Accuracy on the test labels of always predicting the most frequent training label."""
-    majority = Counter(train_labels).most_common(1)[0][0]
-    return sum(label == majority for label in test_labels) / len(test_labels)
-
-
-def _is_hf_directory(path: Path) -> bool:
-    return path.is_dir() and not (path / ckpt.WEIGHTS).is_file() and ckpt._is_hf_directory(path)
-
-
-def _finetune_start(model: ModelConfig, data: DataConfig, train: TrainConfig, progress: bool):
-    """(model config, tokenizer, where the weights come from) for fine-tuning."""
-    if train.init_from is None:
-        tokenizer = Tokenizer.load(data.tokenizer) if data.tokenizer else prepare_data(data, progress)[0]
-        return _fit_to_tokenizer(model, tokenizer), tokenizer, "scratch (random initialisation)"
-    source = Path(train.init_from)
-    if _is_hf_directory(source):
-        import json
-
-        from minillm.convert import config_from_hf
-
-        if data.tokenizer is None:
-            raise ValueError(
-                f"DataConfig.tokenizer: fine-tuning the Hugging Face model {source} needs a sentencepiece .model "
-                f"with its vocabulary (WordPiece/BPE vocab files are not supported)"
-            )
-        hf = json.loads((source / "config.json").read_text())
-        config = dataclasses.replace(config_from_hf(hf, "classification"), classifier_pooling=model.classifier_pooling)
-        tokenizer = Tokenizer.load(data.tokenizer)
-        return config, tokenizer, f"Hugging Face checkpoint {source}"
-    try:
-        checkpoint = ckpt.resolve_checkpoint(source)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"TrainConfig.init_from: {err}") from None
-    # dropouts, backends and the classifier's pooling come from this run's config, the rest from the checkpoint
-    config = ckpt.saved_architecture(checkpoint, model)
-    if not (checkpoint / ckpt.TOKENIZER).is_file():
-        raise ValueError(f"TrainConfig.init_from: {checkpoint} has no {ckpt.TOKENIZER}; it cannot be fine-tuned here")
-    return config, Tokenizer.load(checkpoint / ckpt.TOKENIZER), f"checkpoint {checkpoint}"
-
-
-def finetune(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=print, hooks=None,
-             before_fit=None) -> dict:
-    """Fine-tune a sequence classifier and report test accuracy next to the majority baseline.
-
-    Weights come from ``train.init_from`` (a minillm checkpoint or run directory, whose architecture
-    and tokenizer are used; or a Hugging Face GPT-2/BERT directory with ``data.tokenizer``), or
-    from scratch when it is None (``model`` then gives the architecture). The best checkpoint by
-    ``train.early_stopping_metric`` on the validation split is evaluated on the test split.
-
-    Returns {"test": metrics, "majority_baseline", "labels", "start", "n_train" (training examples),
-    "summary", "out_dir", ...}.
-    """
-    if train.task != "classification":
-        raise ValueError(f"TrainConfig.task: fine-tuning trains 'classification', got {train.task!r}")
-    config, tokenizer, start = _finetune_start(model, data, train, train.progress)
-    splits = classification_data(data, tokenizer)
-    config = dataclasses.replace(config, num_labels=len(splits["labels"]))
-    _check_lengths(config, data)
-    majority = majority_baseline(splits["label_ids"]["train"], splits["label_ids"]["test"])
-    _say(echo, f"data: {len(splits['train'])} train / {len(splits['validation'])} validation / "
-               f"{len(splits['test'])} test examples, {len(splits['labels'])} labels {splits['labels']}",
-         f"start: {start}")
-    seed_everything(train.seed)  # the initial weights (from scratch, or the new head) are the seed's
-    net = build_model(config, "classification")
-    collate = ClassificationCollator(tokenizer)
-    saved = {"data": data, "labels": splits["labels"]}
-    if train.probe_steps and train.init_from is not None and not train.resume:
-        ckpt.run_to_resume(train.out_dir, resume=False, overwrite=train.overwrite)  # a taken out_dir fails now, not after the probe
-        _probe_head(net, train, splits, collate, saved, tokenizer, echo)
-    trainer = Trainer(net, train, splits["train"], splits["validation"], collate_fn=collate,
-                      configs_to_save=saved, tokenizer=tokenizer, hooks=hooks)
-    if before_fit is not None:
-        before_fit()
-    summary = trainer.fit()
-    best = trainer.out_dir / ckpt.BEST
-    if best.exists():
-        ckpt.load_weights(trainer.raw_model, best)
-    test = classification_metrics(_confusion(trainer.raw_model, splits["test"], collate, len(splits["labels"]),
-                                             train.batch_size))
-    _say(echo, f"trained {summary['steps']} steps ({summary['stopped']}) in {summary['elapsed_s']:.0f} s; "
-               f"best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}",
-         f"test accuracy {test['accuracy']:.1%} (macro-F1 {test['macro_f1']:.3f}, MCC {test['mcc']:.3f}) vs "
-         f"majority-class baseline {majority:.1%}; started from {start}")
-    return {"test": test, "majority_baseline": majority, "labels": splits["labels"], "start": start,
-            "n_train": len(splits["train"]),
-            "summary": summary, "out_dir": str(trainer.out_dir), "checkpoint": str(best if best.exists() else
-                                                                                ckpt.latest_checkpoint(trainer.out_dir))}
-
-
-def _probe_head(net, train: TrainConfig, splits: dict, collate, saved: dict, tokenizer, echo) -> None:
-    """LP-FT's first stage (TrainConfig.probe_steps): train only the new head of `net`, on the
-    frozen pretrained weights, in out_dir/probe. The fine-tuning Trainer built next re-applies
-    train.finetune_mode, so what trains after the probe is exactly what train asks for."""
-    probe = dataclasses.replace(
-        train, finetune_mode="freeze", freeze_layers=net.config.n_layers, lr=train.probe_lr,
-        max_steps=train.probe_steps, warmup_steps=min(train.warmup_steps, train.probe_steps), probe_steps=0,
-        early_stopping_patience=0, resume=False, overwrite=True, out_dir=str(Path(train.out_dir) / "probe"),
-    )
-    summary = Trainer(net, probe, splits["train"], splits["validation"], collate_fn=collate,
-                      configs_to_save=saved, tokenizer=tokenizer).fit()
-    final = summary["final"] or {}
-    _say(echo, f"probe: the head alone ({summary['trainable_parameters']:,} parameters) trained "
-               f"{summary['steps']} steps at lr {train.probe_lr:g}; validation {train.early_stopping_metric} "
-               f"{final.get(train.early_stopping_metric, float('nan')):.4f}; fine-tuning ({train.finetune_mode}) starts from it")
-
-
-@torch.no_grad()
-def _confusion(model, dataset, collate, num_labels: int, batch_size: int) -> torch.Tensor:
-    """Confusion matrix of `model` over a whole labelled dataset."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    matrix = torch.zeros(num_labels, num_labels, dtype=torch.long)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        predictions = model(**batch).logits.argmax(-1)
-        matrix += confusion_matrix(predictions.cpu(), labels.cpu(), num_labels)
-    model.train(was_training)
-    return matrix
-
-
-# =============================================================================================
-# Evaluation of a saved checkpoint
-# =============================================================================================
-
-
-def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, batch_size: int = 16, max_batches: int = 0,
-             device: str = "auto", echo=print) -> dict:
-    """Metrics of a checkpoint on held-out data: the validation split of its pretraining data, or
-    the test split of its classification task. ``data`` replaces the checkpoint's saved DataConfig."""
-    model, configs, tokenizer = ckpt.load_model(checkpoint)
-    task = configs["task"]
-    if tokenizer is None:
-        raise ValueError(f"evaluate: {checkpoint} has no tokenizer.model; evaluate a minillm checkpoint")
-    if data is None:
-        saved = configs.get("data")
-        if saved is None:
-            raise ValueError(f"evaluate: {checkpoint} saved no data config; pass one")
-        data = DataConfig.from_dict(saved)
-    if task == "classification":
-        splits = classification_data(data, tokenizer)
-        eval_set, collate = splits["test"], ClassificationCollator(tokenizer)
-    else:
-        # the checkpoint's tokenizer: the shards are rebuilt only if they are missing
-        data = dataclasses.replace(data, tokenizer=str(ckpt.resolve_checkpoint(checkpoint) / ckpt.TOKENIZER))
-        prepare_data(data, progress=False)
-        steps = TrainConfig(task=task, max_steps=1, warmup_steps=0)
-        _, eval_set, collate = pretraining_data(task, data, tokenizer, steps)
-    with tempfile.TemporaryDirectory(prefix="minillm-evaluate-") as scratch:  # the Trainer's unused log
-        config = TrainConfig(task=task, out_dir=scratch, batch_size=batch_size, eval_batches=max_batches,
-                             device=device, progress=False, warmup_steps=0)
-        metrics = Trainer(model, config, [], eval_set, collate_fn=collate, tokenizer=tokenizer).evaluate()
-    _say(echo, f"{ckpt.resolve_checkpoint(checkpoint)} ({task}): " +
-         ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)))
-    return {"task": task, **metrics}

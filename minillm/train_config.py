@@ -12,20 +12,25 @@ import math
 from dataclasses import dataclass
 
 from minillm.config import check_field_types, config_from_dict
-from minillm.model import TASKS
+from minillm.tasks import TASKS, get_task
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 FINETUNE_MODES = ("full", "lora", "bitfit", "freeze")
+RESUME_CHANGES = ("refuse", "allow")
 
-# Metrics each task's evaluation reports; early stopping may watch any of them.
-TASK_METRICS = {
-    "causal-lm": ("val_loss", "val_ppl", "token_accuracy"),
-    "mlm": ("val_loss", "val_ppl", "mlm_accuracy"),
-    "mlm-nsp": ("val_loss", "val_ppl", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy"),
-    "classification": ("val_loss", "accuracy", "macro_f1", "f1", "mcc"),
-    "seq2seq": ("val_loss", "val_ppl", "token_accuracy"),
+# Resuming: the saved config is the base. These fields only say how the run is launched, and are
+# never compared with it ...
+LAUNCH_FIELDS = {"train": ("out_dir", "resume", "overwrite", "resume_changes", "progress")}
+# ... and these change how far it goes, how often it reports, or where it runs, not what it
+# learns: a new value is applied and said. Any other difference is refused unless
+# resume_changes="allow".
+HARMLESS_ON_RESUME = {
+    "train": ("max_steps", "max_minutes", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+              "keep_checkpoints", "early_stopping_patience", "num_workers", "device", "compile"),
+    "model": ("attn_backend", "norm_backend"),
+    "data": ("num_workers",),
 }
 
 
@@ -41,7 +46,8 @@ class TrainConfig:
     out_dir: str = "runs/default"
     """Run directory: checkpoints (step_XXXXXX/, best, latest), metrics.jsonl/.csv, metrics.png."""
     task: str = "causal-lm"
-    """Objective, one of minillm.model.TASKS: causal-lm, mlm, mlm-nsp, classification, seq2seq."""
+    """What is learnt, one of :data:`minillm.tasks.TASKS`: causal-lm, mlm, mlm-nsp, span-corruption,
+    seq2seq, classification. The task builds the model's head, the batches and the metrics."""
     batch_size: int = 16
     """Sequences per micro-batch per process."""
     grad_accum_steps: int = 1
@@ -120,7 +126,12 @@ class TrainConfig:
     """Initial weights: a minillm checkpoint (or run directory) or a Hugging Face directory.
     Ignored when resuming: the run's own checkpoint already holds the fine-tuned weights."""
     resume: bool = False
-    """Continue the run in out_dir from its latest checkpoint, exactly where it stopped."""
+    """Continue the run in out_dir from its latest checkpoint, exactly where it stopped. Its saved
+    config is the base: fields that change what the run learns (lr, schedule, data, model...) are
+    refused when they differ, unless resume_changes="allow"; HARMLESS_ON_RESUME ones are applied."""
+    resume_changes: str = "refuse"
+    """Resuming with settings that differ from the saved run's: "refuse" (an error listing each
+    difference) or "allow" (apply them, and say so)."""
     overwrite: bool = False
     """Start afresh in an out_dir that already holds a run, deleting its checkpoints and logs
     (otherwise that is an error: a finished run is never replaced by accident)."""
@@ -136,8 +147,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.{name}: got {getattr(self, name)!r}, expected {expected}")
 
         for name, allowed in (
-            ("task", TASKS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
-            ("device", DEVICES), ("finetune_mode", FINETUNE_MODES),
+            ("task", tuple(TASKS)), ("schedule", SCHEDULES), ("precision", PRECISIONS),
+            ("device", DEVICES), ("finetune_mode", FINETUNE_MODES), ("resume_changes", RESUME_CHANGES),
         ):
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {allowed}")
@@ -157,8 +168,8 @@ class TrainConfig:
         for name in ("lr", "probe_lr"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 fail(name, "a positive finite number")
-        if self.probe_steps and self.task != "classification":
-            fail("probe_steps", "0 unless task='classification' (the probe trains a new classification head)")
+        if self.probe_steps and not get_task(self.task).new_head:
+            fail("probe_steps", f"0 for task {self.task!r} (the probe trains a new head, which this task has not)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             fail("min_lr_ratio", "a number in [0, 1]")
         if not 0.0 <= self.weight_decay < 1.0:
@@ -170,8 +181,8 @@ class TrainConfig:
             fail("eps", "a positive number")
         if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
             fail("grad_clip", "a number >= 0 (0 disables clipping)")
-        if self.early_stopping_metric not in TASK_METRICS[self.task]:
-            fail("early_stopping_metric", f"one of {TASK_METRICS[self.task]} for task {self.task!r}")
+        if self.early_stopping_metric not in get_task(self.task).metrics:
+            fail("early_stopping_metric", f"one of {get_task(self.task).metrics} for task {self.task!r}")
         if not self.lora_alpha > 0:
             fail("lora_alpha", "a positive number")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -182,6 +193,24 @@ class TrainConfig:
             fail("overwrite", "False when resume=True (resume continues the run that overwrite would delete)")
         if self.finetune_mode == "freeze" and self.freeze_layers == 0:
             fail("freeze_layers", "an integer >= 1 when finetune_mode='freeze'")
+
+    def fields_without_effect(self) -> dict[str, str]:
+        """{field: why} for the fields this config sets aside (LoRA's rank outside LoRA mode...): a
+        value given for one of them would be ignored, so the CLI refuses it."""
+        unused = {}
+        if self.finetune_mode != "lora":
+            unused.update(dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout"), "finetune_mode is not 'lora'"))
+        if self.finetune_mode != "freeze":
+            unused["freeze_layers"] = "finetune_mode is not 'freeze'"
+        if self.init_from is None or not get_task(self.task).new_head:
+            why = "there is no pretrained body to probe (init_from is none)" if self.init_from is None else \
+                f"task {self.task!r} has no new head to probe"
+            unused.update(dict.fromkeys(("probe_steps", "probe_lr"), why))
+        elif self.probe_steps == 0:
+            unused["probe_lr"] = "probe_steps is 0"
+        if self.schedule == "constant":
+            unused["min_lr_ratio"] = "schedule is 'constant'"
+        return unused
 
     @property
     def min_lr(self) -> float:
@@ -196,3 +225,33 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Build from a dict (a TOML table, a saved config); unknown keys are a ValueError naming them."""
         return config_from_dict(cls, values)
+
+
+def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(harmless, refused) differences between a run's saved configs (config.json: section ->
+    dict) and the configs it resumes with (section -> config object), each as
+    "section.field: saved -> now". LAUNCH_FIELDS are not compared; HARMLESS_ON_RESUME ones are
+    harmless; fields a saved config does not have (written by an older minillm) are skipped."""
+    harmless, refused = [], []
+    for section, config in current.items():
+        if not dataclasses.is_dataclass(config) or not isinstance(saved.get(section), dict):
+            continue
+        before, now = _comparable(saved[section]), _comparable(dataclasses.asdict(config))
+        for name, value in now.items():
+            if name in LAUNCH_FIELDS.get(section, ()) or name not in before or before[name] == value:
+                continue
+            line = f"{section}.{name}: {before[name]!r} -> {value!r}"
+            (harmless if name in HARMLESS_ON_RESUME.get(section, ()) else refused).append(line)
+    return harmless, refused
+
+
+def _comparable(values: dict) -> dict:
+    """Config values with defaults resolved (d_ff None is 4 * d_model) and tuples as lists."""
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    if values.get("d_model") is not None and "d_ff" in values:
+        values["d_ff"] = values["d_ff"] or 4 * values["d_model"]
+    if "n_kv_heads" in values:
+        values["n_kv_heads"] = values["n_kv_heads"] or values.get("n_heads")
+    if "n_decoder_layers" in values:
+        values["n_decoder_layers"] = values["n_decoder_layers"] or values.get("n_layers")
+    return values

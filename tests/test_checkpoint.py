@@ -16,7 +16,7 @@ import torch
 
 from minillm import checkpoint as ckpt
 from minillm.config import ModelConfig
-from minillm.model import build_model
+from minillm.tasks import build_model
 from minillm.tokenizer import Tokenizer
 from minillm.train_config import TrainConfig
 from minillm.trainer import Trainer, seed_everything
@@ -54,7 +54,7 @@ CRASHING_SAVE = textwrap.dedent("""
     import os, sys, torch
     from minillm import checkpoint as ckpt
     from minillm.config import ModelConfig
-    from minillm.model import build_model
+    from minillm.tasks import build_model
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=2, max_seq_len=16), "causal-lm")
     configs = {"task": "causal-lm", "model": model.config}

@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from minillm import cli
+from minillm import cli, recipes
 from minillm.config_io import load_configs
 
 TINY_MODEL = ["--model.n_layers=1", "--model.d_model=32", "--model.n_heads=2", "--model.max_seq_len=64"]
@@ -95,7 +95,7 @@ def test_pretrain_gpt_writes_checkpoint_metrics_plot_and_config(gpt_run):
     evals = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if r["kind"] == "eval"] == [2, 4]
     assert (out_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    resolved = load_configs(cli.SECTIONS, out_dir / "config.toml")
+    resolved = load_configs(recipes.SECTIONS, out_dir / "config.toml")
     assert resolved["model"].n_layers == 1 and resolved["train"].max_steps == 4
     assert "[model]" in out and "n_layers = 1" in out  # the printed resolved config
     assert "unigram-entropy baseline" in out and "validation loss" in out and "samples:" in out
@@ -154,7 +154,9 @@ def test_finetune_from_bert_on_a_csv_and_evaluate(work, bert_run):
                          f"--data.validation_file={work / 'dev.csv'}", "--data.seq_len=32", *TINY_TRAIN,
                          "--train.max_steps=6", f"--train.out_dir={out_dir}")
     assert code == 0, err
-    assert "test accuracy" in out and "majority-class baseline" in out and f"checkpoint {bert_run[0]}" in out
+    assert f"start: checkpoint {bert_run[0]}" in out and "majority-class baseline" in out
+    # no test file: the figure is the validation split's, which also chose the best checkpoint, and says so
+    assert "validation accuracy" in out and "no data.test_file" in out and "test accuracy" not in out
     assert (out_dir / "best" / "model.safetensors").is_file()
     code, out, err = run("evaluate", "--checkpoint", out_dir / "best")
     assert code == 0, err
@@ -194,12 +196,12 @@ def test_finetune_probes_the_head_first_then_fine_tunes_from_it(work, bert_run):
     code, out, err = run("finetune", f"--train.init_from={bert_run[0]}", *task, *TINY_TRAIN,
                          "--train.probe_steps=5", f"--train.out_dir={out_dir}")
     assert code == 2 and "already holds a run" in err and "probe:" not in out
-    # from scratch there is nothing to probe: the option is skipped
+    # from scratch there is nothing to probe: asking for a probe is refused, not skipped in silence
     tokenizer = bert_run[0] / (bert_run[0] / "latest").read_text().strip() / "tokenizer.model"
     code, out, err = run("finetune", "--train.init_from=none", *TINY_MODEL, f"--data.tokenizer={tokenizer}", *task,
                          *TINY_TRAIN, "--train.probe_steps=5", f"--train.out_dir={work / 'lpft-scratch'}")
-    assert code == 0, err
-    assert "probe:" not in out and not (work / "lpft-scratch" / "probe").exists()
+    one_line_error(code, err, "train.probe_steps (set by --train.probe_steps) would have no effect", "init_from is none")
+    assert not (work / "lpft-scratch").exists()
 
 
 def test_finetune_with_a_probe_under_torchrun_matches_one_process(work, bert_run, free_port):
@@ -222,7 +224,7 @@ def test_finetune_with_a_probe_under_torchrun_matches_one_process(work, bert_run
         env=env, capture_output=True, text=True, timeout=240, cwd=work,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("probe: the head alone") == 1 and result.stdout.count("test accuracy") == 1
+    assert result.stdout.count("probe: the head alone") == 1 and result.stdout.count("validation accuracy") == 1
     code, out, err = run("finetune", *task, "--train.batch_size=4", f"--train.out_dir={work / 'one-lpft'}")
     assert code == 0, err
     for stage in ("probe", ""):
@@ -253,7 +255,7 @@ def test_pretraining_gain_benchmark_pairs_each_seed_across_the_arms(work, bert_r
     assert all(("scratch" in r["start"]) == (r["arm"] == "scratch") for r in runs)
     assert [row["n_train"] for row in summary["rows"]] == [40, 120]  # the budget, then all of train.csv
     for row in summary["rows"]:
-        by = {(r["arm"], r["seed"]): r["test"]["mcc"] for r in runs if r["train_examples"] == row["train_examples"]}
+        by = {(r["arm"], r["seed"]): r["metrics"]["mcc"] for r in runs if r["train_examples"] == row["train_examples"]}
         assert row["gain_mcc"] == [by["pretrained", s] - by["scratch", s] for s in (0, 1)]
         assert row["gain_mcc_mean"] == pytest.approx(sum(row["gain_mcc"]) / 2)
         printed = [line.split() for line in out.getvalue().splitlines() if line.split()[:1] == [str(row["n_train"])]]
@@ -352,7 +354,7 @@ def test_finetune_from_scratch_says_so(work, bert_run, monkeypatch):
                          f"--data.train_file={work / 'train.csv'}", f"--data.validation_file={work / 'dev.csv'}",
                          "--data.seq_len=32", *TINY_TRAIN, f"--train.out_dir={work / 'scratch'}")
     assert code == 0, err
-    assert "training from scratch" in out and "started from scratch" in out
+    assert "training from scratch" in out and "start: scratch" in out
 
 
 def test_pretrain_seq2seq_and_generate(work):

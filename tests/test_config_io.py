@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from minillm import config_io
-from minillm.cli import SECTIONS, defaults_for
+from minillm.recipes import RECIPES, SECTIONS
 from minillm.config import ModelConfig
 from minillm.data import DataConfig
 from minillm.train_config import TrainConfig
@@ -45,13 +45,19 @@ def test_layers_defaults_then_toml_then_command_line(tmp_path):
     assert c["train"].lr == 1.0 and c["train"].max_steps == 7 and c["train"].batch_size == 4
 
 
-def test_model_kinds_choose_preset_task_and_batches():
-    bert = config_io.build_configs(SECTIONS, defaults_for("pretrain", "bert"))
-    assert bert["model"].arch == "encoder" and bert["train"].task == "mlm-nsp" and bert["data"].objective == "nsp"
-    gpt = config_io.build_configs(SECTIONS, defaults_for("pretrain", "gpt"))
-    assert gpt["model"].arch == "decoder" and gpt["train"].task == "causal-lm" and gpt["data"].inputs == ["default"]
-    tune = config_io.build_configs(SECTIONS, defaults_for("finetune", "bert"))
-    assert tune["train"].task == "classification" and tune["data"].train_file == "default"
+def defaults_for(command: str, family: str) -> dict:
+    return RECIPES[(command, family)].defaults()
+
+
+@pytest.mark.parametrize("command, family, arch, task", [
+    ("pretrain", "gpt", "decoder", "causal-lm"), ("pretrain", "bert", "encoder", "mlm-nsp"),
+    ("pretrain", "seq2seq", "encoder-decoder", "span-corruption"), ("finetune", "bert", "encoder", "classification"),
+    ("finetune", "gpt", "decoder", "classification"), ("finetune", "seq2seq", "encoder-decoder", "seq2seq"),
+])
+def test_recipes_choose_preset_and_task(command, family, arch, task):
+    c = config_io.build_configs(SECTIONS, defaults_for(command, family))
+    assert c["model"].arch == arch and c["train"].task == task
+    assert c["train"].out_dir == f"runs/{command}-{family}"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -125,7 +131,19 @@ def test_example_configs_exist():
     ("tiny-gpt-cpu.toml", "pretrain", "gpt"), ("tiny-bert.toml", "pretrain", "bert"), ("finetune-bert.toml", "finetune", "bert"),
 ])
 def test_tiny_configs_are_the_default_commands(name, command, kind):
+    """Each example config runs what the command runs: the same values in every field the run reads
+    (finetune-bert.toml starts from runs/pretrain-bert, whose checkpoint brings the architecture and
+    the tokenizer: it leaves out the architecture and the corpus fields that only serve from scratch)."""
+    from minillm.checkpoint import HEAD_FIELDS, RUNTIME_FIELDS
+    from minillm.tasks import get_task
+
     from_file = config_io.load_configs(SECTIONS, [p for p in CONFIGS if p.name == name][0])
     defaults = defaults_for(command, kind)
     defaults["train"]["init_from"] = from_file["train"].init_from  # finetune: runs/pretrain-bert when it exists
-    assert from_file == config_io.build_configs(SECTIONS, defaults)
+    expected = config_io.build_configs(SECTIONS, defaults)
+    assert from_file["train"] == expected["train"]
+    model_fields = RUNTIME_FIELDS + HEAD_FIELDS if from_file["train"].init_from else [f for f in vars(from_file["model"])]
+    assert all(getattr(from_file["model"], f) == getattr(expected["model"], f) for f in model_fields)
+    data = from_file["data"]
+    for field in get_task(data_task := from_file["train"].task).data_fields_read(data, from_file["train"].init_from is None):
+        assert getattr(data, field) == getattr(expected["data"], field), (data_task, field)

@@ -119,15 +119,13 @@ def test_seq2seq_pairs(tok, tmp_path):
 
 
 def test_data_config_validation():
-    config = DataConfig(seq_len=128, objective="mlm", whole_word_mask=True)
+    config = DataConfig(seq_len=128, whole_word_mask=True)
     assert DataConfig.from_dict(config.to_dict()) == config
-    for field, value in [("seq_len", 2), ("val_fraction", 1.0), ("objective", "rlhf"), ("model_type", "wordpiece"),
+    for field, value in [("seq_len", 2), ("val_fraction", 1.0), ("model_type", "wordpiece"),
                          ("mlm_probability", 0.0), ("inputs", []), ("glue_task", "stsb"), ("random_ratio", 0.5),
                          ("train_examples", -1)]:
         with pytest.raises(ValueError, match=rf"DataConfig\.{field}:"):
             DataConfig(**{field: value})
-    with pytest.raises(ValueError, match=r"DataConfig.train_file:"):
-        DataConfig(objective="classification")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['seq_length'\]"):
         DataConfig.from_dict({"seq_length": 3})
 
@@ -136,7 +134,7 @@ def test_a_label_budget_samples_the_training_split(tmp_path):
     rows = [f"text {i} {'good' if i % 3 else 'bad'},{'pos' if i % 3 else 'neg'}" for i in range(30)]
     (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
     (tmp_path / "dev.csv").write_text("text,label\nsome good text,pos\nsome bad text,neg\n")
-    files = dict(objective="classification", train_file=str(tmp_path / "train.csv"),
+    files = dict(train_file=str(tmp_path / "train.csv"),
                  validation_file=str(tmp_path / "dev.csv"))
     full = classification_examples(DataConfig(**files))
     few = classification_examples(DataConfig(**files, train_examples=8, seed=1))

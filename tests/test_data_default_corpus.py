@@ -68,15 +68,16 @@ def test_classification_task_split_by_module(built):
 
 
 def test_finetune_data_takes_stdlib_classes_from_the_config(built, tmp_path, monkeypatch):
+    from minillm import preset
     from minillm.data import DataConfig
-    from minillm.recipes import classification_data
+    from minillm.tasks import get_task
     from minillm.tokenizer import Tokenizer
 
     cache, _ = built
     monkeypatch.setenv("MINILLM_CACHE_DIR", str(cache))
     docs = [d.text for d in default_corpus_documents(cache)[:60]]
     tokenizer = Tokenizer.train(docs, tmp_path / "tok.model", vocab_size=400)
-    data = DataConfig(objective="classification", train_file="default", stdlib_classes=3, seq_len=32)
-    splits = classification_data(data, tokenizer)
-    assert splits["labels"] == stdlib_classification_task(n_classes=3, cache_dir=cache).labels
-    assert len(splits["labels"]) == 4 and splits["labels"][-1] == "other"
+    data = DataConfig(train_file="default", stdlib_classes=3, seq_len=32)
+    splits = get_task("classification").datasets(data, tokenizer, preset("tiny-bert"), samples=0)
+    assert splits.labels == stdlib_classification_task(n_classes=3, cache_dir=cache).labels
+    assert len(splits.labels) == 4 and splits.labels[-1] == "other"

@@ -10,7 +10,7 @@ import torch
 from minillm import checkpoint as ckpt
 from minillm.config import ModelConfig
 from minillm.lora import LoRALinear, add_lora, apply_finetune_mode, merge_lora
-from minillm.model import build_model
+from minillm.tasks import build_model
 from minillm.optim import lr_at, parameter_groups
 from minillm.train_config import TrainConfig
 from minillm.trainer import Trainer, seed_everything

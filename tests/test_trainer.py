@@ -25,9 +25,10 @@ from minillm.metrics import (
     MetricsLog, accuracy, binary_f1, classification_metrics, confusion_matrix, macro_f1, mcc, perplexity, plot_metrics,
     read_metrics,
 )
-from minillm.model import build_model
+from minillm.batches import train_batches
+from minillm.tasks import build_model, get_task
 from minillm.train_config import TrainConfig
-from minillm.trainer import Trainer, forward_sums, seed_everything, target_counts
+from minillm.trainer import Trainer, seed_everything
 
 V, T = 100, 16
 
@@ -174,8 +175,8 @@ def test_mlm_batches_are_a_function_of_seed_and_position(tmp_path):
         config = train_config(tmp_path, f"mlm{skip}{workers}", task="mlm", batch_size=3, num_workers=workers)
         model = make_model(task="mlm", arch="encoder", vocab_size=tok.vocab_size)
         trainer = Trainer(model, config, Texts(), collate_fn=MLMCollator(tok, mlm_probability=0.3))
-        trainer.micro_batches = skip  # where a resumed run starts
-        return trainer._train_batches()
+        return train_batches(trainer.train_data, trainer.collate_fn, batch_size=3, seed=config.seed, rank=0, world=1,
+                             start=skip, num_workers=workers)  # start: where a resumed run starts
 
     fresh = stream(0, 0)
     batches = [next(fresh) for _ in range(6)]  # 1.5 epochs
@@ -208,11 +209,11 @@ def test_accumulation_equals_one_large_batch(tmp_path):
     small = Trainer(make_model(), train_config(tmp_path, "small", batch_size=2, grad_accum_steps=4, **common),
                     data, collate_fn=PadCollator())
 
-    stream = small._train_batches()
+    stream = train_batches(data, small.collate_fn, batch_size=2, seed=small.config.seed, rank=0, world=1, start=0)
     micro = [next(stream) for _ in range(4)]
-    counts = [int(target_counts("causal-lm", b)["lm"]) for b in micro]
+    counts = [int(get_task("causal-lm").target_counts(b)["loss"]) for b in micro]
     assert len(set(counts)) > 1, counts  # the case that per-micro-batch means would get wrong
-    large = next(big._train_batches())
+    large = next(train_batches(data, big.collate_fn, batch_size=8, seed=big.config.seed, rank=0, world=1, start=0))
     width = large["input_ids"].shape[1]
     padded = [torch.nn.functional.pad(b["input_ids"], (0, width - b["input_ids"].shape[1])) for b in micro]
     assert sorted(map(tuple, large["input_ids"].tolist())) == sorted(map(tuple, torch.cat(padded).tolist()))
@@ -303,8 +304,8 @@ def test_summed_terms_over_counts_equal_the_mean_loss(task):
         batch["labels"] = labels
     if task == "mlm-nsp":
         batch["next_sentence_label"] = torch.tensor([0, 1, 1])
-    counts = target_counts(task, batch)
-    _, sums = forward_sums(model, task, batch)
+    counts = get_task(task).target_counts(batch)
+    _, sums = get_task(task).forward(model, batch)
     ours = sum(sums[t] / counts[t] for t in sums)
     torch.testing.assert_close(ours, model(**batch).loss, rtol=1e-6, atol=1e-6)
 
@@ -330,15 +331,13 @@ def task_batches(task: str, n: int, seed: int) -> list[dict]:
 
 @pytest.mark.parametrize("task", ["causal-lm", "mlm", "mlm-nsp", "classification", "seq2seq"])
 def test_every_task_trains_and_reports_its_metrics(tmp_path, task):
-    from minillm.train_config import TASK_METRICS
-
     arch = {"causal-lm": "decoder", "seq2seq": "encoder-decoder"}.get(task, "encoder")
     model = make_model(task=task, arch=arch, num_labels=3)
     metric = "accuracy" if task == "classification" else "val_loss"
     config = train_config(tmp_path, task, task=task, max_steps=2, early_stopping_metric=metric)
     summary = Trainer(model, config, task_batches(task, 3, 0), task_batches(task, 2, 1)).fit()
     final = summary["final"]
-    assert set(final) - {"step"} == set(TASK_METRICS[task]) - ({"f1"} if task == "classification" else set())
+    assert set(final) - {"step"} == set(get_task(task).metrics) - ({"f1"} if task == "classification" else set())
     assert all(math.isfinite(v) for v in final.values())
     assert summary["tokens"] == 2 * 4 * (12 + (10 if task == "seq2seq" else 0))
     if task == "mlm-nsp":
@@ -460,7 +459,7 @@ def test_bad_runs_are_refused_clearly(tmp_path):
     Trainer(make_model(), train_config(tmp_path, "r", max_steps=2, overwrite=True), data, collate_fn=PadCollator())
     # the old run is gone, the user's file stays; the new run's log and TensorBoard events begin
     left = sorted(p.name for p in (tmp_path / "r").iterdir())
-    assert left == ["metrics.csv", "metrics.jsonl", "notes.txt", "tensorboard"]
+    assert left == ["config.toml", "metrics.csv", "metrics.jsonl", "notes.txt", "tensorboard"]
     assert len(list((tmp_path / "r" / "tensorboard").iterdir())) == 1  # the new writer's events file only
     with pytest.raises(ValueError, match="TrainConfig.overwrite"):
         train_config(tmp_path, "r", resume=True, overwrite=True)

@@ -12,7 +12,7 @@ Your own text, start to finish::
     prepare(corpus, tok, "data/mine")               # once; a rerun with the same inputs is skipped
     train = TokenShards("data/mine", "train")       # memory-mapped tokens + document offsets
 
-or all of it from a config: ``build_data(DataConfig(inputs=[...], objective="mlm"))``.
+or all of it from a config, for a task: ``minillm.tasks.get_task("mlm").datasets(...)``.
 
 Read in this order:
 
@@ -30,7 +30,7 @@ Read in this order:
 ``seq2seq``            T5 span corruption and source/target pairs
 ``classification``     labelled texts / pairs, label maps, GLUE layouts
 ``config``             DataConfig
-``pipeline``           build_data(DataConfig) -> tokenizer, datasets, collator
+``pipeline``           the train / validation / test examples of a classification config
 =====================  ===============================================================
 
 Every collator returns a dict of torch tensors whose keys the models accept directly
@@ -60,7 +60,7 @@ from minillm.data.corpus import Corpus, Document
 from minillm.data.default_corpus import build_default_corpus, default_corpus_documents, stdlib_classification_task
 from minillm.data.mlm import MLMCollator, MLMDataset
 from minillm.data.nsp import NSPCollator, NSPDataset
-from minillm.data.pipeline import DataBundle, build_data, classification_examples
+from minillm.data.pipeline import classification_examples
 from minillm.data.prepare import PrepareResult, prepare_from_config
 from minillm.data.seq2seq import (
     Seq2SeqCollator,
@@ -76,6 +76,6 @@ __all__ = [
     "ClassificationExamples", "LabelMap", "examples_from_pairs", "read_classification", "read_glue", "sample_examples",
     "IGNORE_INDEX", "DataConfig", "Corpus", "Document", "build_default_corpus", "default_corpus_documents",
     "stdlib_classification_task", "MLMCollator", "MLMDataset", "NSPCollator", "NSPDataset", "PrepareResult",
-    "prepare_from_config", "DataBundle", "build_data", "classification_examples", "Seq2SeqCollator",
+    "prepare_from_config", "classification_examples", "Seq2SeqCollator",
     "Seq2SeqPairDataset", "SpanCorruptionDataset", "read_seq2seq_pairs", "span_corruption", "TokenShards",
 ]

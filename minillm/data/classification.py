@@ -246,14 +246,17 @@ class ClassificationDataset(torch.utils.data.Dataset):
 
 
 class ClassificationCollator:
-    """Pad examples: input_ids, attention_mask, token_type_ids (B, T) and labels (B,) when labelled."""
+    """Pad examples: input_ids, attention_mask (B, T), token_type_ids (B, T) when ``segments``
+    (a body with segment embeddings, BERT's; a GPT has none) and labels (B,) when labelled."""
 
-    def __init__(self, tokenizer: Tokenizer, pad_to_multiple_of: int | None = None):
+    def __init__(self, tokenizer: Tokenizer, pad_to_multiple_of: int | None = None, segments: bool = True):
         self.pad_id = tokenizer.require("pad")
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_to_multiple_of, self.segments = pad_to_multiple_of, segments
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch = pad_segment_pairs(samples, self.pad_id, self.pad_to_multiple_of)
+        if not self.segments:
+            del batch["token_type_ids"]
         if "label" in samples[0]:
             batch["labels"] = np.array([s["label"] for s in samples], dtype=np.int64)
         return to_tensors(batch)

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from minillm.config import config_from_dict
 from minillm.data.corpus import ERRORS, FORMATS, TEXT_SPLITS
 
-OBJECTIVES = ("causal", "mlm", "nsp", "seq2seq", "classification")
 MODEL_TYPES = ("bpe", "unigram")
 CAUSAL_MODES = ("random", "sequential")
 
@@ -46,8 +45,6 @@ class DataConfig:
     """Seed of the split, the windows and the masks."""
     num_workers: int = 0
     """Prepare processes; 0 means all cores."""
-    objective: str = "causal"
-    """Which batches to build: causal, mlm, nsp, seq2seq or classification."""
     causal_mode: str = "random"
     """Causal windows: ``random`` starts (training) or ``sequential`` (validation)."""
     document_mask: bool = False
@@ -68,14 +65,17 @@ class DataConfig:
     """Seq2seq span corruption: mean length of a corrupted span (T5: 3)."""
     train_file: str | None = None
     """Classification / seq2seq pairs: training file (CSV/TSV/JSONL, or a GLUE TSV);
-    ``"default"`` is the built-in stdlib-package task (classification only)."""
+    ``"default"`` is the built-in stdlib-package task (classification only, with its own test split)."""
     stdlib_classes: int = 8
     """Classification on ``train_file="default"``: number of named packages (plus "other")."""
     train_examples: int = 0
     """Classification: train on this many examples, a random sample (``seed``) of the training
     split, to see how a model fares with few labels; 0 keeps them all."""
     validation_file: str | None = None
-    """Classification / seq2seq pairs: validation file."""
+    """Classification / seq2seq pairs: validation file; it picks the best checkpoint."""
+    test_file: str | None = None
+    """Classification / seq2seq pairs: test file, held out from every choice made in training; the
+    final figures are reported on it. Without one they are validation figures, and said to be."""
     label_field: str = "label"
     """Classification: label column / field."""
     text_pair_field: str | None = None
@@ -101,7 +101,6 @@ class DataConfig:
         check(isinstance(self.seq_len, int) and self.seq_len >= 8, "seq_len", "an int >= 8")
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", "a float in [0, 1)")
         check(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "an int >= 0")
-        check(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}")
         check(self.causal_mode in CAUSAL_MODES, "causal_mode", f"one of {CAUSAL_MODES}")
         check(0.0 < self.mlm_probability < 1.0, "mlm_probability", "a float in (0, 1)")
         check(0.0 <= self.mask_ratio <= 1.0, "mask_ratio", "a float in [0, 1]")
@@ -112,8 +111,8 @@ class DataConfig:
         check(isinstance(self.stdlib_classes, int) and self.stdlib_classes >= 1, "stdlib_classes", "an int >= 1")
         check(isinstance(self.train_examples, int) and self.train_examples >= 0, "train_examples",
               "an int >= 0 (0: every training example)")
-        if self.objective == "classification":
-            check(self.train_file is not None, "train_file", "a file path when objective='classification'")
+        check(self.test_file is None or self.train_file not in (None, "default"), "test_file",
+              "None unless train_file names a file (the embedded task has its own test split)")
         if self.glue_task is not None:
             from minillm.data.classification import GLUE_TASKS
 
