@@ -10,8 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
+from minillm.data.config import DataConfig
 from minillm.data.corpus import Corpus, Document
-from minillm.data.prepare import prepare, token_dtype
+from minillm.data.prepare import prepare, prepare_from_config, token_dtype
 from minillm.data.shards import TokenShards
 from minillm.tokenizer import EOS_ID, Tokenizer
 
@@ -186,3 +187,18 @@ def test_damaged_shard_is_refused_and_dtype_rule(setup, tmp_path):
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
     with pytest.raises(ValueError, match="val_fraction=0.5 leaves no training document"):
         prepare([Document("a", "one")], tok, tmp_path / "x", val_fraction=0.5, progress=False)
+
+
+@pytest.mark.parametrize("name, data, error", [
+    ("part9.jsonl", b'{"text": "fine"}\n{"text": "fine too"\n', r"part9.jsonl:2: not valid JSON"),
+    ("part9.txt", b"fine words, then \xc3(", r"part9.txt: invalid UTF-8 at byte offset 17"),
+], ids=["not-json", "invalid-utf8"])
+def test_bad_text_met_while_training_the_tokenizer_names_the_file(tmp_path, name, data, error):
+    """The tokenizer trained by prepare_from_config meets the bad file after the good ones: the
+    error is the reader's ValueError, and nothing is written."""
+    write_corpus(tmp_path / "corpus", n_files=1, docs_per_file=40)
+    (tmp_path / "corpus" / name).write_bytes(data)
+    config = DataConfig(inputs=[str(tmp_path / "corpus")], prepared_dir=str(tmp_path / "prepared"), vocab_size=320)
+    with pytest.raises(ValueError, match=error):
+        prepare_from_config(config, progress=False)
+    assert not (tmp_path / "prepared").exists()
