@@ -156,7 +156,8 @@ def test_a_label_budget_samples_the_training_split(tmp_path):
 def test_a_training_file_with_one_class_is_refused_as_it_is_read(tmp_path):
     train = tmp_path / "train.csv"
     train.write_text("text,label\na good film,pos\nfine,pos\ngreat,pos\n")
-    message = r"^\S*train.csv: every example has label 'pos' \(column 'label'\); classification needs at least 2 classes$"
+    message = (r"^\S*train.csv: every example has label 'pos' \(column 'label'\); "
+               r"classification needs at least 2 classes$")
     with pytest.raises(ValueError, match=message):
         read_classification(train)
     with pytest.raises(ValueError, match=message):  # the pipeline reads it before any training
