@@ -202,3 +202,37 @@ def test_bad_text_met_while_training_the_tokenizer_names_the_file(tmp_path, name
     with pytest.raises(ValueError, match=error):
         prepare_from_config(config, progress=False)
     assert not (tmp_path / "prepared").exists()
+
+
+def test_a_document_named_twice_is_prepared_once(setup, tmp_path, capsys):
+    """A folder and a glob of it give the folder's shards; a copied file and a repeated line are
+    dropped before the split, so no validation text is also a training text."""
+    root, paths, tok = setup
+    folder = paths[0].parent
+    alone = prepare([folder], tok, tmp_path / "alone", val_fraction=0.1, progress=False)
+    twice = prepare([folder, str(folder / "*.jsonl")], tok, tmp_path / "twice", val_fraction=0.1, progress=True)
+    assert twice.duplicates == {"files": 3, "documents": 0} and alone.duplicates == {"files": 0, "documents": 0}
+    assert twice.manifest["duplicates"] == twice.duplicates
+    assert "prepare: dropped 3 input file(s) reached twice (same resolved path)" in capsys.readouterr().err
+    shards = ("train.bin", "train.idx.npy", "val.bin", "val.idx.npy")
+    for name in shards:
+        assert (tmp_path / "twice" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
+    assert twice.manifest["splits"] == alone.manifest["splits"]
+
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    (copies / "copy.jsonl").write_bytes(paths[0].read_bytes())  # another file, the same 120 texts
+    (copies / "line.jsonl").write_text(paths[1].read_text().splitlines()[5] + "\n")  # one text again
+    result = prepare([folder, copies], tok, tmp_path / "copies_out", val_fraction=0.1, progress=True)
+    assert result.duplicates == {"files": 0, "documents": 121}
+    assert "prepare: dropped 121 document(s) repeating an earlier document's text" in capsys.readouterr().err
+    for name in shards:
+        assert (tmp_path / "copies_out" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
+    train, val = TokenShards(tmp_path / "copies_out", "train"), TokenShards(tmp_path / "copies_out", "val")
+    train_texts = [tok.decode(train.document(i)) for i in range(len(train))]
+    val_texts = [tok.decode(val.document(i)) for i in range(len(val))]
+    assert len(set(train_texts)) == len(train_texts) and not set(train_texts) & set(val_texts)
+
+    # a rerun that finds the folder's shards up to date still counts this call's repeated files
+    again = prepare([folder, str(folder / "*.jsonl")], tok, tmp_path / "alone", val_fraction=0.1, progress=False)
+    assert again.skipped and again.duplicates == {"files": 3, "documents": 0}
