@@ -234,6 +234,7 @@ class Tokenizer:
         Args:
             texts_or_files: iterable of ``str`` (text), ``pathlib.Path`` (UTF-8 text file) or
                 ``Document``. It is streamed to sentencepiece; no temporary text file is written.
+                An error raised while reading it (a bad JSONL line, invalid UTF-8) is raised as is.
             path: where to write the ``.model`` file.
             vocab_size: total pieces, specials and the 256 byte pieces included (so at least
                 ~300 + ``n_sentinels``). Too large for the corpus is a ``ValueError`` that says
@@ -268,9 +269,18 @@ class Tokenizer:
         if first is None:
             raise ValueError("Tokenizer.train: the corpus is empty (no non-blank line in texts_or_files)")
 
+        reader_errors: list[BaseException] = []
+
         def all_sentences() -> Iterator[str]:
-            yield first
-            yield from sentences
+            """The sentences, keeping any error the reader raises: sentencepiece would turn it into
+            ``RuntimeError("INTERNAL: ...")``, losing the reader's one-line ValueError that names the
+            file and the line (JSONL) or byte offset (invalid UTF-8)."""
+            try:
+                yield first
+                yield from sentences
+            except (Exception, KeyboardInterrupt) as err:
+                reader_errors.append(err)
+                raise
 
         buffer = io.BytesIO()
         spm.set_random_generator_seed(seed)
@@ -297,6 +307,8 @@ class Tokenizer:
                 minloglevel=2,
             )
         except RuntimeError as err:
+            if reader_errors:
+                raise reader_errors[0] from None
             message = str(err)
             said = message.split("]")[-1].strip()
             if "smaller than required_chars" in message:

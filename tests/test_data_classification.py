@@ -149,3 +149,28 @@ def test_a_label_budget_samples_the_training_split(tmp_path):
     assert again["train"].texts == few["train"].texts and other["train"].texts != few["train"].texts
     with pytest.raises(ValueError, match=r"DataConfig.train_examples: got 31, expected 1..30"):
         sample_examples(full["train"], 31, seed=0)
+
+
+def test_a_training_file_with_one_class_is_refused_as_it_is_read(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\na good film,pos\nfine,pos\ngreat,pos\n")
+    message = (r"^\S*train.csv: every example has label 'pos' \(column 'label'\); "
+               r"classification needs at least 2 classes$")
+    with pytest.raises(ValueError, match=message):
+        read_classification(train)
+    with pytest.raises(ValueError, match=message):  # the pipeline reads it before any training
+        classification_examples(DataConfig(objective="classification", train_file=str(train)))
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text('{"text": "a", "y": 1}\n{"text": "b", "y": 1}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl: every example has label '1' \(field 'y'\)"):
+        read_classification(jsonl, label_field="y")
+    # validation and test files may hold one class: they are read with the training label map
+    (tmp_path / "two.csv").write_text("text,label\nx,pos\ny,neg\n")
+    label_map = read_classification(tmp_path / "two.csv").label_map
+    assert read_classification(train, label_map=label_map).labels == [1, 1, 1]
+    # GLUE: the label set is fixed, so the training file says it is one
+    sst2 = tmp_path / "sst2_train.tsv"
+    sst2.write_text("sentence\tlabel\nnice\t1\ngood\t1\n")
+    assert read_glue("sst2", sst2).labels == [1, 1]  # a dev file
+    with pytest.raises(ValueError, match=r"sst2_train.tsv: every example has label '1' \(column 'label'\)"):
+        read_glue("sst2", sst2, training=True)

@@ -1,10 +1,19 @@
 """Corpus readers: formats, document boundaries, and clear errors for bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from minillm.data.corpus import Corpus, Document, read_csv, read_jsonl, read_text_file, read_utf8
+from minillm.data.corpus import (
+    Corpus,
+    Document,
+    describe_duplicates,
+    read_csv,
+    read_jsonl,
+    read_text_file,
+    read_utf8,
+)
 
 
 def test_text_file_splits(tmp_path):
@@ -74,3 +83,42 @@ def test_missing_field_and_column_are_named(tmp_path):
         list(Corpus([csv_path]))
     with pytest.raises(ValueError, match="format must be one of"):
         Corpus([csv_path], format="xml")
+
+
+def test_a_file_reached_twice_is_read_once(tmp_path, monkeypatch):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("alpha")
+    (tmp_path / "docs" / "b.txt").write_text("beta")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "docs" / "a.txt")
+    monkeypatch.chdir(tmp_path)
+    # a relative folder, an absolute glob of it, an absolute file path, a symlink
+    corpus = Corpus(["docs", str(tmp_path / "docs" / "*.txt"), tmp_path / "docs" / "b.txt", "link.txt"])
+    assert corpus.files == [Path("docs/a.txt"), Path("docs/b.txt")]  # first occurrences, input order
+    assert len(corpus.duplicate_files) == 4
+    assert [d.text for d in corpus] == ["alpha", "beta"]
+    assert corpus.duplicates == {"files": 4, "documents": 0}
+    assert corpus.fingerprint() == Corpus(["docs"]).fingerprint()  # a prepare of the folder alone is reused
+
+
+def test_a_text_seen_before_is_dropped(tmp_path):
+    (tmp_path / "a.txt").write_text("same words")
+    (tmp_path / "b.txt").write_text("same words")  # another file, same text
+    (tmp_path / "c.jsonl").write_text('{"text": "line"}\n{"text": "same words"}\n{"text": "line"}\n')
+    (tmp_path / "d.csv").write_text("text\nrow\nline\nrow\n")
+    (tmp_path / "e.md").write_text("block\n\nother\n\nblock\n")
+    corpus = Corpus([tmp_path], split="blank_lines")
+    assert corpus.duplicates == {"files": 0, "documents": None}  # not read yet
+    docs = list(corpus)
+    assert [(Path(d.id).name, d.text) for d in docs] == [
+        ("a.txt:1", "same words"), ("c.jsonl:1", "line"), ("d.csv:2", "row"), ("e.md:1", "block"), ("e.md:3", "other"),
+    ]
+    assert corpus.duplicate_documents == 6
+    assert list(corpus) == docs and corpus.duplicate_documents == 6  # the same on every pass
+    assert describe_duplicates(corpus.duplicates) == "dropped 6 document(s) repeating an earlier document's text"
+    assert describe_duplicates({"files": 2, "documents": 1}) == (
+        "dropped 2 input file(s) reached twice (same resolved path) and 1 document(s) repeating an earlier "
+        "document's text"
+    )
+    assert describe_duplicates({"files": 0, "documents": 0}) == "no duplicate dropped"
+    in_memory = Corpus([Document("x", "text"), Document("y", " "), Document("z", "text"), Document("w", " ")])
+    assert [d.id for d in in_memory] == ["x", "y", "w"] and in_memory.duplicate_documents == 1  # blanks pass

@@ -10,8 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
+from minillm.data.config import DataConfig
 from minillm.data.corpus import Corpus, Document
-from minillm.data.prepare import prepare, token_dtype
+from minillm.data.prepare import prepare, prepare_from_config, token_dtype
 from minillm.data.shards import TokenShards
 from minillm.tokenizer import EOS_ID, Tokenizer
 
@@ -186,3 +187,52 @@ def test_damaged_shard_is_refused_and_dtype_rule(setup, tmp_path):
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
     with pytest.raises(ValueError, match="val_fraction=0.5 leaves no training document"):
         prepare([Document("a", "one")], tok, tmp_path / "x", val_fraction=0.5, progress=False)
+
+
+@pytest.mark.parametrize("name, data, error", [
+    ("part9.jsonl", b'{"text": "fine"}\n{"text": "fine too"\n', r"part9.jsonl:2: not valid JSON"),
+    ("part9.txt", b"fine words, then \xc3(", r"part9.txt: invalid UTF-8 at byte offset 17"),
+], ids=["not-json", "invalid-utf8"])
+def test_bad_text_met_while_training_the_tokenizer_names_the_file(tmp_path, name, data, error):
+    """The tokenizer trained by prepare_from_config meets the bad file after the good ones: the
+    error is the reader's ValueError, and nothing is written."""
+    write_corpus(tmp_path / "corpus", n_files=1, docs_per_file=40)
+    (tmp_path / "corpus" / name).write_bytes(data)
+    config = DataConfig(inputs=[str(tmp_path / "corpus")], prepared_dir=str(tmp_path / "prepared"), vocab_size=320)
+    with pytest.raises(ValueError, match=error):
+        prepare_from_config(config, progress=False)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_document_named_twice_is_prepared_once(setup, tmp_path, capsys):
+    """A folder and a glob of it give the folder's shards; a copied file and a repeated line are
+    dropped before the split, so no validation text is also a training text."""
+    root, paths, tok = setup
+    folder = paths[0].parent
+    alone = prepare([folder], tok, tmp_path / "alone", val_fraction=0.1, progress=False)
+    twice = prepare([folder, str(folder / "*.jsonl")], tok, tmp_path / "twice", val_fraction=0.1, progress=True)
+    assert twice.duplicates == {"files": 3, "documents": 0} and alone.duplicates == {"files": 0, "documents": 0}
+    assert twice.manifest["duplicates"] == twice.duplicates
+    assert "prepare: dropped 3 input file(s) reached twice (same resolved path)" in capsys.readouterr().err
+    shards = ("train.bin", "train.idx.npy", "val.bin", "val.idx.npy")
+    for name in shards:
+        assert (tmp_path / "twice" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
+    assert twice.manifest["splits"] == alone.manifest["splits"]
+
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    (copies / "copy.jsonl").write_bytes(paths[0].read_bytes())  # another file, the same 120 texts
+    (copies / "line.jsonl").write_text(paths[1].read_text().splitlines()[5] + "\n")  # one text again
+    result = prepare([folder, copies], tok, tmp_path / "copies_out", val_fraction=0.1, progress=True)
+    assert result.duplicates == {"files": 0, "documents": 121}
+    assert "prepare: dropped 121 document(s) repeating an earlier document's text" in capsys.readouterr().err
+    for name in shards:
+        assert (tmp_path / "copies_out" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
+    train, val = TokenShards(tmp_path / "copies_out", "train"), TokenShards(tmp_path / "copies_out", "val")
+    train_texts = [tok.decode(train.document(i)) for i in range(len(train))]
+    val_texts = [tok.decode(val.document(i)) for i in range(len(val))]
+    assert len(set(train_texts)) == len(train_texts) and not set(train_texts) & set(val_texts)
+
+    # a rerun that finds the folder's shards up to date still counts this call's repeated files
+    again = prepare([folder, str(folder / "*.jsonl")], tok, tmp_path / "alone", val_fraction=0.1, progress=False)
+    assert again.skipped and again.duplicates == {"files": 3, "documents": 0}

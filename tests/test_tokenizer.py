@@ -168,5 +168,29 @@ def test_empty_corpus_and_bad_arguments(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.model"]
 
 
+GOOD_LINES = "".join(f'{{"text": "document {i}: the model reads a file"}}\n' for i in range(40))
+
+
+@pytest.mark.parametrize("name, data, error", [
+    ("b.jsonl", (GOOD_LINES + "not json\n").encode(), r"b.jsonl:41: not valid JSON"),
+    ("b.jsonl", (GOOD_LINES + '{"body": "no text field"}\n').encode(), r"b.jsonl:41: no field 'text'"),
+    ("b.txt", b"fine words, then \xff", r"b.txt: invalid UTF-8 at byte offset 17"),
+], ids=["not-json", "no-field", "invalid-utf8"])
+def test_bad_input_met_while_training_raises_the_readers_error(tmp_path, name, data, error):
+    """A reader error raised while sentencepiece consumes the lines (not on the first line) is
+    the reader's own ValueError, not sentencepiece's ``RuntimeError: INTERNAL``."""
+    from minillm.data.corpus import Corpus
+
+    (tmp_path / "a.jsonl").write_text(GOOD_LINES, encoding="utf-8")
+    (tmp_path / name).write_bytes(data)
+    corpus = Corpus([tmp_path / "a.jsonl", tmp_path / name])
+    with pytest.raises(ValueError, match=error) as reading:
+        list(corpus)
+    with pytest.raises(ValueError, match=error) as training:
+        Tokenizer.train(corpus, tmp_path / "out" / "tok", vocab_size=320)
+    assert str(training.value) == str(reading.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_word_start_table_shape(tok):
     assert tok.word_start.dtype == np.bool_ and tok.word_start.shape == (tok.vocab_size,)

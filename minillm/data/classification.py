@@ -6,12 +6,15 @@ column. Labels are strings; the :class:`LabelMap` built from the *training* file
 label strings, so the same file always gives the same ids) turns them into ids and is saved
 as JSON beside the run. Reading the validation file with that map makes an unknown label an
 error naming the file, line and label. A missing column is an error naming the file and the
-column, and listing the columns that exist.
+column, and listing the columns that exist. A training file whose examples all have the same
+label is refused as it is read (a classifier learns nothing from one class); a validation or
+test file may hold a single class.
 
 GLUE. :func:`read_glue` knows the TSV layouts of the GLUE tasks in :data:`GLUE_TASKS` (train
 and dev files as distributed by the GLUE benchmark: CoLA without a header, the others with one)
 and their label sets. STS-B is a regression task and is not supported. Test files (no labels)
-are read with ``labelled=False``.
+are read with ``labelled=False``; the training file with ``training=True``, since the fixed
+label set cannot tell a one-class training file from a dev file.
 
 Batches (:class:`ClassificationDataset` + :class:`ClassificationCollator`): ``[CLS] a [SEP]``
 or ``[CLS] a [SEP] b [SEP]`` truncated longest-first to ``max_len``; keys ``input_ids`` (B, T),
@@ -120,6 +123,17 @@ def _records(path: Path, fields: list[str], errors: str, header: list[str] | Non
         yield f"{path}:{number}", {name: row[i] for name, i in index.items()}
 
 
+def require_two_classes(path: str | os.PathLike, labels: list[str], label_field: str) -> None:
+    """Refuse training labels that are all the same: one line naming the file, the label and
+    its column (CSV/TSV) or field (JSONL)."""
+    if labels and len(set(labels)) == 1:
+        kind = "field" if detect_format(Path(path)) == "jsonl" else "column"
+        raise ValueError(
+            f"{path}: every example has label {labels[0]!r} ({kind} {label_field!r}); "
+            f"classification needs at least 2 classes"
+        )
+
+
 def read_classification(
     path: str | os.PathLike,
     text_field: str = "text",
@@ -135,7 +149,8 @@ def read_classification(
         path: CSV, TSV (by suffix, header row) or JSONL file.
         text_field / text_pair_field: the text column(s); pair absent for single texts.
         label_field: the label column; None reads texts only (test files).
-        label_map: map to use (validation/test files); None builds one from this file.
+        label_map: map to use (validation/test files); None builds one from this file, which is
+            then the training file and must hold at least two distinct labels.
         errors: ``"strict"`` or ``"replace"`` for invalid UTF-8.
         columns: names of the columns of a file *without* a header row (CoLA).
     """
@@ -154,6 +169,7 @@ def read_classification(
     labels = None
     if label_field:
         if label_map is None:
+            require_two_classes(path, raw_labels, label_field)
             label_map = LabelMap.from_labels(raw_labels)
         labels = [label_map.id(label, where) for label, where in zip(raw_labels, wheres)]
     return ClassificationExamples(texts, pairs if text_pair_field else None, labels, label_map, str(path))
@@ -204,17 +220,26 @@ GLUE_TASKS: dict[str, GlueLayout] = {
 }
 
 
-def read_glue(task: str, path: str | os.PathLike, labelled: bool = True, errors: str = "strict") -> ClassificationExamples:
-    """Read a GLUE ``train.tsv`` / ``dev.tsv`` (``labelled=False``: ``test.tsv``) of ``task``."""
+def read_glue(
+    task: str, path: str | os.PathLike, labelled: bool = True, errors: str = "strict", training: bool = False
+) -> ClassificationExamples:
+    """Read a GLUE ``train.tsv`` / ``dev.tsv`` (``labelled=False``: ``test.tsv``) of ``task``.
+
+    ``training=True`` marks the training file: one whose examples all have the same label is
+    refused (see :func:`require_two_classes`).
+    """
     key = task.lower().replace("-", "")
     if key not in GLUE_TASKS:
         raise ValueError(f"read_glue: task must be one of {sorted(GLUE_TASKS)}, got {task!r} (STS-B is regression)")
     layout = GLUE_TASKS[key]
     columns = list(layout.columns) if layout.columns and labelled else None
-    return read_classification(
+    examples = read_classification(
         path, layout.text, layout.label if labelled else None, layout.pair,
         LabelMap(list(layout.labels)) if labelled else None, errors, columns,
     )
+    if training and examples.labels is not None:
+        require_two_classes(path, [layout.labels[i] for i in examples.labels], layout.label)
+    return examples
 
 
 class ClassificationDataset(torch.utils.data.Dataset):

@@ -18,6 +18,15 @@ Paths may be files, directories (every non-hidden file below, sorted) or glob pa
 
 Bytes that are not UTF-8 are an error naming the file and the byte offset, unless the reader
 is given ``errors="replace"`` (each bad byte becomes U+FFFD).
+
+Duplicates. A :class:`Corpus` yields each text once, because the train/validation split is per
+document: a document read twice could land in both splits. A file named twice (a folder and a
+glob of it, a symlink, a relative and an absolute path: the same resolved path) is read once,
+and a document whose text is exactly that of an earlier one (another file, JSONL line, CSV row
+or blank-line block) is dropped. The first occurrence in input order is kept, so the result is
+deterministic. ``Corpus.duplicate_files`` and ``Corpus.duplicate_documents`` say what was
+dropped. Finding repeated texts keeps a 16-byte digest per distinct document, about 80 MB per
+million documents.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ from pathlib import Path
 FORMATS = ("auto", "text", "jsonl", "csv", "tsv")
 TEXT_SPLITS = ("file", "blank_lines", "lines")
 ERRORS = ("strict", "replace")
+# Part of every Corpus.fingerprint: bumped when the same inputs start to give other documents
+# (2: duplicates dropped), so prepared shards and tokenizers cached under the old one are rebuilt.
+READ_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -188,8 +200,21 @@ def detect_format(path: Path) -> str:
     return {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}.get(suffix, "text")
 
 
+def describe_duplicates(duplicates: dict[str, int | None]) -> str:
+    """One line for logs and progress output from ``Corpus.duplicates`` (or the same counts as
+    recorded by prepare), e.g. "dropped 3 input file(s) reached twice (same resolved path) and 2
+    document(s) repeating an earlier document's text"."""
+    files, documents = duplicates["files"], duplicates["documents"]
+    parts = [f"{files} input file(s) reached twice (same resolved path)"] if files else []
+    if documents:
+        parts.append(f"{documents} document(s) repeating an earlier document's text")
+    said = "dropped " + " and ".join(parts) if parts else "no duplicate dropped"
+    return said if documents is not None else f"{said} (repeated texts are counted when the corpus is read)"
+
+
 class Corpus:
-    """A re-iterable set of documents from files, or from documents already in memory.
+    """A re-iterable set of documents from files, or from documents already in memory, each
+    text once (see "Duplicates" in the module docstring).
 
     Args:
         inputs: paths, directories or globs (strings or ``Path``); or ``Document`` objects
@@ -199,6 +224,12 @@ class Corpus:
         field: JSONL field or CSV/TSV column holding the text.
         split: how plain-text files become documents (``TEXT_SPLITS``).
         errors: ``"strict"`` (invalid UTF-8 is an error naming file and offset) or ``"replace"``.
+
+    Attributes:
+        files: the input files, each resolved path once, in input order (empty for documents).
+        duplicate_files: inputs left out because an earlier input reached the same file.
+        duplicate_documents: documents left out on the latest complete pass because an earlier
+            document had the same text; None until the corpus has been read through once.
     """
 
     def __init__(
@@ -219,6 +250,8 @@ class Corpus:
         self.format, self.field, self.split, self.errors = format, field, split, errors
         self.documents: list[Document] | None = None
         self.files: list[Path] = []
+        self.duplicate_files: list[Path] = []
+        self.duplicate_documents: int | None = None
         if items == ["default"]:
             from minillm.data.default_corpus import default_corpus_documents
 
@@ -228,9 +261,28 @@ class Corpus:
         elif any(isinstance(x, Document) for x in items):
             raise TypeError("Corpus: inputs mix Document objects and paths; pass one kind")
         else:
-            self.files = expand_paths(items)
+            seen: set[Path] = set()
+            for path in expand_paths(items):
+                resolved = path.resolve()
+                (self.duplicate_files if resolved in seen else self.files).append(path)
+                seen.add(resolved)
 
     def __iter__(self) -> Iterator[Document]:
+        """Every document whose text no earlier document had; blank documents pass as they are."""
+        seen: set[bytes] = set()
+        dropped = 0
+        for doc in self._read_inputs():
+            if doc.text.strip():
+                digest = hashlib.blake2b(doc.text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                if digest in seen:
+                    dropped += 1
+                    continue
+                seen.add(digest)
+            yield doc
+        self.duplicate_documents = dropped
+
+    def _read_inputs(self) -> Iterator[Document]:
+        """Every document of the inputs, repeated texts included (each file still read once)."""
         if self.documents is not None:
             yield from self.documents
             return
@@ -251,9 +303,10 @@ class Corpus:
         return read_text_file(path, self.split, self.errors)
 
     def fingerprint(self) -> str:
-        """SHA-256 over the reader settings and every input's bytes (files) or text (memory)."""
+        """SHA-256 over ``READ_VERSION``, the reader settings and every input's bytes (files) or
+        text (memory)."""
         h = hashlib.sha256()
-        h.update(json.dumps([self.format, self.field, self.split, self.errors]).encode())
+        h.update(json.dumps([READ_VERSION, self.format, self.field, self.split, self.errors]).encode())
         if self.documents is not None:
             for doc in self.documents:
                 for part in (doc.id, doc.text):
@@ -267,6 +320,12 @@ class Corpus:
             with open(path, "rb") as f:
                 h.update(hashlib.file_digest(f, "sha256").digest())
         return h.hexdigest()
+
+    @property
+    def duplicates(self) -> dict[str, int | None]:
+        """``{"files": ..., "documents": ...}``: counts of ``duplicate_files`` and
+        ``duplicate_documents`` (see :func:`describe_duplicates`)."""
+        return {"files": len(self.duplicate_files), "documents": self.duplicate_documents}
 
     def describe(self) -> list[str]:
         """Short human-readable list of the inputs, for manifests and logs."""

@@ -9,8 +9,8 @@ Output layout of ``out_dir``::
     val.bin          the same for the validation documents
     val.idx.npy
     tokenizer.model  a copy of the tokenizer, so the shards can always be decoded
-    manifest.json    written last: hashes of the inputs and the tokenizer, the settings, and
-                     size + SHA-256 of every file above
+    manifest.json    written last: hashes of the inputs and the tokenizer, the settings, the
+                     duplicates dropped, and size + SHA-256 of every file above
 
 Read them back with :class:`minillm.data.shards.TokenShards`.
 
@@ -23,6 +23,10 @@ Rules:
   the new manifest written last. A directory without a valid manifest is never read as
   complete (``TokenShards`` refuses it), so an interrupted prepare is simply redone, and the
   result is byte-identical to an uninterrupted run. Failures remove their temporary files.
+* **Each text once.** The corpus drops a file reached twice and a document repeating an earlier
+  document's text (:class:`~minillm.data.corpus.Corpus`), so no text can be in both splits.
+  ``PrepareResult.duplicates`` and ``manifest["duplicates"]`` count them (``{"files": ...,
+  "documents": ...}``); with ``progress=True`` prepare prints the counts when any were dropped.
 * **Split by document.** A document goes to validation when a hash of ``(seed, id)`` ranks it
   among the smallest ``val_fraction`` of all documents (at least one when ``val_fraction > 0``),
   so train and validation never share a document and the split does not depend on worker timing.
@@ -45,6 +49,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections import deque
@@ -56,7 +61,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from minillm.data.corpus import Corpus, Document
+from minillm.data.corpus import Corpus, Document, describe_duplicates
 from minillm.data.word_cache import WordCache
 from minillm.tokenizer import Tokenizer
 
@@ -76,6 +81,10 @@ class PrepareResult:
     skipped: bool
     manifest: dict
     seconds: float
+    duplicates: dict[str, int]
+    """``{"files": n, "documents": m}``: input files reached twice and documents repeating an
+    earlier document's text, left out of the shards; print it with
+    :func:`minillm.data.corpus.describe_duplicates`."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -135,6 +144,11 @@ def _ordered_map(pool, fn, items: Iterator, in_flight: int) -> Iterator:
 def _crash_point(name: str) -> None:
     if os.environ.get("MINILLM_PREPARE_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _say_duplicates(duplicates: dict[str, int], progress: bool) -> None:
+    if progress and (duplicates["files"] or duplicates["documents"]):
+        print(f"prepare: {describe_duplicates(duplicates)}", file=sys.stderr)
 
 
 def _sha256_file(path: Path) -> str:
@@ -242,7 +256,11 @@ def prepare(
     }
     existing = _manifest_ok(out_dir, expected)
     if existing is not None:
-        return PrepareResult(out_dir, True, existing, time.perf_counter() - start_time)
+        # Same fingerprint, same documents: the recorded count of repeated texts holds; the files
+        # may have been named twice only this time.
+        duplicates = {**existing["duplicates"], "files": corpus.duplicates["files"]}
+        _say_duplicates(duplicates, progress)
+        return PrepareResult(out_dir, True, existing, time.perf_counter() - start_time, duplicates)
 
     created_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +277,7 @@ def prepare(
         if created_dir and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
-    return PrepareResult(out_dir, False, manifest, time.perf_counter() - start_time)
+    return PrepareResult(out_dir, False, manifest, time.perf_counter() - start_time, manifest["duplicates"])
 
 
 def _tokenise_and_publish(
@@ -315,6 +333,8 @@ def _tokenise_and_publish(
                 pool.terminate()
                 pool.join()
             bar.close()
+    duplicates = corpus.duplicates  # complete: the loop above read the corpus through
+    _say_duplicates(duplicates, progress)
     if not doc_ids:
         raise ValueError(f"prepare: the corpus is empty: no non-blank document in {corpus.describe()}")
 
@@ -376,6 +396,7 @@ def _tokenise_and_publish(
         "dtype": dtype.name,
         "eos_id": eos,
         "text_bytes": stats["bytes"],
+        "duplicates": duplicates,
         "splits": split_info,
         "files": files,
     }
