@@ -5,7 +5,7 @@ how a kernel is launched; kernels never import model code. Each function takes a
 from the model config and picks an implementation by backend, device and dtype:
 
 attention backends
-    reference  the explicit `softmax(QK^T / sqrt(d_k)) V` in PyTorch (kernels/attention.py, section 1)
+    reference  the explicit `softmax(QK^T / sqrt(d_k)) V` in PyTorch (minillm/attention.py)
     sdpa       torch.nn.functional.scaled_dot_product_attention (flash / efficient / cuDNN / math)
     triton     minillm's fused FlashAttention-2 kernel (CUDA tensors; CPU tensors only when the
                Triton interpreter is on, which is how the tests run it)
@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from minillm.kernels.attention import attention_reference
+from minillm.attention import attention_reference
 
 
 def _triton_can_run(x: torch.Tensor) -> bool:
