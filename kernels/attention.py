@@ -17,7 +17,8 @@ Public API
   is_causal=False, scale=None, enable_gqa=False)``: drop-in for torch's SDPA on (B, H, L, D).
 - ``flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
   dropout_p=0.0, causal=False, scale=None)``: packed (T, H, D) sequences, no work on padding.
-- ``attention_reference(...)``: the explicit PyTorch math, SDPA semantics, plus ``dropout_mask``.
+- ``attention_reference(...)``: the explicit PyTorch math, SDPA semantics, plus ``dropout_mask``;
+  defined in ``minillm/attention.py`` (the model's ``reference`` backend) and re-exported here.
 - ``draw_dropout_seed()`` / ``dropout_keep_mask(...)``: recover the exact dropout mask a call used.
 
 Supported
@@ -57,16 +58,23 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from minillm.attention import attention_reference  # noqa: F401  (re-exported: see section 1)
+from minillm.attention import check_attention_inputs
+
 # ---------------------------------------------------------------------------------------------
 # 1. The math, and a pure-PyTorch reference
 # ---------------------------------------------------------------------------------------------
+#
+# The reference lives beside the model, in minillm/attention.py, where it is also the model's
+# `reference` backend; it is imported above and re-exported here, so the kernel is tested against
+# the model's own math and there is one implementation of it. What the kernel computes, in this
+# file's letters (Lq, Lk where minillm/attention.py writes Tq, Tk):
 #
 #   S = Q K^T * scale                      (B, H, Lq, Lk), scale = 1 / sqrt(D) by default
 #   S = S + mask  (additive float mask)   or   S = -inf where a bool mask is False
@@ -74,11 +82,16 @@ from torch import Tensor
 #   P = softmax(S, dim=-1)                 rows that are -inf everywhere give P = 0, not NaN
 #   P = P * keep / (1 - p)                 dropout, keep ~ Bernoulli(1 - p)
 #   O = P V                                (B, H, Lq, D)
+#
+# The kernel's float64 oracle is that reference on inputs upcast to float64, with the kernel's
+# dropout mask passed in as `dropout_mask` (see dropout_keep_mask). The kernel accepts less than
+# the reference: the checks below add its own limits to the shared ones.
 
 MAX_HEAD_DIM = 256
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_attention_inputs(
+def _check_kernel_inputs(
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -87,126 +100,17 @@ def _check_attention_inputs(
     is_causal: bool,
     scale: float | None,
     enable_gqa: bool,
-    allowed_dtypes: Iterable[torch.dtype],
 ) -> None:
-    """Validate SDPA-style inputs; raise a ValueError/TypeError naming the argument at fault."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have 4 dims (B, H, L, D), got {t.dim()} dims with shape {tuple(t.shape)}"
-            )
-    allowed = tuple(allowed_dtypes)
-    if query.dtype not in allowed:
-        raise TypeError(f"query dtype must be one of {list(allowed)}, got {query.dtype}")
-    for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} dtype must match query dtype {query.dtype}, got {t.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"{name} must be on query's device {query.device}, got {t.device}")
-    B, H, Lq, D = query.shape
-    if key.shape[0] != B or value.shape[0] != B:
-        raise ValueError(
-            f"key and value batch size must equal query's {B}, got key {key.shape[0]}, value {value.shape[0]}"
-        )
-    if key.shape[-1] != D:
-        raise ValueError(f"key head dim must equal query head dim {D}, got {key.shape[-1]}")
+    """The reference's checks (SDPA semantics), then the kernel's limits: fp16/bf16/fp32, one
+    head dim for Q, K and V, and D <= MAX_HEAD_DIM. Errors name the argument at fault."""
+    check_attention_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                           allowed_dtypes=_KERNEL_DTYPES)
+    D = query.shape[-1]
     if value.shape[-1] != D:
         # The kernel keeps one head dim for Q, K and V; torch allows D_v != D_qk, we do not.
         raise ValueError(f"value head dim must equal query head dim {D}, got {value.shape[-1]}")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"query head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
-    if key.shape[1] != value.shape[1]:
-        raise ValueError(f"key and value must have the same number of heads, got {key.shape[1]} and {value.shape[1]}")
-    if key.shape[2] != value.shape[2]:
-        raise ValueError(f"key and value must have the same length, got {key.shape[2]} and {value.shape[2]}")
-    H_kv = key.shape[1]
-    if enable_gqa:
-        if H_kv < 1 or H % H_kv != 0:
-            raise ValueError(f"query heads ({H}) must be divisible by key heads ({H_kv}) when enable_gqa=True")
-    elif H_kv != H:
-        raise ValueError(
-            f"key heads must equal query heads {H} (or pass enable_gqa=True for grouped-query), got {H_kv}"
-        )
-    Lk = key.shape[2]
-    if Lq < 1 or Lk < 1:
-        raise ValueError(f"query and key lengths must be >= 1, got query {Lq}, key {Lk}")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
-    if attn_mask is not None:
-        if is_causal:
-            raise ValueError("attn_mask must be None when is_causal=True (as in torch); fold causality into the mask")
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise TypeError(f"attn_mask dtype must be torch.bool or query's dtype {query.dtype}, got {attn_mask.dtype}")
-        if attn_mask.device != query.device:
-            raise ValueError(f"attn_mask must be on query's device {query.device}, got {attn_mask.device}")
-        target = (B, H, Lq, Lk)
-        shape = tuple(attn_mask.shape)
-        ok = len(shape) <= 4 and all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
-        if not ok:
-            raise ValueError(f"attn_mask shape {shape} does not broadcast to (B, H, Lq, Lk) = {target}")
-
-
-def attention_reference(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    dropout_mask: Tensor | None = None,
-) -> Tensor:
-    """softmax(Q K^T * scale + mask) V, written out step by step, in the inputs' dtype.
-
-    Follows `torch.nn.functional.scaled_dot_product_attention` (top-left causal alignment, bool
-    mask True = attend, float mask added, mask broadcast to (B, H, Lq, Lk), grouped-query heads
-    repeated with `repeat_interleave`), except that fully masked rows give 0 instead of NaN.
-    `dropout_mask` (bool, True = keep, broadcastable to (B, H, Lq, Lk)) replaces the random draw
-    so a kernel's dropout can be checked exactly. For an fp32/fp64 oracle, upcast the inputs.
-    """
-    _check_attention_inputs(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-        allowed_dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    )
-    B, H, Lq, D = query.shape
-    Lk = key.shape[2]
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    if key.shape[1] != H:  # grouped-query: each K/V head serves H // H_kv consecutive query heads
-        group = H // key.shape[1]
-        key = key.repeat_interleave(group, dim=1)  # (B, H, Lk, D)
-        value = value.repeat_interleave(group, dim=1)  # (B, H, Lk, D)
-
-    scores = (query @ key.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
-    if is_causal:
-        causal = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril()  # (Lq, Lk)
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))  # broadcasts to (B, H, Lq, Lk)
-        else:
-            scores = scores + attn_mask  # (B, H, Lq, Lk)
-
-    # A row with no key to attend to would be softmax(-inf, ..., -inf) = NaN. Give it zeros
-    # instead, and keep its gradient finite by softmaxing a harmless row of zeros in its place.
-    empty_row = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (B, H, Lq, 1)
-    scores = scores.masked_fill(empty_row, 0.0)
-    probs = torch.softmax(scores, dim=-1).masked_fill(empty_row, 0.0)  # (B, H, Lq, Lk)
-
-    if dropout_p > 0.0 or dropout_mask is not None:
-        if dropout_mask is None:
-            dropout_mask = torch.rand(probs.shape, device=probs.device) >= dropout_p  # True = keep
-        elif dropout_mask.dtype != torch.bool:
-            raise TypeError(f"dropout_mask must be a bool tensor (True = keep), got {dropout_mask.dtype}")
-        probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
-    return probs @ value  # (B, H, Lq, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -856,9 +760,6 @@ class _FlashAttention(torch.autograd.Function):
 # 5. Public functions
 # ---------------------------------------------------------------------------------------------
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _check_kernel_device(t: Tensor, name: str) -> None:
     if t.device.type != "cuda" and not _interpreting():
         raise ValueError(f"{name} must be a CUDA tensor for the Triton kernel (or set TRITON_INTERPRET=1 "
@@ -891,8 +792,7 @@ def scaled_dot_product_attention(
     Same semantics (see attention_reference); fully masked rows give 0 rather than NaN. Dropout
     draws its Philox seed from torch's default generator (see draw_dropout_seed).
     """
-    _check_attention_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                            allowed_dtypes=_KERNEL_DTYPES)
+    _check_kernel_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _check_kernel_device(query, "query")
     if attn_mask is not None and attn_mask.requires_grad:
         raise ValueError("attn_mask.requires_grad=True is not supported by the Triton kernel "

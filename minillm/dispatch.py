@@ -5,7 +5,7 @@ how a kernel is launched; kernels never import model code. Each function takes a
 from the model config and picks an implementation by backend, device and dtype:
 
 attention backends
-    reference  the explicit `softmax(QK^T / sqrt(d_k)) V` in PyTorch (kernels/attention.py, section 1)
+    reference  the explicit `softmax(QK^T / sqrt(d_k)) V` in PyTorch (minillm/attention.py)
     sdpa       torch.nn.functional.scaled_dot_product_attention (flash / efficient / cuDNN / math)
     triton     minillm's fused FlashAttention-2 kernel (CUDA tensors; CPU tensors only when the
                Triton interpreter is on, which is how the tests run it)
@@ -15,19 +15,40 @@ attention backends
 norm backends
     torch      torch.nn.functional.layer_norm / rms_norm
     triton     minillm's fused norm kernels (same device rule as attention)
-    auto       triton on CUDA (torch inside torch.compile, which fuses norms itself), torch elsewhere
+    auto       triton on CUDA when Triton is installed (torch inside torch.compile, which fuses norms
+               itself), torch elsewhere. On CUDA without Triton that is torch, with no error and no
+               warning: auto means "the best available here", not "Triton".
+
+Triton is optional (the package installs it on Linux only) and imported only when a Triton kernel
+is about to run: `import minillm`, the reference, sdpa and torch backends, and `auto` on CPU never
+import it. Asking for `triton` where it is not installed raises a ValueError that says so and
+names the backends to use instead.
 
 A backend that cannot run the inputs it is given raises a ValueError; nothing falls back silently.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
-from minillm.kernels.attention import attention_reference
+from minillm.attention import attention_reference
+
+_ATTENTION_INSTEAD = "attn_backend='auto', 'sdpa' or 'reference'"
+_NORM_INSTEAD = "norm_backend='auto' or 'torch'"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether `import triton` works here; asked only when a Triton kernel might run."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _triton_can_run(x: torch.Tensor) -> bool:
@@ -35,11 +56,17 @@ def _triton_can_run(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _require_triton(x: torch.Tensor, what: str) -> None:
+def _require_triton(x: torch.Tensor, what: str, instead: str) -> None:
+    """Raise unless `what`='triton' can run on x; `instead` names the other backends of its kind."""
+    if not triton_available():
+        raise ValueError(
+            f"{what}='triton' needs Triton, which is not installed (`import triton` fails; minillm "
+            f"installs it on Linux only). Use {instead} instead."
+        )
     if not _triton_can_run(x):
         raise ValueError(
             f"{what}='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got device {x.device}. "
-            f"Use {what}='auto', 'sdpa' or 'reference' on this device."
+            f"Use {instead} on this device."
         )
 
 
@@ -48,7 +75,7 @@ def resolve_attention_backend(backend: str, query: torch.Tensor) -> str:
     if backend == "auto":
         return "sdpa"
     if backend == "triton":
-        _require_triton(query, "attn_backend")
+        _require_triton(query, "attn_backend", _ATTENTION_INSTEAD)
     elif backend not in ("reference", "sdpa"):
         raise ValueError(f"attn_backend: got {backend!r}, expected one of 'auto', 'reference', 'sdpa', 'triton'")
     return backend
@@ -85,9 +112,9 @@ def attention(
 def _use_triton_norm(x: torch.Tensor, backend: str) -> bool:
     if backend == "auto":
         # Under torch.compile, Inductor fuses the norm itself and cannot trace our kernel.
-        return x.is_cuda and not torch.compiler.is_compiling()
+        return x.is_cuda and not torch.compiler.is_compiling() and triton_available()
     if backend == "triton":
-        _require_triton(x, "norm_backend")
+        _require_triton(x, "norm_backend", _NORM_INSTEAD)
         return True
     if backend == "torch":
         return False
