@@ -46,6 +46,7 @@ from minillm import config_io, distributed
 from minillm.batches import eval_batches
 from minillm.config import ModelConfig
 from minillm.data import DataConfig, TokenShards, prepare_from_config
+from minillm.data.corpus import describe_duplicates
 from minillm.distributed import seed_everything
 from minillm.evaluation import evaluate as evaluate_model
 from minillm.generation import generate, generate_seq2seq
@@ -212,12 +213,13 @@ def prepare_data(data: DataConfig, progress: bool = True) -> tuple[Tokenizer, di
     """Tokenizer and token shards for ``data`` (cached: a rerun with the same inputs is instant).
 
     Returns (tokenizer, summary) with summary = {prepared_dir, skipped, seconds, documents and
-    tokens per split, vocab_size}.
+    tokens per split, vocab_size, duplicates (a line saying which inputs were dropped as repeats)}.
     """
     tokenizer, result = prepare_from_config(data, progress=progress)
     splits = result.manifest["splits"]
     return tokenizer, {
         "prepared_dir": str(result.out_dir), "skipped": result.skipped, "seconds": result.seconds,
+        "duplicates": describe_duplicates(result.duplicates),
         "vocab_size": tokenizer.vocab_size, "tokenizer": str(tokenizer.path),
         **{f"{split}_{key}": value for split, info in splits.items() for key, value in info.items()},
     }

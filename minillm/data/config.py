@@ -20,7 +20,9 @@ class DataConfig:
     """Data settings; see :mod:`minillm.data` for how they are used."""
 
     inputs: list[str] = field(default_factory=lambda: ["default"])
-    """Corpus: files, directories, globs; ``["default"]`` is the embedded stdlib corpus."""
+    """Corpus: files, directories, globs; ``["default"]`` is the embedded stdlib corpus. Each file
+    is read once however often it is named, and each distinct text once (repeats are dropped and
+    counted)."""
     input_format: str = "auto"
     """``auto`` (by suffix), ``text``, ``jsonl``, ``csv`` or ``tsv``."""
     text_field: str = "text"

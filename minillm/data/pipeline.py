@@ -35,8 +35,8 @@ def classification_examples(config: DataConfig) -> dict[str, ClassificationExamp
     else:
         files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
         if config.glue_task is not None:
-            splits = {name: read_glue(config.glue_task, path, errors=config.encoding_errors) if path else None
-                      for name, path in files.items()}
+            splits = {name: read_glue(config.glue_task, path, errors=config.encoding_errors, training=name == "train")
+                      if path else None for name, path in files.items()}
         else:
             read = dict(text_field=config.text_field, label_field=config.label_field,
                         text_pair_field=config.text_pair_field, errors=config.encoding_errors)
