@@ -8,10 +8,9 @@ waste). Windows are
 
 * ``mode="sequential"``: non-overlapping, in order, covering the stream once per epoch
   (validation), ``len = n_tokens // seq_len``;
-* ``mode="random"``: a random start per sample, deterministic for ``(seed, epoch, index)``,
-  ``len = samples`` (default ``n_tokens // seq_len``); call ``set_epoch(e)`` for fresh windows
-  (before iterating: DataLoader workers copy the dataset when an epoch's iterator starts,
-  so with ``persistent_workers=True`` the change does not reach them).
+* ``mode="random"``: a random start per sample, a pure function of ``(seed, index)``,
+  ``len = samples`` (default ``n_tokens // seq_len``). There are no epochs to reseed: the
+  caller sizes ``samples`` to cover the run, so no window index repeats within it.
 
 Batch keys (:class:`CausalLMCollator`):
 
@@ -66,7 +65,6 @@ class CausalLMDataset(torch.utils.data.Dataset):
             )
         self.shards, self.seq_len, self.mode, self.seed = shards, seq_len, mode, seed
         self.document_mask = document_mask
-        self.epoch = 0
         windows = shards.n_tokens // seq_len
         self.samples = samples if samples is not None else windows
         if mode == "sequential" and samples is not None and samples > windows:
@@ -77,16 +75,12 @@ class CausalLMDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.samples
 
-    def set_epoch(self, epoch: int) -> None:
-        """Draw different random windows from now on (random mode)."""
-        self.epoch = epoch
-
     def start(self, index: int) -> int:
         """Stream position where window ``index`` begins."""
         if self.mode == "sequential":
             return index * self.seq_len
         high = self.shards.n_tokens - self.seq_len + 1
-        return int(np.random.default_rng([self.seed, self.epoch, index]).integers(0, high))
+        return int(np.random.default_rng([self.seed, index]).integers(0, high))
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not 0 <= index < self.samples:
