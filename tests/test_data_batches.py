@@ -79,15 +79,30 @@ def test_causal_document_mask(data):
     tok, shards, _ = data
     ds = CausalLMDataset(shards, 64, mode="sequential", document_mask=True)
     batch = CausalLMCollator()([ds[i] for i in range(4)])
-    ids, pos, cu = batch["input_ids"].numpy(), batch["position_ids"].numpy(), batch["cu_seqlens"].numpy()
-    assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == ids.size
-    flat_pos = pos.reshape(-1)
-    assert (flat_pos[cu[:-1]] == 0).all()  # every segment starts at position 0
-    # a new segment starts exactly after an EOS, or at a row start
-    starts = set(cu[:-1].tolist())
-    flat = ids.reshape(-1)
-    for t in range(1, flat.size):
-        assert (t in starts) == (flat[t - 1] == EOS_ID or t % 64 == 0)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "position_ids", "document_ids"}
+    ids, pos, doc = batch["input_ids"].numpy(), batch["position_ids"].numpy(), batch["document_ids"].numpy()
+    assert pos.shape == doc.shape == ids.shape and batch["document_ids"].dtype == torch.long
+    for b in range(ids.shape[0]):
+        assert doc[b, 0] == 0 and pos[b, 0] == 0  # every row counts its own documents from 0
+        for t in range(1, ids.shape[1]):
+            starts = ids[b, t - 1] == EOS_ID  # a document starts right after an EOS
+            assert doc[b, t] == doc[b, t - 1] + starts
+            assert pos[b, t] == (0 if starts else pos[b, t - 1] + 1)
+    assert doc.max() > 0  # the windows do hold several documents
+    # The batch goes straight into a CausalLM; a document inside a window gets its logits alone.
+    from minillm import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64),
+                        "causal-lm").eval()
+    with torch.no_grad():
+        logits = model(**batch).logits  # (B, T, V)
+        b = int(np.flatnonzero(doc.max(axis=1) > 0)[0])
+        second = torch.from_numpy(doc[b] == 1)
+        alone = model(batch["input_ids"][b, second][None]).logits[0]
+    torch.testing.assert_close(logits[b, second], alone, atol=2e-5, rtol=1e-4)
+    plain = CausalLMCollator()([CausalLMDataset(shards, 64, mode="sequential")[i] for i in range(4)])
+    assert set(plain) == {"input_ids", "attention_mask", "labels"}
     with pytest.raises(ValueError, match="seq_len=100000 is longer than the train split"):
         CausalLMDataset(shards, 100000)
 
