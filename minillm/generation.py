@@ -8,6 +8,11 @@ values of earlier positions never change in a causal model, so each block keeps 
 Padding: rows of a batch have different prompt lengths. Generation needs every row's last real
 token at the same column, so prompts are left-padded (right-padded ones are moved to the left
 here). Position ids count only real tokens, so padding never changes what a row generates.
+
+Context window: a GPT has max_seq_len positions, and each step conditions on at most
+max_seq_len - 1 tokens. A longer sequence slides: each further step recomputes the last
+max_seq_len - 1 tokens without the cache (see `generate`), so a prompt near the limit still gets
+every token asked for.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def _check_decoding_args(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p: expected None or a value in (0, 1], got {top_p!r}")
 
 
-def _check_prompt(input_ids, attention_mask, max_len: int, max_new_tokens: int) -> None:
+def _check_prompt(input_ids, attention_mask) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids: expected a (B, T) tensor of token ids with T >= 1, got {shape}")
@@ -37,11 +42,19 @@ def _check_prompt(input_ids, attention_mask, max_len: int, max_new_tokens: int) 
         raise ValueError(
             f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
         )
-    if input_ids.shape[1] + max_new_tokens > max_len:
-        raise ValueError(
-            f"max_new_tokens: prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
-            f"model's max_seq_len={max_len}"
-        )
+
+
+def context_window(model: CausalLM) -> int:
+    """Most tokens one decoding step conditions on: max_seq_len - 1.
+
+    Training windows of max_seq_len tokens drop the last position's prediction (it has no next
+    token), so position max_seq_len - 1 never learnt to predict; the newest token of a context of
+    max_seq_len - 1 tokens sits at position max_seq_len - 2, which did.
+    """
+    window = model.config.max_seq_len - 1
+    if window < 1:
+        raise ValueError(f"model.config.max_seq_len: generation needs at least 2 positions, got {window + 1}")
+    return window
 
 
 def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,37 +105,52 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:  # (B, T + new), prompt (left-padded) followed by the generated tokens
-    """Continue each prompt by up to `max_new_tokens` tokens.
+    """Continue each prompt by `max_new_tokens` tokens (fewer only once every row has ended).
 
     A row that produces `eos_token_id` is finished: it gets `pad_token_id` from then on, and the
-    loop stops once every row is finished. With `use_cache=False` every step recomputes the whole
-    prefix (slow; it exists to check the cache).
+    loop stops once every row is finished. With `use_cache=False` every step recomputes the
+    context (slow; it exists to check the cache).
+
+    Context window (W = `context_window(model)` = max_seq_len - 1 tokens):
+
+    - while the sequence has at most W tokens, each step sees all of it (with the cache, one new
+      token per step);
+    - once it has more, the window slides: each step recomputes the last W tokens without the
+      cache. Learned and sinusoidal positions are absolute, so after a shift every cached key
+      would sit at the wrong position; and a dropped token changes the hidden states of every
+      later token in the upper layers, RoPE or not. Each such step costs a W-token forward;
+    - a prompt longer than W: the first step already sees only its last W tokens. The returned
+      tensor still starts with the whole prompt.
+
+    In a padded batch every row keeps the same last W columns. Padding is on the left, so a row
+    loses its padding before any of its tokens: each row conditions on its own last
+    min(length, W) tokens, with positions counted from the first of them, as it would alone.
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"model: generate() needs a CausalLM, got {type(model).__name__}")
     _check_decoding_args(max_new_tokens, temperature, top_k, top_p)
-    _check_prompt(input_ids, attention_mask, model.config.max_seq_len, max_new_tokens)
+    _check_prompt(input_ids, attention_mask)
+    window = context_window(model)
     pad_token_id = model.config.pad_token_id if pad_token_id is None else pad_token_id
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    ids, mask = left_pad(input_ids, attention_mask.long())
+    ids, mask = left_pad(input_ids, attention_mask.long())  # (B, T) each, growing by one column a step
     was_training = model.training
     model.eval()
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    cache: list[LayerCache] | None = None
-    step_input = ids
+    cache: list[LayerCache] | None = None  # keys/values of ids[:, :-1], while they fit in the window
     for _ in range(max_new_tokens):
-        out = model(step_input, attention_mask=mask, cache=cache)
+        if cache is not None and ids.shape[1] <= window:
+            out = model(ids[:, -1:], attention_mask=mask, cache=cache)  # feed only the newest token
+        else:  # first step, no cache, or a sequence longer than the window: the last `window` tokens
+            out = model(ids[:, -window:], attention_mask=mask[:, -window:])
         next_token = sample_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)  # (B,)
         if eos_token_id is not None:
             next_token = next_token.masked_fill(finished, pad_token_id)
             finished |= next_token == eos_token_id
         ids = torch.cat((ids, next_token[:, None]), dim=1)
         mask = torch.cat((mask, torch.ones_like(next_token[:, None])), dim=1)
-        if use_cache:
-            cache, step_input = out.cache, next_token[:, None]  # next step feeds only the new token
-        else:
-            step_input = ids
+        cache = out.cache if use_cache else None
         if eos_token_id is not None and bool(finished.all()):
             break
     model.train(was_training)
@@ -160,7 +188,9 @@ def generate_seq2seq(
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams!r}")
     _check_decoding_args(max_new_tokens, 1.0, None, None)
-    _check_prompt(input_ids, attention_mask, model.config.max_seq_len, 0)
+    _check_prompt(input_ids, attention_mask)
+    if input_ids.shape[1] > model.config.max_seq_len:
+        raise ValueError(f"input_ids: source length {input_ids.shape[1]} exceeds max_seq_len={model.config.max_seq_len}")
     if max_new_tokens + 1 > model.config.max_seq_len:
         raise ValueError(f"max_new_tokens: {max_new_tokens} + 1 exceeds max_seq_len={model.config.max_seq_len}")
     pad_token_id = model.config.pad_token_id if pad_token_id is None else pad_token_id

@@ -1,5 +1,6 @@
 """Generation: the KV cache changes nothing, padding changes nothing, sampling honours its knobs,
-beam search finds the true best sequence when it is wide enough."""
+the window slides past max_seq_len, beam search finds the true best sequence when it is wide
+enough."""
 
 import itertools
 
@@ -95,13 +96,67 @@ def test_sampling_knobs():
         (dict(temperature=0.0), "temperature"),
         (dict(top_k=0), "top_k"),
         (dict(top_p=1.5), "top_p"),
-        (dict(max_new_tokens=100), "max_new_tokens: prompt length 4 \\+ max_new_tokens 100 exceeds"),
     ],
 )
 def test_bad_generation_arguments_name_the_argument(kwargs, match):
     model = gpt()
     with pytest.raises(ValueError, match=match):
         generate(model, torch.ones(1, 4, dtype=torch.long), **kwargs)
+
+
+def short_gpt(**overrides):
+    """A GPT of 16 positions: its context window is 15 tokens."""
+    torch.manual_seed(0)
+    config = ModelConfig(arch="decoder", vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, **overrides)
+    model = build_model(config, "causal-lm").eval()
+    with torch.no_grad():
+        model.decoder.embeddings.token.weight.mul_(20)
+    return model
+
+
+def greedy_over_the_window(model, prompt, n):
+    """n greedy tokens, each from a no-cache forward over (at most) the last max_seq_len - 1 tokens."""
+    window = model.config.max_seq_len - 1
+    seq = prompt
+    for _ in range(n):
+        next_token = model(seq[:, -window:]).logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        seq = torch.cat((seq, next_token), dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(pos_encoding="rope"), dict(pos_encoding="sinusoidal")])
+def test_generation_past_max_seq_len_slides_the_window(overrides):
+    model = short_gpt(**overrides)
+    prompt = torch.randint(7, 64, (2, 12))
+    cached = generate(model, prompt, max_new_tokens=10)  # 12 + 10 tokens on a 16-position model
+    assert cached.shape == (2, 22) and torch.equal(cached[:, :12], prompt)
+    assert torch.equal(generate(model, prompt, max_new_tokens=10, use_cache=False), cached)
+    # Every step, slid or not, is the argmax of a no-cache forward over the cropped window.
+    assert torch.equal(cached, greedy_over_the_window(model, prompt, 10))
+    # While the sequence fits (12 + 4 tokens, 15 seen at most), nothing changes.
+    assert torch.equal(generate(model, prompt, max_new_tokens=4), cached[:, :16])
+
+
+def test_a_prompt_longer_than_the_window_keeps_its_last_tokens():
+    model = short_gpt()
+    prompt = torch.randint(7, 64, (1, 20))
+    out = generate(model, prompt, max_new_tokens=5)
+    assert out.shape == (1, 25) and torch.equal(out[:, :20], prompt)  # the whole prompt is returned
+    assert torch.equal(out[:, 20:], generate(model, prompt[:, -15:], max_new_tokens=5)[:, 15:])
+
+
+def test_a_padded_batch_slides_each_row_as_it_would_alone():
+    model = short_gpt(pos_encoding="rope")
+    prompts = [torch.randint(7, 64, (n,)) for n in (13, 6, 15)]
+    ids = torch.zeros(3, 15, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[0, :13], mask[0, :13] = prompts[0], 1  # right padding
+    ids[1, 9:], mask[1, 9:] = prompts[1], 1  # left padding
+    ids[2], mask[2] = prompts[2], 1
+    batched = generate(model, ids, mask, max_new_tokens=9)
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, prompt[None], max_new_tokens=9)
+        assert torch.equal(batched[i, -9:], alone[0, -9:]), i
 
 
 def seq2seq_model():
