@@ -1,4 +1,5 @@
-"""Text generation: greedy and sampled decoding for GPT, greedy and beam search for encoder-decoders.
+"""Text generation: greedy and sampled decoding for GPT; greedy, sampled and beam search decoding
+for encoder-decoders.
 
 Decoding is a loop: run the model, look at the logits of the last position, pick a token, append
 it, repeat. The KV cache makes each step cost one token instead of the whole prefix: the keys and
@@ -176,18 +177,35 @@ def generate_seq2seq(
     length_penalty: float = 1.0,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:  # (B, 1 + new): decoder start token, then the output
-    """Greedy decoding (num_beams=1) or beam search for an encoder-decoder.
+    """Greedy decoding or sampling (num_beams=1), or beam search, for an encoder-decoder.
+
+    With num_beams=1 each step picks one token per row by `sample_next_token` (argmax, or a draw
+    shaped by temperature / top-k / top-p with `do_sample=True`); a row that produces EOS gets
+    `pad_token_id` from then on.
 
     Beam search keeps the `num_beams` best partial outputs by total log-probability. A beam that
     emits EOS becomes a finished hypothesis, scored as sum(log p) / length^length_penalty; a row
-    stops once it has `num_beams` finished hypotheses, and the best one is returned.
+    stops once it has `num_beams` finished hypotheses, and the best one is returned. It looks for
+    the most likely output, so it does not sample: `do_sample=True` with num_beams > 1 is refused.
+
+    The decoder cannot slide like a GPT's: 1 + max_new_tokens must fit in max_seq_len.
     """
     if not isinstance(model, Seq2SeqLM):
         raise TypeError(f"model: generate_seq2seq() needs a Seq2SeqLM, got {type(model).__name__}")
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams!r}")
-    _check_decoding_args(max_new_tokens, 1.0, None, None)
+    if do_sample and num_beams > 1:
+        raise ValueError(
+            f"do_sample: sampling draws one output per source and cannot be combined with beam search "
+            f"(num_beams={num_beams}); use num_beams=1 to sample, or do_sample=False for beam search"
+        )
+    _check_decoding_args(max_new_tokens, temperature, top_k, top_p)
     _check_prompt(input_ids, attention_mask)
     if input_ids.shape[1] > model.config.max_seq_len:
         raise ValueError(f"input_ids: source length {input_ids.shape[1]} exceeds max_seq_len={model.config.max_seq_len}")
@@ -196,13 +214,71 @@ def generate_seq2seq(
     pad_token_id = model.config.pad_token_id if pad_token_id is None else pad_token_id
     was_training = model.training
     model.eval()
-    B, K = input_ids.shape[0], num_beams
     encoder_hidden = model.encode(input_ids, attention_mask)  # (B, Ts, C)
+    if num_beams == 1:
+        result = _decode_one_output(
+            model, encoder_hidden, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+            do_sample, temperature, top_k, top_p, generator,
+        )
+    else:
+        result = _beam_search(
+            model, encoder_hidden, attention_mask, max_new_tokens, num_beams, length_penalty, eos_token_id, pad_token_id
+        )
+    model.train(was_training)
+    return result
+
+
+def _decode_one_output(
+    model: Seq2SeqLM,
+    encoder_hidden: torch.Tensor,  # (B, Ts, C)
+    source_mask: torch.Tensor | None,  # (B, Ts)
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:  # (B, 1 + new)
+    """Greedy or sampled decoding: one token per row and step, fed through the decoder's cache."""
+    B = encoder_hidden.shape[0]
+    tokens = torch.full((B, 1), model.config.bos_token_id, dtype=torch.long, device=encoder_hidden.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=encoder_hidden.device)
+    cache = None
+    for _ in range(max_new_tokens):
+        out = model(
+            attention_mask=source_mask, decoder_input_ids=tokens[:, -1:], encoder_hidden=encoder_hidden, cache=cache
+        )
+        next_token = sample_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)  # (B,)
+        if eos_token_id is not None:
+            next_token = next_token.masked_fill(finished, pad_token_id)
+            finished |= next_token == eos_token_id
+        tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+        cache = out.cache
+        if eos_token_id is not None and bool(finished.all()):
+            break
+    return tokens
+
+
+def _beam_search(
+    model: Seq2SeqLM,
+    encoder_hidden: torch.Tensor,  # (B, Ts, C)
+    attention_mask: torch.Tensor | None,  # (B, Ts)
+    max_new_tokens: int,
+    num_beams: int,
+    length_penalty: float,
+    eos_token_id: int | None,
+    pad_token_id: int,
+) -> torch.Tensor:  # (B, 1 + new)
+    """The `num_beams` best partial outputs per row, by total log-probability (see generate_seq2seq)."""
+    B, K = encoder_hidden.shape[0], num_beams
+    device = encoder_hidden.device
     # Every row is searched with K beams side by side: (B, ...) -> (B * K, ...)
     encoder_hidden = encoder_hidden.repeat_interleave(K, dim=0)
     source_mask = attention_mask.repeat_interleave(K, dim=0) if attention_mask is not None else None
-    tokens = torch.full((B * K, 1), model.config.bos_token_id, dtype=torch.long, device=input_ids.device)
-    beam_scores = torch.zeros(B, K, device=input_ids.device)
+    tokens = torch.full((B * K, 1), model.config.bos_token_id, dtype=torch.long, device=device)
+    beam_scores = torch.zeros(B, K, device=device)
     beam_scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     hypotheses: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
     done = [False] * B
@@ -216,10 +292,10 @@ def generate_seq2seq(
         candidates = (beam_scores.reshape(B * K, 1) + log_probs).reshape(B, K * V)
         # 2K candidates guarantee K that do not end in EOS.
         top_scores, top_index = torch.topk(candidates, 2 * K, dim=-1)  # (B, 2K)
-        next_scores = torch.full((B, K), float("-inf"), device=tokens.device)
+        next_scores = torch.full((B, K), float("-inf"), device=device)
         # Rows that are done keep pointing at their own first beam; their scores stay -inf.
-        next_source = torch.arange(B, device=tokens.device)[:, None].repeat(1, K) * K
-        next_token = torch.full((B, K), pad_token_id, dtype=torch.long, device=tokens.device)
+        next_source = torch.arange(B, device=device)[:, None].repeat(1, K) * K
+        next_token = torch.full((B, K), pad_token_id, dtype=torch.long, device=device)
         for b in range(B):
             filled = 0
             for score, index in zip(top_scores[b].tolist(), top_index[b].tolist()):
@@ -247,8 +323,7 @@ def generate_seq2seq(
                     length = tokens.shape[1] - 1
                     hypotheses[b].append((float(beam_scores[b, k]) / length**length_penalty, tokens[b * K + k]))
     best = [max(h, key=lambda pair: pair[0])[1] for h in hypotheses]
-    result = torch.full((B, max(len(t) for t in best)), pad_token_id, dtype=torch.long, device=input_ids.device)
+    result = torch.full((B, max(len(t) for t in best)), pad_token_id, dtype=torch.long, device=device)
     for b, t in enumerate(best):
         result[b, : len(t)] = t
-    model.train(was_training)
     return result

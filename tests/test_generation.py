@@ -1,6 +1,6 @@
 """Generation: the KV cache changes nothing, padding changes nothing, sampling honours its knobs,
 the window slides past max_seq_len, beam search finds the true best sequence when it is wide
-enough."""
+enough, encoder-decoders sample."""
 
 import itertools
 
@@ -215,3 +215,22 @@ def test_generate_rejects_the_wrong_model_type():
         generate(seq2seq_model(), torch.ones(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="num_beams"):
         generate_seq2seq(seq2seq_model(), torch.ones(1, 2, dtype=torch.long), num_beams=0)
+
+
+def test_seq2seq_sampling_is_seeded_and_differs_from_greedy():
+    model = seq2seq_model()
+    source = torch.randint(7, 9, (3, 6))
+
+    def sampled(seed, **kwargs):
+        generator = torch.Generator().manual_seed(seed)
+        return generate_seq2seq(model, source, max_new_tokens=8, do_sample=True, generator=generator, **kwargs)
+
+    greedy = generate_seq2seq(model, source, max_new_tokens=8)
+    assert torch.equal(sampled(0), sampled(0))
+    assert not torch.equal(sampled(0), greedy) and not torch.equal(sampled(0), sampled(1))
+    assert torch.equal(sampled(0, top_k=1), greedy)  # only the best token left to draw
+    assert torch.equal(sampled(0, temperature=1e-4), greedy)
+    with pytest.raises(ValueError, match="do_sample: sampling .* cannot be combined with beam search \\(num_beams=2\\)"):
+        generate_seq2seq(model, source, do_sample=True, num_beams=2)
+    with pytest.raises(ValueError, match="top_p"):
+        generate_seq2seq(model, source, do_sample=True, top_p=0.0)
