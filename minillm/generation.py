@@ -1,5 +1,6 @@
 """Text generation: greedy and sampled decoding for GPT; greedy, sampled and beam search decoding
-for encoder-decoders.
+for encoder-decoders; and `generate_text`, which takes strings and returns strings for any
+language model (GPT, encoder-decoder, BERT mask filling).
 
 Decoding is a loop: run the model, look at the logits of the last position, pick a token, append
 it, repeat. The KV cache makes each step cost one token instead of the whole prefix: the keys and
@@ -18,10 +19,16 @@ every token asked for.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from minillm.model import CausalLM, LayerCache, Seq2SeqLM
+from minillm.model import CausalLM, LayerCache, MaskedLM, Seq2SeqLM
+
+if TYPE_CHECKING:
+    from minillm.tokenizer import Tokenizer
 
 
 def _check_decoding_args(max_new_tokens, temperature, top_k, top_p) -> None:
@@ -327,3 +334,165 @@ def _beam_search(
     for b, t in enumerate(best):
         result[b, : len(t)] = t
     return result
+
+
+# =============================================================================================
+# Text in, text out
+# =============================================================================================
+
+MASK_TEXT = "[MASK]"  # where a BERT prompt asks for a word
+
+
+@dataclass
+class Generation:
+    """What `generate_text` made of one prompt."""
+
+    prompt: str
+    text: str  # the output only: a continuation (GPT), the output (encoder-decoder), the filled prompt (BERT)
+    new_tokens: int  # tokens produced, EOS not counted (BERT: the masks filled)
+    note: str | None = None  # one line when the output is not plainly what was asked: fewer tokens, a crop, a slide
+
+
+@torch.no_grad()
+def generate_text(
+    model: CausalLM | Seq2SeqLM | MaskedLM,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 50,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int = 0,
+    num_beams: int = 1,
+) -> list[Generation]:
+    """Text for each prompt, by the kind of model:
+
+    - CausalLM (GPT): the continuation of the prompt, sampled (or argmax with `greedy=True`), of
+      `max_new_tokens` tokens or fewer when the model ends it with EOS. Near max_seq_len the
+      window slides and a long prompt keeps its last max_seq_len - 1 tokens (see `generate`).
+    - Seq2SeqLM: the output for the prompt as source, sampled, greedy, or by beam search
+      (`num_beams` > 1 with `greedy=True`). A source longer than max_seq_len keeps its first
+      max_seq_len - 1 tokens and EOS (as training sources are cut); the decoder holds at most
+      max_seq_len - 1 new tokens.
+    - MaskedLM (BERT): the prompt with every ``[MASK]`` replaced by the model's most likely
+      word, shown as ``[word]``; the decoding options do not apply.
+
+    Prompts run one at a time and draw from one generator seeded with `seed`, so a seed always
+    gives the same texts. `Generation.note` says in one line why an output has fewer tokens than
+    asked, or that the prompt was cropped or the window slid; it is None otherwise.
+    """
+    if not isinstance(model, (CausalLM, Seq2SeqLM, MaskedLM)):
+        raise TypeError(f"model: generate_text() needs a CausalLM, Seq2SeqLM or MaskedLM, got {type(model).__name__}")
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        got = type(prompts).__name__ if not isinstance(prompts, (list, tuple)) else "a list with a non-string item"
+        raise TypeError(f"prompts: expected a list of strings (one prompt is [prompt]), got {got}")
+    _check_decoding_args(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(seed, int):
+        raise TypeError(f"seed: expected an integer, got {seed!r}")
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams: expected an integer >= 1, got {num_beams!r}")
+    if num_beams > 1 and not isinstance(model, Seq2SeqLM):
+        raise ValueError(f"num_beams: beam search is for encoder-decoders, got num_beams={num_beams} for a {type(model).__name__}")
+    if num_beams > 1 and not greedy:
+        raise ValueError(
+            f"num_beams: beam search looks for the most likely output and does not sample; "
+            f"pass greedy=True with num_beams={num_beams}"
+        )
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sampling = dict(do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    was_training = model.training
+    model.eval()  # dropout off, also for mask filling
+    try:
+        if isinstance(model, MaskedLM):
+            return [
+                Generation(p, _fill_masks(model, tokenizer, p, device, model.config.max_seq_len), p.count(MASK_TEXT))
+                for p in prompts
+            ]
+        if isinstance(model, Seq2SeqLM):
+            return [_seq2seq_output(model, tokenizer, p, max_new_tokens, num_beams, sampling, device) for p in prompts]
+        return [_continuation(model, tokenizer, p, max_new_tokens, sampling, device) for p in prompts]
+    finally:
+        model.train(was_training)
+
+
+def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    """The tokens before the first EOS (all of them when there is none)."""
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def _continuation(
+    model: CausalLM, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, sampling: dict, device
+) -> Generation:
+    """One GPT prompt, continued (see generate_text)."""
+    ids = tokenizer.encode(prompt) or [tokenizer.require("eos")]  # an empty prompt starts a new document
+    out = generate(model, torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
+                   eos_token_id=tokenizer.eos_id, **sampling)
+    steps = out.shape[1] - len(ids)  # decoding steps taken, an EOS included
+    new = _until_eos(out[0, len(ids):].tolist(), tokenizer.eos_id)
+    # Decoded with the prompt: a piece's leading space ("▁the") survives only inside a sequence.
+    text = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)):]
+    window = context_window(model)
+    notes = []
+    if len(ids) > window:
+        notes.append(f"prompt cropped: its {len(ids)} tokens exceed the {window}-token window (max_seq_len - 1), "
+                     f"so every step saw only the last {window} tokens")
+    elif len(ids) + steps - 1 > window:  # steps condition on len(ids), len(ids) + 1, ... tokens
+        notes.append(f"window slid: after {window - len(ids) + 1} new tokens the sequence outgrew the {window}-token "
+                     f"window (max_seq_len - 1), so each later token saw only the last {window}")
+    if len(new) < max_new_tokens:
+        notes.append(f"ended at EOS after {len(new)} of {max_new_tokens} tokens")
+    return Generation(prompt, text, len(new), "; ".join(notes) or None)
+
+
+def _seq2seq_output(
+    model: Seq2SeqLM, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, num_beams: int, sampling: dict, device
+) -> Generation:
+    """One encoder-decoder source, decoded (see generate_text)."""
+    eos, limit = tokenizer.require("eos"), model.config.max_seq_len
+    source = tokenizer.encode(prompt)
+    notes = []
+    if len(source) + 1 > limit:  # + 1: the EOS that ends every source
+        notes.append(f"source cropped: its {len(source)} tokens and EOS exceed max_seq_len {limit}, "
+                     f"so the encoder read its first {limit - 1}")
+        source = source[: limit - 1]  # the beginning, as Seq2SeqPairDataset cuts training sources
+    steps = min(max_new_tokens, limit - 1)  # the decoder's start token takes one of its positions
+    out = generate_seq2seq(model, torch.tensor([source + [eos]], device=device), max_new_tokens=steps,
+                           num_beams=num_beams, eos_token_id=eos, **sampling)
+    new = _until_eos(out[0, 1:].tolist(), eos)
+    if len(new) == steps < max_new_tokens:
+        notes.append(f"decoder full: {steps} new tokens fill max_seq_len {limit} (asked for {max_new_tokens})")
+    elif len(new) < max_new_tokens:
+        notes.append(f"ended at EOS after {len(new)} of {max_new_tokens} tokens")
+    return Generation(prompt, tokenizer.decode(new), len(new), "; ".join(notes) or None)
+
+
+def _fill_masks(model, tokenizer: Tokenizer, prompt: str, device, max_len: int | None = None) -> str:
+    """`prompt` with each [MASK] replaced by the model's most likely non-special token, as [word]."""
+    parts = prompt.split(MASK_TEXT)
+    if len(parts) == 1:
+        raise ValueError(f"prompts: a BERT prompt needs at least one {MASK_TEXT} to fill, got {prompt!r}")
+    mask_id = tokenizer.require("mask")
+    ids, masked = [tokenizer.require("cls")], []
+    for k, part in enumerate(parts):
+        # Strip the spaces around a mask: the dummy prefix gives each part its leading "▁", and a
+        # masked word carries its own, so "a [MASK] b" reads as it did in training, not "a ▁ [MASK]".
+        ids += tokenizer.encode(part.strip()) if part.strip() else []
+        if k < len(parts) - 1:
+            masked.append(len(ids))
+            ids.append(mask_id)
+    ids.append(tokenizer.require("sep"))
+    if max_len is not None and len(ids) > max_len:
+        raise ValueError(f"prompts: {prompt!r} is {len(ids)} tokens with [CLS] and [SEP], more than "
+                         f"max_seq_len={max_len}; a BERT prompt cannot be cropped around its masks")
+    logits = model(torch.tensor([ids], device=device)).logits[0]  # (T, V)
+    logits[:, torch.from_numpy(tokenizer.special).to(device)] = float("-inf")  # predict words, not specials
+    for position in masked:
+        ids[position] = int(logits[position].argmax())
+
+    def shown(i: int) -> str:  # the word, or the piece itself for whitespace ("▁", newline)
+        return tokenizer.decode([i]).strip() or repr(tokenizer.id_to_piece(i))
+
+    return "".join(parts[k] + (f"[{shown(ids[masked[k]])}]" if k < len(masked) else "") for k in range(len(parts)))
