@@ -228,15 +228,25 @@ class MultiHeadAttention(nn.Module):
 
 
 def self_attention_mask(
-    key_keep: torch.Tensor | None, q_len: int, past_len: int, causal: bool, device: torch.device
+    key_keep: torch.Tensor | None,
+    q_len: int,
+    past_len: int,
+    causal: bool,
+    device: torch.device,
+    document_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """Boolean mask (B or 1, 1, Tq, Tk), True = may attend, and whether plain `is_causal` suffices.
 
     key_keep: (B, Tk) bool, False at padding keys; Tk = past_len + q_len. Query i sits at
     position past_len + i of the whole sequence, so causal means key j <= past_len + i
     (bottom-right alignment once a cache exists).
+
+    document_ids: (B, T) the document of each token of a packed window (no cache, so
+    Tq = Tk = T). Query i may then attend to key j only if both belong to the same document:
+    allowed = causal AND same document AND key not padding. Without it, packed documents see
+    each other.
     """
-    if key_keep is None and (not causal or q_len == 1 or past_len == 0):
+    if key_keep is None and document_ids is None and (not causal or q_len == 1 or past_len == 0):
         # No padding: nothing to mask, or exactly the top-left causal pattern SDPA builds itself.
         return None, causal and past_len == 0 and q_len > 1
     k_len = past_len + q_len
@@ -246,6 +256,9 @@ def self_attention_mask(
     allowed = allowed[None, None]  # (1, 1, Tq, Tk)
     if key_keep is not None:
         allowed = allowed & key_keep[:, None, None, :]  # (B, 1, Tq, Tk)
+    if document_ids is not None:
+        same_document = document_ids[:, :, None] == document_ids[:, None, :]  # (B, Tq, Tk)
+        allowed = allowed & same_document[:, None]  # (B, 1, Tq, Tk)
     # A padding query may have no key left at all; letting it see itself keeps its softmax finite.
     # Its output is never used (its labels are ignored), so this changes no real position.
     allowed = allowed | (k_pos == q_pos)[None, None]
@@ -360,6 +373,7 @@ def check_model_inputs(
     attention_mask: torch.Tensor | None,
     token_type_ids: torch.Tensor | None,
     past_len: int,
+    document_ids: torch.Tensor | None = None,
 ) -> None:
     """Reject bad inputs with a message naming the argument, before they reach an index kernel."""
     if not isinstance(input_ids, torch.Tensor):
@@ -374,6 +388,17 @@ def check_model_inputs(
             f"input_ids: sequence length {past_len + T} (cached {past_len} + new {T}) exceeds "
             f"max_seq_len={config.max_seq_len}"
         )
+    if document_ids is not None:
+        if past_len > 0:
+            raise ValueError(
+                f"document_ids: cannot be combined with a KV cache ({past_len} cached positions); "
+                f"generation continues one document, so pass document_ids=None"
+            )
+        if not isinstance(document_ids, torch.Tensor) or document_ids.dtype not in (torch.int64, torch.int32):
+            got = document_ids.dtype if isinstance(document_ids, torch.Tensor) else type(document_ids).__name__
+            raise TypeError(f"document_ids: expected an integer (B, T) tensor (int64), got {got}")
+        if tuple(document_ids.shape) != (B, T):
+            raise ValueError(f"document_ids: expected shape (B, T) = {(B, T)}, got {tuple(document_ids.shape)}")
     if torch.compiler.is_compiling():  # data-dependent checks would break the compiled graph
         return
     low, high = int(input_ids.min()), int(input_ids.max())
@@ -419,9 +444,10 @@ class TransformerStack(nn.Module):
         context: torch.Tensor | None = None,  # (B, Tk, C) encoder output
         context_mask: torch.Tensor | None = None,  # (B, Tk)
         cache: list[LayerCache] | None = None,
+        document_ids: torch.Tensor | None = None,  # (B, T) document of each token of a packed window
     ) -> tuple[torch.Tensor, list[LayerCache]]:
         past_len = cache[0].self_kv[0].shape[2] if cache else 0
-        check_model_inputs(self.config, input_ids, attention_mask, token_type_ids, past_len)
+        check_model_inputs(self.config, input_ids, attention_mask, token_type_ids, past_len, document_ids)
         T = input_ids.shape[1]
         key_keep = attention_mask.bool() if attention_mask is not None else None
         if position_ids is None:
@@ -434,7 +460,7 @@ class TransformerStack(nn.Module):
                 f"got shape {tuple(position_ids.shape)}"
             )
         x = self.embeddings(input_ids, position_ids, token_type_ids)  # (B, T, C)
-        self_mask, is_causal = self_attention_mask(key_keep, T, past_len, self.causal, input_ids.device)
+        self_mask, is_causal = self_attention_mask(key_keep, T, past_len, self.causal, input_ids.device, document_ids)
         cross_mask = context_mask.bool()[:, None, None, :] if context_mask is not None else None  # (B, 1, 1, Tk)
         new_cache = []
         for i, block in enumerate(self.blocks):
@@ -610,11 +636,22 @@ class CausalLM(Model):
         input_ids: torch.Tensor,  # (B, T)
         attention_mask: torch.Tensor | None = None,  # (B, T_past + T)
         labels: torch.Tensor | None = None,  # (B, T), usually input_ids; shifted here
-        position_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,  # (B, T)
         cache: list[LayerCache] | None = None,
         loss_reduction: str = "mean",
+        document_ids: torch.Tensor | None = None,  # (B, T) document of each token of a packed window
     ) -> ModelOutput:
-        hidden, new_cache = self.decoder(input_ids, attention_mask, position_ids=position_ids, cache=cache)
+        """Logits (and the shifted next-token loss with `labels`).
+
+        Packed windows hold several documents. With `document_ids` (the `CausalLMCollator`
+        key of `DataConfig.document_mask=True`) a token attends only to earlier tokens of its own
+        document; pass `position_ids` that restart at each document too (the collator does), and
+        each document gets the logits it gets alone. This builds a (B, 1, T, T) mask instead of
+        plain causal attention, and cannot be combined with `cache`.
+        """
+        hidden, new_cache = self.decoder(
+            input_ids, attention_mask, position_ids=position_ids, cache=cache, document_ids=document_ids
+        )
         logits = self.lm_head(hidden)  # (B, T, V)
         loss = None
         if labels is not None:

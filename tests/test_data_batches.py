@@ -55,24 +55,54 @@ def test_causal_windows(data):
     rand = CausalLMDataset(shards, 32, mode="random", seed=3, samples=10)
     assert len(rand) == 10 and np.array_equal(rand[4]["input_ids"], rand[4]["input_ids"])
     assert len({rand.start(i) for i in range(10)}) > 1
-    before = [rand.start(i) for i in range(10)]
-    rand.set_epoch(1)
-    assert [rand.start(i) for i in range(10)] != before
+    other_seed = CausalLMDataset(shards, 32, mode="random", seed=4, samples=10)
+    assert [rand.start(i) for i in range(10)] != [other_seed.start(i) for i in range(10)]
+
+
+def test_random_samples_are_a_pure_function_of_seed_and_index(data):
+    """No epoch state: a dataset built afresh, read in another order, gives the same samples."""
+    tok, shards, _ = data
+    builders = {
+        "causal": lambda: CausalLMDataset(shards, 32, mode="random", seed=3, samples=20),
+        "nsp": lambda: NSPDataset(shards, tok, 40, seed=3, samples=20),
+        "spans": lambda: SpanCorruptionDataset(shards, tok, 32, seed=3),
+    }
+    for name, build in builders.items():
+        first, second = build(), build()
+        assert not hasattr(first, "set_epoch"), name  # nothing to call between epochs
+        forward = [first[i]["input_ids"] for i in range(20)]
+        backward = [second[i]["input_ids"] for i in reversed(range(20))][::-1]
+        assert all(np.array_equal(a, b) for a, b in zip(forward, backward)), name
 
 
 def test_causal_document_mask(data):
     tok, shards, _ = data
     ds = CausalLMDataset(shards, 64, mode="sequential", document_mask=True)
     batch = CausalLMCollator()([ds[i] for i in range(4)])
-    ids, pos, cu = batch["input_ids"].numpy(), batch["position_ids"].numpy(), batch["cu_seqlens"].numpy()
-    assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == ids.size
-    flat_pos = pos.reshape(-1)
-    assert (flat_pos[cu[:-1]] == 0).all()  # every segment starts at position 0
-    # a new segment starts exactly after an EOS, or at a row start
-    starts = set(cu[:-1].tolist())
-    flat = ids.reshape(-1)
-    for t in range(1, flat.size):
-        assert (t in starts) == (flat[t - 1] == EOS_ID or t % 64 == 0)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "position_ids", "document_ids"}
+    ids, pos, doc = batch["input_ids"].numpy(), batch["position_ids"].numpy(), batch["document_ids"].numpy()
+    assert pos.shape == doc.shape == ids.shape and batch["document_ids"].dtype == torch.long
+    for b in range(ids.shape[0]):
+        assert doc[b, 0] == 0 and pos[b, 0] == 0  # every row counts its own documents from 0
+        for t in range(1, ids.shape[1]):
+            starts = ids[b, t - 1] == EOS_ID  # a document starts right after an EOS
+            assert doc[b, t] == doc[b, t - 1] + starts
+            assert pos[b, t] == (0 if starts else pos[b, t - 1] + 1)
+    assert doc.max() > 0  # the windows do hold several documents
+    # The batch goes straight into a CausalLM; a document inside a window gets its logits alone.
+    from minillm import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64),
+                        "causal-lm").eval()
+    with torch.no_grad():
+        logits = model(**batch).logits  # (B, T, V)
+        b = int(np.flatnonzero(doc.max(axis=1) > 0)[0])
+        second = torch.from_numpy(doc[b] == 1)
+        alone = model(batch["input_ids"][b, second][None]).logits[0]
+    torch.testing.assert_close(logits[b, second], alone, atol=2e-5, rtol=1e-4)
+    plain = CausalLMCollator()([CausalLMDataset(shards, 64, mode="sequential")[i] for i in range(4)])
+    assert set(plain) == {"input_ids", "attention_mask", "labels"}
     with pytest.raises(ValueError, match="seq_len=100000 is longer than the train split"):
         CausalLMDataset(shards, 100000)
 

@@ -340,3 +340,51 @@ def test_explicit_position_ids_are_used_and_checked():
     assert not torch.allclose(shifted, default)
     with pytest.raises(ValueError, match="position_ids: expected shape"):
         model(ids, position_ids=torch.arange(40, 46)[None] + 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=["gpt2", "llama", "vaswani-mqa"])
+def test_document_ids_give_each_packed_document_the_logits_it_gets_alone(variant, backend):
+    """A window packing two documents, with document_ids and per-document position_ids: every
+    token attends only within its document, so each document's logits equal its logits alone;
+    a padded row in the same batch is unaffected."""
+    model = model_for(small(attn_backend=backend, **variant), "causal-lm")
+    first, second = torch.randint(7, 97, (5,)), torch.randint(7, 97, (8,))
+    T = len(first) + len(second)
+    ids = torch.stack((torch.cat((first, second)), torch.cat((second, torch.zeros(5, dtype=torch.long)))))  # (2, T)
+    mask = torch.ones_like(ids)
+    mask[1, len(second):] = 0  # row 1: the second document alone, right-padded
+    document_ids = torch.tensor([[0] * 5 + [1] * 8, [0] * T])  # (2, T)
+    position_ids = torch.stack((torch.cat((torch.arange(5), torch.arange(8))), torch.arange(T)))  # (2, T)
+    logits = model(ids, mask, position_ids=position_ids, document_ids=document_ids).logits  # (2, T, V)
+    first_alone, second_alone = model(first[None]).logits[0], model(second[None]).logits[0]
+    torch.testing.assert_close(logits[0, :5], first_alone, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[0, 5:], second_alone, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[1, :8], second_alone, atol=2e-5, rtol=1e-4)
+    # Without document_ids attention crosses the boundary: the second document sees the first.
+    crossing = model(ids[:1], position_ids=position_ids[:1]).logits[0]
+    assert not torch.allclose(crossing[5:], second_alone, atol=1e-3)
+
+
+def test_without_document_ids_the_fast_causal_path_is_unchanged():
+    """document_ids=None builds no mask (SDPA's is_causal); one document everywhere builds the
+    mask and gives the same logits."""
+    from minillm.model import self_attention_mask
+
+    assert self_attention_mask(None, 6, 0, True, torch.device("cpu")) == (None, True)
+    model = model_for(small(), "causal-lm")
+    ids = torch.randint(7, 97, (2, 11))
+    one_document = torch.zeros_like(ids)
+    torch.testing.assert_close(model(ids, document_ids=one_document).logits, model(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_document_ids_are_checked_and_refused_with_a_cache():
+    model = model_for(small(), "causal-lm")
+    ids = torch.randint(7, 97, (2, 6))
+    with pytest.raises(ValueError, match=r"document_ids: expected shape \(B, T\) = \(2, 6\), got \(2, 5\)"):
+        model(ids, document_ids=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="document_ids: expected an integer"):
+        model(ids, document_ids=torch.zeros(2, 6))
+    cache = model(ids).cache
+    with pytest.raises(ValueError, match="document_ids: cannot be combined with a KV cache"):
+        model(ids[:, :1], cache=cache, document_ids=torch.zeros(2, 1, dtype=torch.long))

@@ -24,7 +24,7 @@ Read in this order:
 ``word_cache``         the exact per-word encoding cache that makes prepare fast
 ``shards``             TokenShards: read a prepared split
 ``collate``            padding, -100 labels, per-worker random generators
-``causal``             GPT windows (+ document-aware position_ids / cu_seqlens)
+``causal``             GPT windows (+ document-aware position_ids / document_ids)
 ``mlm``                BERT masking (80/10/10, whole-word)
 ``nsp``                BERT sentence pairs
 ``seq2seq``            T5 span corruption and source/target pairs
@@ -35,8 +35,7 @@ Read in this order:
 
 Every collator returns a dict of torch tensors whose keys the models accept directly
 (``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``, ``next_sentence_label``,
-``decoder_input_ids``), plus the documented extras ``position_ids``/``cu_seqlens`` of
-document-aware causal batches.
+``decoder_input_ids``, and ``position_ids``/``document_ids`` of document-aware causal batches).
 
 The prepare function is not re-exported here: ``minillm.data.prepare`` must stay the module
 (``from minillm.data.prepare import prepare``).

@@ -1,6 +1,6 @@
 """Causal language modelling batches: windows over the flat token stream.
 
-Shape legend: B batch, T sequence length (``seq_len``), N documents (segments) in a batch.
+Shape legend: B batch, T sequence length (``seq_len``).
 
 Prepared shards are one stream of documents, each ending in EOS. A window is ``seq_len``
 consecutive tokens of that stream; it packs across document boundaries (no padding, no
@@ -8,10 +8,9 @@ waste). Windows are
 
 * ``mode="sequential"``: non-overlapping, in order, covering the stream once per epoch
   (validation), ``len = n_tokens // seq_len``;
-* ``mode="random"``: a random start per sample, deterministic for ``(seed, epoch, index)``,
-  ``len = samples`` (default ``n_tokens // seq_len``); call ``set_epoch(e)`` for fresh windows
-  (before iterating: DataLoader workers copy the dataset when an epoch's iterator starts,
-  so with ``persistent_workers=True`` the change does not reach them).
+* ``mode="random"``: a random start per sample, a pure function of ``(seed, index)``,
+  ``len = samples`` (default ``n_tokens // seq_len``). There are no epochs to reseed: the
+  caller sizes ``samples`` to cover the run, so no window index repeats within it.
 
 Batch keys (:class:`CausalLMCollator`):
 
@@ -20,16 +19,20 @@ Batch keys (:class:`CausalLMCollator`):
 * ``labels`` (B, T) long, **equal to input_ids**: the model shifts internally (position t
   predicts ``labels[t + 1]``), so a window of T tokens gives T - 1 predictions.
 
-With ``document_mask=True`` two more keys describe the document boundaries inside windows, for
-document-aware attention (a token attends only within its own document):
+With ``document_mask=True`` two more keys describe the documents inside each window, for
+document-aware attention (a token attends only to earlier tokens of its own document, and each
+document gets the logits it would get alone):
 
 * ``position_ids`` (B, T) long: restart at 0 at the first token of every document;
-* ``cu_seqlens`` (N + 1,) int32: cumulative segment lengths over the flattened (B*T) batch,
-  the varlen layout of FlashAttention (segment k is ``flat[cu_seqlens[k]:cu_seqlens[k+1]]``;
-  a window's rows never share a segment).
+* ``document_ids`` (B, T) long: which document of its window a token belongs to, counting from
+  0 in every row (a document starts after each EOS)::
 
-The model itself does not take ``cu_seqlens``; a trainer that does not use document masking
-drops both keys (or leaves ``document_mask`` off).
+      input_ids     a  b  EOS  c  d  e  EOS  f
+      document_ids  0  0  0    1  1  1  1    2
+      position_ids  0  1  2    0  1  2  3    0
+
+``CausalLM.forward`` takes both keys (``document_ids`` builds the "causal and same document"
+attention mask).
 """
 
 from __future__ import annotations
@@ -66,7 +69,6 @@ class CausalLMDataset(torch.utils.data.Dataset):
             )
         self.shards, self.seq_len, self.mode, self.seed = shards, seq_len, mode, seed
         self.document_mask = document_mask
-        self.epoch = 0
         windows = shards.n_tokens // seq_len
         self.samples = samples if samples is not None else windows
         if mode == "sequential" and samples is not None and samples > windows:
@@ -77,16 +79,12 @@ class CausalLMDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.samples
 
-    def set_epoch(self, epoch: int) -> None:
-        """Draw different random windows from now on (random mode)."""
-        self.epoch = epoch
-
     def start(self, index: int) -> int:
         """Stream position where window ``index`` begins."""
         if self.mode == "sequential":
             return index * self.seq_len
         high = self.shards.n_tokens - self.seq_len + 1
-        return int(np.random.default_rng([self.seed, self.epoch, index]).integers(0, high))
+        return int(np.random.default_rng([self.seed, index]).integers(0, high))
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not 0 <= index < self.samples:
@@ -100,8 +98,12 @@ class CausalLMDataset(torch.utils.data.Dataset):
             lo, hi = np.searchsorted(offsets, [s, s + self.seq_len], side="right")
             starts = offsets[lo:hi] - s
             starts = starts[(starts > 0) & (starts < self.seq_len)]
-            bounds = np.concatenate([[0], starts, [self.seq_len]])
-            item["segment_lengths"] = np.diff(bounds)
+            is_start = np.zeros(self.seq_len, dtype=np.int64)  # (T,)
+            is_start[starts] = 1
+            document = np.cumsum(is_start)  # (T,) 0 up to the first start, then 1, 2, ...
+            first_token = np.concatenate([[0], starts])  # (documents,) where each one begins
+            item["document_ids"] = document
+            item["position_ids"] = np.arange(self.seq_len) - first_token[document]  # (T,)
         return item
 
 
@@ -115,14 +117,7 @@ class CausalLMCollator:
             "attention_mask": np.ones_like(input_ids),
             "labels": input_ids.copy(),
         }
-        if "segment_lengths" in samples[0]:
-            B, T = input_ids.shape
-            lengths = np.concatenate([s["segment_lengths"] for s in samples])  # (N,)
-            cu = np.zeros(len(lengths) + 1, dtype=np.int32)
-            np.cumsum(lengths, out=cu[1:])
-            # position within its segment: global index minus the start of its segment
-            seg_of = np.repeat(np.arange(len(lengths)), lengths)  # (B*T,)
-            position_ids = (np.arange(B * T) - cu[:-1][seg_of]).reshape(B, T)  # (B, T)
-            batch["position_ids"] = position_ids.astype(np.int64)
-            batch["cu_seqlens"] = cu
+        if "document_ids" in samples[0]:
+            batch["position_ids"] = np.stack([s["position_ids"] for s in samples])  # (B, T)
+            batch["document_ids"] = np.stack([s["document_ids"] for s in samples])  # (B, T)
         return to_tensors(batch)

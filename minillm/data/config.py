@@ -50,7 +50,8 @@ class DataConfig:
     causal_mode: str = "random"
     """Causal windows: ``random`` starts (training) or ``sequential`` (validation)."""
     document_mask: bool = False
-    """Causal: add ``position_ids`` reset per document and ``cu_seqlens`` to batches."""
+    """Causal: add ``position_ids`` reset per document and ``document_ids`` to batches, so that
+    attention stays inside each document of a packed window."""
     mlm_probability: float = 0.15
     """MLM: expected fraction of non-special tokens chosen for prediction."""
     whole_word_mask: bool = False

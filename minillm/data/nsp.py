@@ -2,8 +2,8 @@
 
 Segments are whole paragraphs where the text has them, as BERT's were whole sentences. A
 paragraph starts after a blank line (two newline pieces in a row; a tokenizer without a newline
-piece has no paragraphs). Sampling, deterministic for ``(seed, epoch, index)`` (``set_epoch(e)``
-draws new pairs):
+piece has no paragraphs). Sampling, a pure function of ``(seed, index)`` (the caller sizes
+``samples`` to cover a run, so no pair repeats within it):
 
 1. pick a document with at least 2 tokens, and a span of it of up to ``max_len - 3`` tokens
    that starts at a paragraph start (one that is not the document's last, when it has several);
@@ -69,11 +69,6 @@ class NSPDataset(torch.utils.data.Dataset):
                 f"documents, one with 2+ tokens (has {len(self.nonempty)} non-empty)"
             )
         self.samples = samples if samples is not None else len(self.eligible)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw different pairs from now on."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.samples
@@ -90,7 +85,7 @@ class NSPDataset(torch.utils.data.Dataset):
         return np.concatenate([[0], self.paragraph_starts(tokens)])
 
     def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, index])
         budget = self.max_len - 3  # room for A and B after [CLS], [SEP], [SEP]
         doc = int(self.eligible[rng.integers(len(self.eligible))])
         tokens = self.shards.document(doc)

@@ -71,7 +71,10 @@ def span_corruption(
 
 class SpanCorruptionDataset(torch.utils.data.Dataset):
     """T5 pretraining samples from prepared shards: pieces of at most ``input_len - 1`` tokens
-    of one document, corrupted; input and target end in EOS."""
+    of one document, corrupted; input and target end in EOS.
+
+    The spans of sample ``index`` are a pure function of ``(seed, index)``: a run that passes over
+    the data more than once sees each piece corrupted the same way every time."""
 
     def __init__(
         self,
@@ -99,16 +102,11 @@ class SpanCorruptionDataset(torch.utils.data.Dataset):
         first = np.repeat(np.cumsum(pieces) - pieces, pieces)
         self.begin = (np.arange(len(self.doc)) - first) * width
         self.width = width
-        self.epoch = 0
         if len(self.doc) == 0:
             raise ValueError(f"SpanCorruptionDataset: the {shards.split} split of {shards.out_dir} has no document of 2+ tokens")
 
     def __len__(self) -> int:
         return len(self.doc)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Corrupt different spans from now on (sampling is deterministic for seed, epoch, index)."""
-        self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         doc = self.shards.document(int(self.doc[index]))
@@ -116,7 +114,7 @@ class SpanCorruptionDataset(torch.utils.data.Dataset):
         piece = np.asarray(doc[begin : begin + self.width], dtype=np.int64)
         if len(piece) < 2:  # a last piece of 1 token: take the two tokens before it as well
             piece = np.asarray(doc[max(0, begin - 2) : begin + 1], dtype=np.int64)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, index])
         source, target = span_corruption(piece, self.sentinel_ids, rng, self.noise_density, self.mean_span_length)
         return {"input_ids": np.append(source, self.eos_id), "target_ids": np.append(target, self.eos_id)}
 
