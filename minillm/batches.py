@@ -141,4 +141,4 @@ def eval_batches(data, collate_fn, *, batch_size: int, seed: int, rank: int, wor
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """A batch's tensors on ``device`` (asynchronously from pinned memory)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "cu_seqlens"}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -73,18 +73,24 @@ def cmd_prepare(args, overrides) -> int:
 
 def cmd_generate(args, overrides) -> int:
     from minillm import checkpoint as ckpt
-    from minillm.model import CausalLM
+    from minillm.generation import generate_text
+    from minillm.model import CausalLM, MaskedLM
 
     _no_overrides("generate", overrides)
     model, configs, tokenizer = ckpt.load_model(args.checkpoint)
     if tokenizer is None:
         raise UsageError(f"--checkpoint: {args.checkpoint} has no tokenizer.model to encode the prompt")
-    outputs = recipes.sample(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             greedy=args.greedy, seed=args.seed)
-    for prompt, text in zip(args.prompt, outputs):
-        # a GPT continues its prompt; an encoder-decoder's output is a text of its own
-        print(prompt + text if isinstance(model, CausalLM) else f"{prompt}\n-> {text}")
+    results = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+                            seed=args.seed, num_beams=args.num_beams)
+    for result in results:
+        # a GPT continues its prompt; an encoder-decoder's output is a text of its own; BERT fills the prompt
+        if isinstance(model, CausalLM):
+            print(result.prompt + result.text)
+        else:
+            print(result.text if isinstance(model, MaskedLM) else f"{result.prompt}\n-> {result.text}")
+        if result.note:
+            print(f"note: {result.note}", file=sys.stderr)
     return 0
 
 
@@ -180,8 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
                "whose data defaults to use (the same for every family today)")
 
     p = sub.add_parser("generate", help="sample text from a checkpoint",
-                       description="GPT: continue each prompt. Encoder-decoder: the output for each prompt, on a line "
-                                   "of its own. BERT: fill [MASK].")
+                       description="GPT: continue each prompt (past max_seq_len the window slides). Encoder-decoder: "
+                                   "the output for each prompt, on a line of its own. Both sample (temperature, "
+                                   "top-k, top-p) unless --greedy; --num-beams searches an encoder-decoder's output. "
+                                   "BERT: fill [MASK]. A note on stderr says when an output is not plainly what was "
+                                   "asked (fewer tokens, a cropped prompt).")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory (its latest checkpoint)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
     p.add_argument("--max-new-tokens", type=_at_least(1), default=50)
@@ -189,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_at_least(1), default=40)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    p.add_argument("--num-beams", type=_at_least(1), default=1, help="beam search (encoder-decoder, with --greedy)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on held-out data",

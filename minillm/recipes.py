@@ -22,13 +22,12 @@ Each command of the CLI is one function here, so a notebook runs exactly what th
 ``pretrain``,       ``train`` for a task that learns from the corpus / from labelled files
 ``finetune``
 ``evaluate``        a checkpoint's metrics on held-out data
-``sample``          text from a checkpoint: continuations (GPT, encoder-decoder) or filled
-                    ``[MASK]`` tokens (BERT)
 ==================  ===========================================================================
 
 What a task does (its model, batches, metrics and report) is its task object's
-(:mod:`minillm.tasks`); nothing here compares task names. Output goes through ``echo``
-(``print`` by default) so callers can silence it.
+(:mod:`minillm.tasks`); nothing here compares task names. Text from a checkpoint is
+:func:`minillm.generation.generate_text`. Output goes through ``echo`` (``print`` by default) so
+callers can silence it.
 """
 
 from __future__ import annotations
@@ -49,8 +48,8 @@ from minillm.data import DataConfig, TokenShards, prepare_from_config
 from minillm.data.corpus import describe_duplicates
 from minillm.distributed import seed_everything
 from minillm.evaluation import evaluate as evaluate_model
-from minillm.generation import generate, generate_seq2seq
-from minillm.model import CausalLM, MaskedLM, Seq2SeqLM
+from minillm.generation import generate_text
+from minillm.model import MaskedLM
 from minillm.tasks import CORPUS_DATA_FIELDS, Task, TaskData, get_task, upgrade_saved_configs
 from minillm.tasks import unigram_entropy as _unigram_entropy
 from minillm.tokenizer import Tokenizer
@@ -58,7 +57,6 @@ from minillm.train_config import TrainConfig
 from minillm.trainer import Trainer
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-MASK_TEXT = "[MASK]"  # where `sample` puts a mask token in a BERT prompt
 # Fields of the model that the tokenizer fixes: a value given for them would be overwritten.
 TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -473,7 +471,7 @@ def _probe_head(net, run: Run, saved: dict, echo) -> None:
 def _show_samples(model, tokenizer: Tokenizer, prompts: tuple[str, ...], seed: int, echo) -> list[str]:
     if not prompts:
         return []
-    outputs = sample(model, tokenizer, list(prompts), max_new_tokens=40, seed=seed)
+    outputs = [g.text for g in generate_text(model, tokenizer, list(prompts), max_new_tokens=40, seed=seed)]
     kind = "MLM predictions" if isinstance(model, MaskedLM) else "samples"
     _say(echo, f"{kind}:", *(f"  {p!r} -> {o!r}" for p, o in zip(prompts, outputs)))
     return outputs
@@ -520,68 +518,3 @@ def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, override
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     _say(echo, f"{ckpt.resolve_checkpoint(checkpoint)} ({task.name}), {split} split: {shown}")
     return {"task": task.name, "split": split, **metrics}
-
-
-# =============================================================================================
-# Sampling
-# =============================================================================================
-
-
-@torch.no_grad()
-def sample(model, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int = 50, temperature: float = 0.8,
-           top_k: int | None = 40, top_p: float | None = None, greedy: bool = False, seed: int = 0) -> list[str]:
-    """Text for each prompt: the continuation (CausalLM), the output (Seq2SeqLM, greedy) or the
-    prompt with every ``[MASK]`` replaced by the model's top token (MaskedLM)."""
-    device = next(model.parameters()).device
-    if isinstance(model, MaskedLM):
-        return [_fill_masks(model, tokenizer, p, device) for p in prompts]
-    if isinstance(model, Seq2SeqLM):
-        eos = tokenizer.require("eos")
-        outs = []
-        for prompt in prompts:
-            ids = torch.tensor([tokenizer.encode(prompt) + [eos]], device=device)
-            out = generate_seq2seq(model, ids, max_new_tokens=min(max_new_tokens, model.config.max_seq_len - 1),
-                                   eos_token_id=eos)
-            outs.append(tokenizer.decode(out[0, 1:].tolist()))
-        return outs
-    if not isinstance(model, CausalLM):
-        raise ValueError(f"sample: a {type(model).__name__} does not generate text (use a GPT, BERT or seq2seq checkpoint)")
-    generator = torch.Generator(device=device).manual_seed(seed)
-    outs = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt) or [tokenizer.require("eos")]
-        room = model.config.max_seq_len - len(ids)
-        if room < 1:
-            raise ValueError(f"sample: the prompt has {len(ids)} tokens, max_seq_len is {model.config.max_seq_len}")
-        out = generate(model, torch.tensor([ids], device=device), max_new_tokens=min(max_new_tokens, room),
-                       do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                       eos_token_id=tokenizer.eos_id, generator=generator)
-        new = [t for t in out[0, len(ids):].tolist() if t != tokenizer.eos_id and t != tokenizer.pad_id]
-        # decoded with the prompt: a piece's leading space ("▁the") survives only inside a sequence
-        outs.append(tokenizer.decode(ids + new)[len(tokenizer.decode(ids)):])
-    return outs
-
-
-def _fill_masks(model: MaskedLM, tokenizer: Tokenizer, prompt: str, device) -> str:
-    parts = prompt.split(MASK_TEXT)
-    if len(parts) == 1:
-        raise ValueError(f"sample: a BERT prompt needs at least one {MASK_TEXT} to fill, got {prompt!r}")
-    mask_id = tokenizer.require("mask")
-    ids, masked = [tokenizer.require("cls")], []
-    for k, part in enumerate(parts):
-        # Strip the spaces around a mask: the dummy prefix gives each part its leading "▁", and a
-        # masked word carries its own, so "a [MASK] b" reads as it did in training, not "a ▁ [MASK]".
-        ids += tokenizer.encode(part.strip()) if part.strip() else []
-        if k < len(parts) - 1:
-            masked.append(len(ids))
-            ids.append(mask_id)
-    ids.append(tokenizer.require("sep"))
-    logits = model(torch.tensor([ids], device=device)).logits[0]  # (T, V)
-    logits[:, torch.from_numpy(tokenizer.special).to(device)] = float("-inf")  # predict words, not specials
-    for position in masked:
-        ids[position] = int(logits[position].argmax())
-
-    def shown(i: int) -> str:  # the word, or the piece itself for whitespace ("▁", newline)
-        return tokenizer.decode([i]).strip() or repr(tokenizer.id_to_piece(i))
-
-    return "".join(parts[k] + (f"[{shown(ids[masked[k]])}]" if k < len(masked) else "") for k in range(len(parts)))

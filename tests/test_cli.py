@@ -142,7 +142,9 @@ def test_mask_filling_encodes_the_prompt_as_training_text_without_stray_spaces(b
         seen.append(ids[0].tolist())
         return ModelOutput(logits=torch.zeros(1, ids.shape[1], tok.vocab_size))
 
-    recipes._fill_masks(spy, tok, "Return the [MASK] of a file.", "cpu")
+    from minillm.generation import _fill_masks
+
+    _fill_masks(spy, tok, "Return the [MASK] of a file.", "cpu")
     expected = [tok.require("cls"), *tok.encode("Return the"), tok.require("mask"), *tok.encode("of a file."),
                 tok.require("sep")]
     assert seen == [expected]  # no lone "▁" before the mask or after it

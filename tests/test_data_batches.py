@@ -89,6 +89,8 @@ def test_causal_document_mask(data):
             assert doc[b, t] == doc[b, t - 1] + starts
             assert pos[b, t] == (0 if starts else pos[b, t - 1] + 1)
     assert doc.max() > 0  # the windows do hold several documents
+    labels = batch["labels"].numpy()
+    assert (labels[pos == 0] == -100).all() and (labels[pos > 0] == ids[pos > 0]).all()  # no cross-document target
     # The batch goes straight into a CausalLM; a document inside a window gets its logits alone.
     from minillm import ModelConfig, build_model
 

@@ -267,14 +267,24 @@ def text_model(tokenizer, arch, task, max_seq_len=16):
     return model
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_generate_text_continues_gpt_prompts_as_recipes_sample_did(tokenizer, greedy):
-    from minillm import recipes
+def continuations(model, tokenizer, prompts: list[str], greedy: bool, seed: int) -> list[str]:
+    """What generate() gives each prompt in turn (one seeded generator), as text after the prompt."""
+    generator, texts = torch.Generator().manual_seed(seed), []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+        out = generate(model, torch.tensor([ids]), max_new_tokens=6, do_sample=not greedy, temperature=0.8, top_k=40,
+                       eos_token_id=tokenizer.eos_id, generator=generator)[0, len(ids):].tolist()
+        new = [t for t in out if t not in (tokenizer.eos_id, tokenizer.pad_id)]
+        texts.append(tokenizer.decode(ids + new)[len(tokenizer.decode(ids)):])  # "▁the" keeps its space
+    return texts
 
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_generate_text_continues_gpt_prompts(tokenizer, greedy):
     model = text_model(tokenizer, "decoder", "causal-lm", max_seq_len=32)
     prompts = ["the cat sat", "a red door", ""]
     results = generate_text(model, tokenizer, prompts, max_new_tokens=6, greedy=greedy, seed=3)
-    assert [r.text for r in results] == recipes.sample(model, tokenizer, prompts, max_new_tokens=6, greedy=greedy, seed=3)
+    assert [r.text for r in results] == continuations(model, tokenizer, prompts, greedy, seed=3)
     for prompt, r in zip(prompts, results):
         assert isinstance(r, Generation) and r.prompt == prompt
         assert r.new_tokens == 6 and r.note is None or r.new_tokens < 6 and "EOS" in r.note
@@ -296,12 +306,14 @@ def test_generate_text_near_max_seq_len_gets_every_token_and_says_the_window_sli
 
 
 def test_generate_text_for_an_encoder_decoder_samples_and_notes_the_decoder_limit(tokenizer):
-    from minillm import recipes
-
     model = text_model(tokenizer, "encoder-decoder", "seq2seq", max_seq_len=16)
     prompts = ["the cat sat on a mat", "a red door"]
     greedy = generate_text(model, tokenizer, prompts, max_new_tokens=8, greedy=True)
-    assert [g.text for g in greedy] == recipes.sample(model, tokenizer, prompts, max_new_tokens=8)  # greedy there
+    eos = tokenizer.eos_id
+    outputs = [generate_seq2seq(model, torch.tensor([tokenizer.encode(p) + [eos]]), max_new_tokens=8,
+                                eos_token_id=eos)[0, 1:].tolist() for p in prompts]
+    assert [g.text for g in greedy] == [tokenizer.decode([t for t in out if t not in (eos, tokenizer.pad_id)])
+                                        for out in outputs]
     sampled = generate_text(model, tokenizer, prompts, max_new_tokens=8, temperature=1.5, top_k=None, seed=1)
     again = generate_text(model, tokenizer, prompts, max_new_tokens=8, temperature=1.5, top_k=None, seed=1)
     assert sampled == again and [s.text for s in sampled] != [g.text for g in greedy]
@@ -314,13 +326,18 @@ def test_generate_text_for_an_encoder_decoder_samples_and_notes_the_decoder_limi
     assert cropped.note.startswith(f"source cropped: its {len(tokenizer.encode(long_source))} tokens and EOS")
 
 
-def test_generate_text_fills_bert_masks_as_recipes_did(tokenizer):
-    from minillm import recipes
-
+def test_generate_text_fills_bert_masks(tokenizer):
     model = text_model(tokenizer, "encoder", "mlm", max_seq_len=24)
     prompt = "the cat [MASK] on a [MASK]."
     [result] = generate_text(model, tokenizer, [prompt])
-    assert result.text == recipes._fill_masks(model, tokenizer, prompt, "cpu")
+    ids = [tokenizer.require("cls"), *tokenizer.encode("the cat"), tokenizer.require("mask"),
+           *tokenizer.encode("on a"), tokenizer.require("mask"), *tokenizer.encode("."), tokenizer.require("sep")]
+    masks = [i for i, t in enumerate(ids) if t == tokenizer.require("mask")]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]  # (T, V)
+    logits[:, torch.from_numpy(tokenizer.special)] = float("-inf")  # words, never special tokens
+    words = [tokenizer.decode([int(logits[m].argmax())]).strip() for m in masks]
+    assert result.text == f"the cat [{words[0]}] on a [{words[1]}]."
     assert result.text.startswith("the cat [") and result.new_tokens == 2 and result.note is None
     with pytest.raises(ValueError, match="prompts: a BERT prompt needs at least one \\[MASK\\]"):
         generate_text(model, tokenizer, ["no mask here"])

@@ -78,14 +78,16 @@ def test_reads_size_knob_and_defines_no_classes(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, tmp_path, monkeypatch):
-    nb = nbformat.read(path, as_version=4)
+def test_notebook_runs_and_runs_again(path, tmp_path, monkeypatch):
+    """Top to bottom, then once more into the same run directory, as "Restart & Run All" does."""
     before = _repo_files()
-    execute(nb, tmp_path, monkeypatch)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert errors == []
-    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert figures, f"{path.name} drew no figure inline"
+    for attempt in ("first", "second"):
+        nb = nbformat.read(path, as_version=4)
+        execute(nb, tmp_path, monkeypatch)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert errors == [], f"{path.name}, {attempt} run"
+        figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+        assert figures, f"{path.name} drew no figure inline"
     assert _repo_files() == before, f"{path.name} wrote into the repository tree"
 
 

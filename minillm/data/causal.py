@@ -32,7 +32,8 @@ document gets the logits it would get alone):
       position_ids  0  1  2    0  1  2  3    0
 
 ``CausalLM.forward`` takes both keys (``document_ids`` builds the "causal and same document"
-attention mask).
+attention mask). ``labels`` are then -100 at the first token of every document: the token before
+it belongs to another document, so nothing in view predicts it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minillm.data.collate import to_tensors
+from minillm.data.collate import IGNORE_INDEX, to_tensors
 from minillm.data.shards import TokenShards
 
 MODES = ("random", "sequential")
@@ -120,4 +121,7 @@ class CausalLMCollator:
         if "document_ids" in samples[0]:
             batch["position_ids"] = np.stack([s["position_ids"] for s in samples])  # (B, T)
             batch["document_ids"] = np.stack([s["document_ids"] for s in samples])  # (B, T)
+            # A document's first token is not predicted from the one before it, which belongs to
+            # another document it cannot see: no label there (position 0 has none anyway).
+            batch["labels"][batch["position_ids"] == 0] = IGNORE_INDEX
         return to_tensors(batch)

@@ -44,7 +44,7 @@ def pad_segment_pairs(samples: Sequence[dict], pad_id: int, multiple_of: int | N
 
 
 def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """numpy arrays to torch tensors (int64 stays long; int32 stays int32 for cu_seqlens)."""
+    """numpy arrays to torch tensors, dtypes kept (int64 stays long)."""
     return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
 
 
