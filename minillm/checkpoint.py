@@ -20,7 +20,8 @@ temporary symlink renamed over the old one). A process killed at any point leave
 naming a complete checkpoint: either the previous one or the new one.
 
 Only tensors, numbers, strings, lists, tuples and dicts go into state.pt, so it loads with
-``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code.
+``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code. A checkpoint file
+that does not decode (cut short, overwritten) is a ValueError naming the file, from every loader.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from minillm.config import ModelConfig
 from minillm.model import build_model
@@ -288,10 +290,31 @@ def set_rng_state(state: dict) -> None:
 # =============================================================================================
 
 
+def _decode(path: Path, load):
+    """load(path) for a checkpoint file. A file that is there but does not decode (cut short by a
+    full disk or a copy, overwritten) is a ValueError naming it: each format fails its own way
+    (SafetensorError; RuntimeError, OSError or EOFError from torch's zip reader; UnpicklingError;
+    JSONDecodeError)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: {path} is missing")
+    try:
+        return load(path)
+    except Exception as err:
+        cause = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]  # the first sentence
+        raise ValueError(f"checkpoint: {path} is truncated or corrupt ({type(err).__name__}: {cause})") from None
+
+
+def _read_json(path: Path) -> dict:
+    values = _decode(path, lambda p: json.loads(p.read_text()))
+    if not isinstance(values, dict):
+        raise ValueError(f"checkpoint: {path} holds a JSON {type(values).__name__}, not an object")
+    return values
+
+
 def read_configs(path: str | os.PathLike) -> dict:
     """The config.json of a checkpoint (or of a run's latest checkpoint)."""
     checkpoint = resolve_checkpoint(path)
-    return json.loads((checkpoint / CONFIG).read_text())
+    return _read_json(checkpoint / CONFIG)
 
 
 def saved_architecture(path: str | os.PathLike, config: ModelConfig) -> ModelConfig:
@@ -304,7 +327,7 @@ def saved_architecture(path: str | os.PathLike, config: ModelConfig) -> ModelCon
 def load_state(path: str | os.PathLike) -> dict:
     """state.pt of a checkpoint, loaded with weights_only=True."""
     checkpoint = resolve_checkpoint(path)
-    return torch.load(checkpoint / STATE, map_location="cpu", weights_only=True)
+    return _decode(checkpoint / STATE, lambda p: torch.load(p, map_location="cpu", weights_only=True))
 
 
 def _resolved(values: dict) -> dict:
@@ -339,21 +362,23 @@ def check_vocab(model_config: ModelConfig, tokenizer, where: str) -> None:
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All weights of a checkpoint, with the tied aliases filled in again."""
     checkpoint = resolve_checkpoint(path)
-    from safetensors import safe_open
-
-    with safe_open(checkpoint / WEIGHTS, framework="pt") as f:
-        ties = json.loads((f.metadata() or {}).get("ties", "{}"))
-    tensors = load_file(checkpoint / WEIGHTS)
+    tensors, ties = _decode(checkpoint / WEIGHTS, _tensors_and_ties)
     for alias, target in ties.items():
         tensors[alias] = tensors[target]
     return tensors
+
+
+def _tensors_and_ties(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(path, framework="pt") as f:
+        ties = json.loads((f.metadata() or {}).get("ties", "{}"))
+        return {name: f.get_tensor(name) for name in f.keys()}, ties
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     """Load a checkpoint's weights into `model` (same architecture, same task); returns the
     checkpoint directory. ValueError naming the fields when the architecture differs."""
     checkpoint = resolve_checkpoint(path)
-    saved = json.loads((checkpoint / CONFIG).read_text()).get("model", {})
+    saved = _read_json(checkpoint / CONFIG).get("model", {})
     mismatch = architecture_mismatch(saved, model.config)
     if mismatch:
         raise ValueError(f"load_weights: {checkpoint} is a different architecture: " + "; ".join(mismatch))
@@ -380,7 +405,7 @@ def _is_hf_directory(path: Path) -> bool:
     config = path / "config.json"
     if not (path.is_dir() and config.is_file()):
         return False
-    values = json.loads(config.read_text())
+    values = _read_json(config)
     return "model_type" in values and "task" not in values
 
 
@@ -409,7 +434,7 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
         return model, {"task": task, "model": model.config.to_dict(), "source": str(path)}, None
 
     checkpoint = resolve_checkpoint(path)
-    configs = json.loads((checkpoint / CONFIG).read_text())
+    configs = _read_json(checkpoint / CONFIG)
     try:
         model_config = ModelConfig.from_dict({**configs["model"], **runtime})
         task = configs["task"]
@@ -458,7 +483,7 @@ def init_from(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict
         saved_config, tensors, saved_tokenizer = source.config.to_dict(), dict(source.state_dict()), None
     else:
         checkpoint = resolve_checkpoint(path)
-        configs = json.loads((checkpoint / CONFIG).read_text())
+        configs = _read_json(checkpoint / CONFIG)
         saved_config, tensors = configs.get("model", {}), read_weights(checkpoint)
         if any(".lora_A" in name for name in tensors):  # a LoRA fine-tune: start from its merged weights
             tensors = dict(load_model(checkpoint)[0].state_dict())
