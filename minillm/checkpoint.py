@@ -17,7 +17,11 @@ Atomicity. A checkpoint is written into ``.tmp-step_000200/`` in the same direct
 fsync'ed, then renamed to ``step_000200/`` (a rename within one filesystem is atomic), then
 ``latest`` is replaced atomically (temporary file, fsync, ``os.replace``) and ``best`` likewise (a
 temporary symlink renamed over the old one). A process killed at any point leaves ``latest``
-naming a complete checkpoint: either the previous one or the new one.
+naming a complete checkpoint: either the previous one or the new one. A save that fails (full
+disk, read-only filesystem) deletes what it wrote and raises RunDirError, an OSError naming the
+checkpoint and the previous one, which is intact. Each file is serialised in memory and written
+with Python's file I/O, because safetensors and torch.save report a failed write as their own
+exceptions (torch.save without the OS error): saving costs one in-memory copy of a file.
 
 Only tensors, numbers, strings, lists, tuples and dicts go into state.pt, so it loads with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code. A checkpoint file
@@ -27,6 +31,7 @@ that does not decode (cut short, overwritten) is a ValueError naming the file, f
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import random
@@ -35,10 +40,10 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from minillm.config import ModelConfig
 from minillm.model import build_model
@@ -53,6 +58,15 @@ HEAD_FIELDS = ("num_labels", "classifier_pooling")
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+class RunDirError(OSError):
+    """A checkpoint could not be written into out_dir. str(err) is one line naming the path, what
+    happened and what is intact; err.errno is the OS error's."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
 
 
 # =============================================================================================
@@ -103,6 +117,11 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     if not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"checkpoint: {pointer} names {path}, which holds no {WEIGHTS}")
     return path
+
+
+def _in_use(out: Path) -> set[Path]:
+    """The checkpoints `latest` and `best` name (resolved): never replaced or deleted."""
+    return {p.resolve() for p in (latest_checkpoint(out), out / BEST) if p is not None and p.exists()}
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -162,9 +181,10 @@ def save_checkpoint(
     state: what resuming needs (optimizer, RNG, data position...), tensors and plain values only.
     configs: saved as config.json; dataclasses and objects with ``to_dict`` are converted.
     Refuses to save non-finite weights: a checkpoint must always be a good one to go back to.
+    A failed write (OSError: full disk, read-only filesystem...) deletes what it wrote and raises
+    RunDirError naming the checkpoint, the OS error and the previous checkpoint, which is intact.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     tensors, ties = _weights_for_saving(model)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -172,32 +192,52 @@ def save_checkpoint(
         raise FloatingPointError(f"save_checkpoint: refusing to save non-finite weights at step {step}: {bad[:5]}")
 
     final, tmp = out / name, out / f".tmp-{name}"
-    if tmp.exists():  # left over from a process killed mid-save
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "ties": json.dumps(ties)})
-    _crash_point("after_weights")
-    torch.save(state, tmp / STATE)
-    config_dict = {key: _as_plain(value) for key, value in configs.items()}
-    (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    for file in tmp.iterdir():
-        _fsync(file)
-    _fsync(tmp)
-    _crash_point("before_rename")
-    if final.exists():
-        # Only a checkpoint no pointer names can be here: one whose rename finished just before a
-        # crash, before `latest` was updated. Replacing it is safe.
-        pointed = {p.resolve() for p in (latest_checkpoint(out), (out / BEST)) if p is not None and p.exists()}
-        if final.resolve() in pointed:
-            raise FileExistsError(f"save_checkpoint: {final} already exists and is in use")
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(out)
-    _crash_point("before_latest")
-    _write_pointer(out, LATEST, name)
+    # Only a checkpoint no pointer names may be replaced: one whose rename finished just before a
+    # crash, before `latest` was updated.
+    if final.exists() and final.resolve() in _in_use(out):
+        raise FileExistsError(f"save_checkpoint: {final} already exists and is in use")
+    previous = latest_checkpoint(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over from a process killed mid-save
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        metadata = {"format": "pt", "ties": json.dumps(ties)}
+        (tmp / WEIGHTS).write_bytes(safetensors.torch.save(tensors, metadata=metadata))
+        _crash_point("after_weights")
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        (tmp / STATE).write_bytes(buffer.getbuffer())
+        config_dict = {key: _as_plain(value) for key, value in configs.items()}
+        (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        _crash_point("before_rename")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(out)
+        _crash_point("before_latest")
+        _write_pointer(out, LATEST, name)
+    except OSError as err:
+        _discard_failed_save(out, tmp, final)
+        intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint was saved"
+        raise RunDirError(f"checkpoint: could not write {final} ({err}); {intact}", err.errno) from None
     return final
+
+
+def _discard_failed_save(out: Path, tmp: Path, final: Path) -> None:
+    """Delete what a failed save wrote, as far as the filesystem still allows."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (out / f".{LATEST}.tmp").unlink(missing_ok=True)
+        if final.exists() and final.resolve() not in _in_use(out):  # renamed, but `latest` never named it
+            shutil.rmtree(final)
+    except OSError:
+        pass
 
 
 def mark_best(out_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
@@ -247,7 +287,7 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
     steps = sorted(p for p in out.glob("step_*") if p.is_dir())
     if keep == 0 or len(steps) <= keep:
         return []
-    protected = {p.resolve() for p in (latest_checkpoint(out), out / BEST) if p is not None and p.exists()}
+    protected = _in_use(out)
     removed = []
     for path in steps[:-keep]:
         if path.resolve() not in protected:
