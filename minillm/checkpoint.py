@@ -1,4 +1,5 @@
-"""Checkpoints: atomic save, exact resume state, and loading a model back for use.
+"""Checkpoints: atomic save, exact resume state, a run directory that a new run replaces safely,
+and loading a model back for use.
 
 A run directory looks like this:
 
@@ -11,7 +12,10 @@ A run directory looks like this:
         step_000200/
         latest                  text file naming the last complete checkpoint ("step_000200")
         best -> step_000100     symlink to the checkpoint with the best early-stopping metric
-        metrics.jsonl, metrics.csv, metrics.png
+        metrics.jsonl, metrics.csv, metrics.png, tensorboard/
+        config.toml             the configs the command line resolved
+        probe/                  LP-FT's probe stage (minillm finetune), itself a run directory
+        .previous-run/          only while an overwrite=True run has no checkpoint yet: the run it replaces
 
 Atomicity. A checkpoint is written into ``.tmp-step_000200/`` in the same directory, every file
 fsync'ed, then renamed to ``step_000200/`` (a rename within one filesystem is atomic), then
@@ -23,6 +27,27 @@ checkpoint and the previous one, which is intact. Each file is serialised in mem
 with Python's file I/O, because safetensors and torch.save report a failed write as their own
 exceptions (torch.save without the OS error): saving costs one in-memory copy of a file.
 
+Starting a run (prepare_run_dir). out_dir is checked (a directory, or creatable, and writable),
+and what a killed save left (``.tmp-step_*``, ``.latest.tmp``, ``.best.tmp``) is deleted. A run
+that replaces another (overwrite=True) does not delete it: it moves the previous run's entries
+(RUN_ENTRIES) into ``.previous-run/`` and deletes that once ``latest`` names a checkpoint of its own
+(finish_replacement, after every save). A run that ends before its first checkpoint deletes its
+own entries and moves the previous ones back, byte for byte (restore_previous_run). A ``probe/``
+whose ``latest`` is newer than the run's is not moved aside: it is the new run's own probe stage,
+trained before the run's directory was prepared.
+
+Moving several entries is not atomic, so the moves follow two rules that make a SIGKILL at any
+point recoverable; the next prepare_run_dir applies them before anything else:
+
+* ``.previous-run.tmp/`` means "move these back": entries go in through it (renamed to
+  ``.previous-run/`` once all are in, before the new run writes anything) and come back out of it
+  (``.previous-run/`` is renamed to it once the new run's entries are deleted). Either way none of
+  the new run's entries can be in the way.
+* ``.previous-run/`` next to a ``latest`` means the new run has a complete checkpoint: the previous
+  run is deleted. Without one, the new run ended before its first checkpoint: its entries are
+  deleted (a kill midway leaves this same state), then ``.previous-run/`` is renamed to
+  ``.previous-run.tmp/`` and emptied by the first rule, with a warning.
+
 Only tensors, numbers, strings, lists, tuples and dicts go into state.pt, so it loads with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code. A checkpoint file
 that does not decode (cut short, overwritten) is a ValueError naming the file, from every loader.
@@ -31,12 +56,16 @@ that does not decode (cut short, overwritten) is a ValueError naming the file, f
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import os
 import random
 import shutil
 import signal
+import tempfile
+import warnings
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +79,12 @@ from minillm.model import build_model
 
 WEIGHTS, STATE, CONFIG, TOKENIZER = "model.safetensors", "state.pt", "config.json", "tokenizer.model"
 LATEST, BEST = "latest", "best"
+PROBE = "probe"  # LP-FT's probe stage (minillm finetune): a run directory inside the run's
+# What a run writes into out_dir: moved aside together when an overwrite=True run replaces it.
+RUN_ENTRIES = ("step_*", LATEST, BEST, "metrics.*", "tensorboard", "config.toml", PROBE)
+# What a process killed while saving leaves behind; deleted when the next run starts.
+LEFTOVERS = (".tmp-step_*", f".{LATEST}.tmp", f".{BEST}.tmp")
+PREVIOUS_RUN = ".previous-run"
 # ModelConfig fields that change how a model runs but not which weights it has.
 RUNTIME_FIELDS = ("attn_backend", "norm_backend", "embed_dropout", "attn_dropout", "resid_dropout", "init_std")
 # Fields of a task's head, which a new task replaces: pretrained weights load whatever they are.
@@ -61,8 +96,8 @@ def checkpoint_name(step: int) -> str:
 
 
 class RunDirError(OSError):
-    """A checkpoint could not be written into out_dir. str(err) is one line naming the path, what
-    happened and what is intact; err.errno is the OS error's."""
+    """out_dir cannot hold a run, or a checkpoint could not be written into it. str(err) is one
+    line naming the path, what happened and what is intact; err.errno is the OS error's."""
 
     def __init__(self, message: str, code: int | None = None):
         super().__init__(message)
@@ -106,6 +141,18 @@ def _point_symlink(directory: Path, name: str, target: str) -> None:
     os.symlink(target, tmp)
     os.replace(tmp, directory / name)
     _fsync(directory)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _entries(directory: Path, patterns: tuple[str, ...]) -> list[Path]:
+    """The entries of `directory` whose names match a pattern (dangling symlinks and hidden names too)."""
+    return sorted(p for p in directory.iterdir() if any(fnmatchcase(p.name, pattern) for pattern in patterns))
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -230,7 +277,8 @@ def save_checkpoint(
 
 
 def _discard_failed_save(out: Path, tmp: Path, final: Path) -> None:
-    """Delete what a failed save wrote, as far as the filesystem still allows."""
+    """Delete what a failed save wrote, as far as the filesystem still allows (prepare_run_dir
+    deletes the rest when the next run starts)."""
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (out / f".{LATEST}.tmp").unlink(missing_ok=True)
@@ -247,6 +295,7 @@ def mark_best(out_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> None
 
 def run_to_resume(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> Path | None:
     """The checkpoint a run in out_dir continues from (resume=True), or None for a fresh run.
+    Only looks: prepare_run_dir is what a run calls before it starts.
 
     Errors (before any work is done): resume=True with nothing to resume; a fresh run into an
     out_dir that already holds one, unless overwrite=True (a finished run is never replaced by
@@ -266,18 +315,106 @@ def run_to_resume(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> 
     return None
 
 
-def clear_run(out_dir: str | os.PathLike) -> list[Path]:
-    """Delete what a run wrote into out_dir (checkpoints, pointers, metrics, plot); nothing else."""
+def prepare_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> Path | None:
+    """Make out_dir ready for a run; returns the checkpoint to resume (resume=True) or None.
+
+    1. RunDirError when out_dir is a file, is under a file, or cannot be created or written into.
+    2. A replacement that a killed process left half-done is settled (restore_previous_run).
+    3. What a killed save left (LEFTOVERS) is deleted.
+    4. resume=True: the latest checkpoint, FileNotFoundError when there is none. A fresh run into an
+       out_dir holding one: FileExistsError, unless overwrite=True; then the previous run's entries
+       move into .previous-run/, until the new run's first checkpoint (finish_replacement) or its
+       failure (restore_previous_run).
+    """
     out = Path(out_dir)
-    patterns = ("step_*", ".tmp-step_*", LATEST, BEST, ".latest.tmp", ".best.tmp", "metrics.*", "tensorboard")
-    removed = []
-    for pattern in patterns:
-        for path in out.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-            removed.append(path)
+    _check_writable(out)
+    restore_previous_run(out)
+    for path in _entries(out, LEFTOVERS):
+        _remove(path)
+    resume_from = run_to_resume(out, resume, overwrite)
+    if resume_from is None and latest_checkpoint(out) is not None:  # overwrite=True: run_to_resume let it through
+        _keep_previous_run(out)
+    return resume_from
+
+
+def _check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"TrainConfig.out_dir: {out} is a file, not a directory", errno.ENOTDIR)
+    if not out.exists():
+        above = next((p for p in out.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise RunDirError(f"TrainConfig.out_dir: {out} is under {above}, which is a file, not a directory",
+                              errno.ENOTDIR)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # a file created and removed: can this run write here?
+    except OSError as err:
+        raise RunDirError(f"TrainConfig.out_dir: cannot write into {out} ({err.strerror})", err.errno) from None
+
+
+def _keep_previous_run(out: Path) -> None:
+    """Move the run in out_dir (its RUN_ENTRIES) into .previous-run/, through .previous-run.tmp/."""
+    tmp = out / f"{PREVIOUS_RUN}.tmp"
+    tmp.mkdir()
+    since = (out / LATEST).stat().st_mtime_ns
+    for path in _entries(out, RUN_ENTRIES):
+        if path.name == PROBE and (path / LATEST).is_file() and (path / LATEST).stat().st_mtime_ns > since:
+            continue  # newer than the run: the new run's own probe stage, trained before it
+        os.replace(path, tmp / path.name)
+        _crash_point("keeping_previous_run")
+    _fsync(tmp)
+    os.replace(tmp, out / PREVIOUS_RUN)
+    _fsync(out)
+
+
+def finish_replacement(out_dir: str | os.PathLike) -> bool:
+    """After a save: once `latest` names a checkpoint of the new run, delete the previous run it
+    replaces (kept in .previous-run/). True when there was one; otherwise a cheap no-op."""
+    out = Path(out_dir)
+    kept = out / PREVIOUS_RUN
+    if not (kept.is_dir() and (out / LATEST).is_file()):
+        return False
+    shutil.rmtree(kept)
+    _fsync(out)
+    return True
+
+
+def restore_previous_run(out_dir: str | os.PathLike) -> Path | None:
+    """A run that replaces another has ended (or was killed) before its first checkpoint: delete
+    what it wrote and move the previous run back exactly as it was; returns its latest checkpoint,
+    with a warning. None when there is nothing to put back: no previous run kept, or the new run has
+    a checkpoint already, in which case the replacement is complete (finish_replacement).
+    Safe to repeat after a kill at any point of it or of the move aside (module docstring)."""
+    out = Path(out_dir)
+    kept, tmp = out / PREVIOUS_RUN, out / f"{PREVIOUS_RUN}.tmp"
+    if kept.is_dir():
+        if finish_replacement(out):
+            return None
+        clear_run(out)  # the new run's entries; it has no `latest`
+        os.replace(kept, tmp)
+        _fsync(out)
+    if not tmp.is_dir():
+        return None
+    for path in sorted(tmp.iterdir()):
+        os.replace(path, out / path.name)
+        _crash_point("restoring_previous_run")
+    tmp.rmdir()
+    _fsync(out)
+    latest = latest_checkpoint(out)
+    warnings.warn(
+        f"TrainConfig.out_dir: the run replacing the one in {out} ended before its first checkpoint; "
+        f"the previous run is back in place (latest checkpoint {latest.name if latest else None})",
+        stacklevel=2,
+    )
+    return latest
+
+
+def clear_run(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete what a run wrote into out_dir (RUN_ENTRIES and LEFTOVERS); nothing else."""
+    out = Path(out_dir)
+    removed = _entries(out, RUN_ENTRIES + LEFTOVERS)
+    for path in removed:
+        _remove(path)
     return removed
 
 

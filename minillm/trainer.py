@@ -298,14 +298,23 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
 
     def _check_out_dir(self) -> Path | None:
-        resume_from = ckpt.run_to_resume(self.out_dir, self.config.resume, self.config.overwrite)
-        if resume_from:
-            return resume_from
-        if ckpt.latest_checkpoint(self.out_dir) is not None and self.is_main:
-            ckpt.clear_run(self.out_dir)
+        """Rank 0 prepares out_dir (checkpoint.prepare_run_dir); every rank gets the checkpoint to
+        resume from, or rank 0's error."""
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ckpt.prepare_run_dir(self.out_dir, resume=self.config.resume, overwrite=self.config.overwrite)
+            except Exception as err:
+                if self.world == 1:
+                    raise
+                outcome = err
         if self.world > 1:
-            dist.barrier()  # no rank looks at out_dir before rank 0 has cleared it
-        return None
+            shared = [outcome]
+            dist.broadcast_object_list(shared, src=0)  # also the barrier: no rank looks at out_dir before rank 0 is done
+            outcome = shared[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def _load_state(self, checkpoint: Path) -> None:
         state = ckpt.load_state(checkpoint)
@@ -381,7 +390,18 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        """Train to max_steps (or max_minutes, early stopping, a hook's stop); returns a summary."""
+        """Train to max_steps (or max_minutes, early stopping, a hook's stop); returns a summary.
+        A run replacing another (overwrite=True) that ends by an exception before its first
+        checkpoint puts the previous run back (checkpoint.restore_previous_run), then re-raises."""
+        try:
+            return self._fit()
+        except BaseException:
+            self.log.close()  # nothing more of this run may land in out_dir
+            if self.is_main:
+                ckpt.restore_previous_run(self.out_dir)
+            raise
+
+    def _fit(self) -> dict:
         c = self.config
         batches = self._train_batches()
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not (self.is_main and c.progress),
@@ -636,6 +656,7 @@ class Trainer:
         path = None
         if self.is_main:
             path = ckpt.save_checkpoint(self.out_dir, self.step, self.raw_model, state, self.configs, self.tokenizer)
+            ckpt.finish_replacement(self.out_dir)  # the run this one replaces, if any, is no longer needed
             if best:
                 ckpt.mark_best(self.out_dir, path)
             ckpt.prune_checkpoints(self.out_dir, self.config.keep_checkpoints)

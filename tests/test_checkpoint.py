@@ -1,6 +1,6 @@
 """Checkpoints: SIGKILL mid-save, tied weights, weights_only state, loading, pretrained
 initialisation across tasks, and the errors for a missing checkpoint, a truncated or corrupt file,
-another architecture and another vocabulary."""
+another architecture and another vocabulary. The run directory around them: tests/test_run_dir.py."""
 
 from __future__ import annotations
 
@@ -81,6 +81,11 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, point):
     for name, value in model.state_dict().items():
         assert torch.equal(value, expected[name]), name
     assert tokenizer is None and configs["task"] == "causal-lm"
+    # The next run, resumed or not, starts by deleting what the killed save left behind.
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".latest"))]
+    assert leftovers == {"after_weights": [".tmp-step_000002"], "before_rename": [".tmp-step_000002"]}.get(point, [])
+    assert ckpt.prepare_run_dir(out, resume=True, overwrite=False) == out / "step_000001"
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".latest"))]
     # The run can go on: the next save replaces whatever the killed one left behind.
     fresh = model_for()
     path = save(out, 2, fresh)
