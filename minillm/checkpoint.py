@@ -1,4 +1,5 @@
-"""Checkpoints: atomic save, exact resume state, and loading a model back for use.
+"""Checkpoints: atomic save, exact resume state, a run directory that a new run replaces safely,
+and loading a model back for use.
 
 A run directory looks like this:
 
@@ -11,38 +12,79 @@ A run directory looks like this:
         step_000200/
         latest                  text file naming the last complete checkpoint ("step_000200")
         best -> step_000100     symlink to the checkpoint with the best early-stopping metric
-        metrics.jsonl, metrics.csv, metrics.png
+        metrics.jsonl, metrics.csv, metrics.png, tensorboard/
+        config.toml             the configs the command line resolved
+        probe/                  LP-FT's probe stage (minillm finetune), itself a run directory
+        .previous-run/          only while an overwrite=True run has no checkpoint yet: the run it replaces
 
 Atomicity. A checkpoint is written into ``.tmp-step_000200/`` in the same directory, every file
 fsync'ed, then renamed to ``step_000200/`` (a rename within one filesystem is atomic), then
 ``latest`` is replaced atomically (temporary file, fsync, ``os.replace``) and ``best`` likewise (a
 temporary symlink renamed over the old one). A process killed at any point leaves ``latest``
-naming a complete checkpoint: either the previous one or the new one.
+naming a complete checkpoint: either the previous one or the new one. A save that fails (full
+disk, read-only filesystem) deletes what it wrote and raises RunDirError, an OSError naming the
+checkpoint and the previous one, which is intact. Each file is serialised in memory and written
+with Python's file I/O, because safetensors and torch.save report a failed write as their own
+exceptions (torch.save without the OS error): saving costs one in-memory copy of a file.
+
+Starting a run (prepare_run_dir). out_dir is checked (a directory, or creatable, and writable),
+and what a killed save left (``.tmp-step_*``, ``.latest.tmp``, ``.best.tmp``) is deleted. A run
+that replaces another (overwrite=True) does not delete it: it moves the previous run's entries
+(RUN_ENTRIES) into ``.previous-run/`` and deletes that once ``latest`` names a checkpoint of its own
+(finish_replacement, after every save). A run that ends before its first checkpoint deletes its
+own entries and moves the previous ones back, byte for byte (restore_previous_run). A run's
+``probe/`` stage is trained after its directory is prepared, so a ``probe/`` found there belongs to
+the previous run.
+
+Moving several entries is not atomic, so the moves follow two rules that make a SIGKILL at any
+point recoverable; the next prepare_run_dir applies them before anything else:
+
+* ``.previous-run.tmp/`` means "move these back": entries go in through it (renamed to
+  ``.previous-run/`` once all are in, before the new run writes anything) and come back out of it
+  (``.previous-run/`` is renamed to it once the new run's entries are deleted). Either way none of
+  the new run's entries can be in the way.
+* ``.previous-run/`` next to a ``latest`` means the new run has a complete checkpoint: the previous
+  run is deleted. Without one, the new run ended before its first checkpoint: its entries are
+  deleted (a kill midway leaves this same state), then ``.previous-run/`` is renamed to
+  ``.previous-run.tmp/`` and emptied by the first rule, with a warning.
 
 Only tensors, numbers, strings, lists, tuples and dicts go into state.pt, so it loads with
-``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code.
+``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code. A checkpoint file
+that does not decode (cut short, overwritten) is a ValueError naming the file, from every loader.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import json
 import os
 import random
 import shutil
 import signal
+import tempfile
+import warnings
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 
 from minillm.config import ModelConfig
 from minillm.tasks import build_model
 
 WEIGHTS, STATE, CONFIG, TOKENIZER = "model.safetensors", "state.pt", "config.json", "tokenizer.model"
 LATEST, BEST = "latest", "best"
+PROBE = "probe"  # LP-FT's probe stage (minillm finetune): a run directory inside the run's
+# What a run writes into out_dir: moved aside together when an overwrite=True run replaces it.
+RUN_ENTRIES = ("step_*", LATEST, BEST, "metrics.*", "tensorboard", "config.toml", PROBE)
+# What a process killed while saving leaves behind; deleted when the next run starts.
+LEFTOVERS = (".tmp-step_*", f".{LATEST}.tmp", f".{BEST}.tmp")
+PREVIOUS_RUN = ".previous-run"
 # ModelConfig fields that change how a model runs but not which weights it has.
 RUNTIME_FIELDS = ("attn_backend", "norm_backend", "embed_dropout", "attn_dropout", "resid_dropout", "init_std")
 # Fields of a task's head, which a new task replaces: pretrained weights load whatever they are.
@@ -51,6 +93,15 @@ HEAD_FIELDS = ("num_labels", "classifier_pooling")
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+class RunDirError(OSError):
+    """out_dir cannot hold a run, or a checkpoint could not be written into it. str(err) is one
+    line naming the path, what happened and what is intact; err.errno is the OS error's."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
 
 
 # =============================================================================================
@@ -92,6 +143,18 @@ def _point_symlink(directory: Path, name: str, target: str) -> None:
     _fsync(directory)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _entries(directory: Path, patterns: tuple[str, ...]) -> list[Path]:
+    """The entries of `directory` whose names match a pattern (dangling symlinks and hidden names too)."""
+    return sorted(p for p in directory.iterdir() if any(fnmatchcase(p.name, pattern) for pattern in patterns))
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The checkpoint ``out_dir/latest`` names, or None when the run has none yet."""
     pointer = Path(out_dir) / LATEST
@@ -101,6 +164,11 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     if not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"checkpoint: {pointer} names {path}, which holds no {WEIGHTS}")
     return path
+
+
+def _in_use(out: Path) -> set[Path]:
+    """The checkpoints `latest` and `best` name (resolved): never replaced or deleted."""
+    return {p.resolve() for p in (latest_checkpoint(out), out / BEST) if p is not None and p.exists()}
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -160,9 +228,10 @@ def save_checkpoint(
     state: what resuming needs (optimizer, RNG, data position...), tensors and plain values only.
     configs: saved as config.json; dataclasses and objects with ``to_dict`` are converted.
     Refuses to save non-finite weights: a checkpoint must always be a good one to go back to.
+    A failed write (OSError: full disk, read-only filesystem...) deletes what it wrote and raises
+    RunDirError naming the checkpoint, the OS error and the previous checkpoint, which is intact.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     tensors, ties = _weights_for_saving(model)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -170,32 +239,53 @@ def save_checkpoint(
         raise FloatingPointError(f"save_checkpoint: refusing to save non-finite weights at step {step}: {bad[:5]}")
 
     final, tmp = out / name, out / f".tmp-{name}"
-    if tmp.exists():  # left over from a process killed mid-save
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "ties": json.dumps(ties)})
-    _crash_point("after_weights")
-    torch.save(state, tmp / STATE)
-    config_dict = {key: _as_plain(value) for key, value in configs.items()}
-    (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    for file in tmp.iterdir():
-        _fsync(file)
-    _fsync(tmp)
-    _crash_point("before_rename")
-    if final.exists():
-        # Only a checkpoint no pointer names can be here: one whose rename finished just before a
-        # crash, before `latest` was updated. Replacing it is safe.
-        pointed = {p.resolve() for p in (latest_checkpoint(out), (out / BEST)) if p is not None and p.exists()}
-        if final.resolve() in pointed:
-            raise FileExistsError(f"save_checkpoint: {final} already exists and is in use")
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(out)
-    _crash_point("before_latest")
-    _write_pointer(out, LATEST, name)
+    # Only a checkpoint no pointer names may be replaced: one whose rename finished just before a
+    # crash, before `latest` was updated.
+    if final.exists() and final.resolve() in _in_use(out):
+        raise FileExistsError(f"save_checkpoint: {final} already exists and is in use")
+    previous = latest_checkpoint(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over from a process killed mid-save
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        metadata = {"format": "pt", "ties": json.dumps(ties)}
+        (tmp / WEIGHTS).write_bytes(safetensors.torch.save(tensors, metadata=metadata))
+        _crash_point("after_weights")
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        (tmp / STATE).write_bytes(buffer.getbuffer())
+        config_dict = {key: _as_plain(value) for key, value in configs.items()}
+        (tmp / CONFIG).write_text(json.dumps(config_dict, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        _crash_point("before_rename")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(out)
+        _crash_point("before_latest")
+        _write_pointer(out, LATEST, name)
+    except OSError as err:
+        _discard_failed_save(out, tmp, final)
+        intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint was saved"
+        raise RunDirError(f"checkpoint: could not write {final} ({err}); {intact}", err.errno) from None
     return final
+
+
+def _discard_failed_save(out: Path, tmp: Path, final: Path) -> None:
+    """Delete what a failed save wrote, as far as the filesystem still allows (prepare_run_dir
+    deletes the rest when the next run starts)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (out / f".{LATEST}.tmp").unlink(missing_ok=True)
+        if final.exists() and final.resolve() not in _in_use(out):  # renamed, but `latest` never named it
+            shutil.rmtree(final)
+    except OSError:
+        pass
 
 
 def mark_best(out_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
@@ -205,6 +295,7 @@ def mark_best(out_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> None
 
 def run_to_resume(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> Path | None:
     """The checkpoint a run in out_dir continues from (resume=True), or None for a fresh run.
+    Only looks: prepare_run_dir is what a run calls before it starts.
 
     Errors (before any work is done): resume=True with nothing to resume; a fresh run into an
     out_dir that already holds one, unless overwrite=True (a finished run is never replaced by
@@ -224,18 +315,103 @@ def run_to_resume(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> 
     return None
 
 
-def clear_run(out_dir: str | os.PathLike) -> list[Path]:
-    """Delete what a run wrote into out_dir (checkpoints, pointers, metrics, plot); nothing else."""
+def prepare_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> Path | None:
+    """Make out_dir ready for a run; returns the checkpoint to resume (resume=True) or None.
+
+    1. RunDirError when out_dir is a file, is under a file, or cannot be created or written into.
+    2. A replacement that a killed process left half-done is settled (restore_previous_run).
+    3. What a killed save left (LEFTOVERS) is deleted.
+    4. resume=True: the latest checkpoint, FileNotFoundError when there is none. A fresh run into an
+       out_dir holding one: FileExistsError, unless overwrite=True; then the previous run's entries
+       move into .previous-run/, until the new run's first checkpoint (finish_replacement) or its
+       failure (restore_previous_run).
+    """
     out = Path(out_dir)
-    patterns = ("step_*", ".tmp-step_*", LATEST, BEST, ".latest.tmp", ".best.tmp", "metrics.*", "tensorboard")
-    removed = []
-    for pattern in patterns:
-        for path in out.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-            removed.append(path)
+    _check_writable(out)
+    restore_previous_run(out)
+    for path in _entries(out, LEFTOVERS):
+        _remove(path)
+    resume_from = run_to_resume(out, resume, overwrite)
+    if resume_from is None and latest_checkpoint(out) is not None:  # overwrite=True: run_to_resume let it through
+        _keep_previous_run(out)
+    return resume_from
+
+
+def _check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"TrainConfig.out_dir: {out} is a file, not a directory", errno.ENOTDIR)
+    if not out.exists():
+        above = next((p for p in out.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise RunDirError(f"TrainConfig.out_dir: {out} is under {above}, which is a file, not a directory",
+                              errno.ENOTDIR)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # a file created and removed: can this run write here?
+    except OSError as err:
+        raise RunDirError(f"TrainConfig.out_dir: cannot write into {out} ({err.strerror})", err.errno) from None
+
+
+def _keep_previous_run(out: Path) -> None:
+    """Move the run in out_dir (its RUN_ENTRIES) into .previous-run/, through .previous-run.tmp/."""
+    tmp = out / f"{PREVIOUS_RUN}.tmp"
+    tmp.mkdir()
+    for path in _entries(out, RUN_ENTRIES):
+        os.replace(path, tmp / path.name)
+        _crash_point("keeping_previous_run")
+    _fsync(tmp)
+    os.replace(tmp, out / PREVIOUS_RUN)
+    _fsync(out)
+
+
+def finish_replacement(out_dir: str | os.PathLike) -> bool:
+    """After a save: once `latest` names a checkpoint of the new run, delete the previous run it
+    replaces (kept in .previous-run/). True when there was one; otherwise a cheap no-op."""
+    out = Path(out_dir)
+    kept = out / PREVIOUS_RUN
+    if not (kept.is_dir() and (out / LATEST).is_file()):
+        return False
+    shutil.rmtree(kept)
+    _fsync(out)
+    return True
+
+
+def restore_previous_run(out_dir: str | os.PathLike) -> Path | None:
+    """A run that replaces another has ended (or was killed) before its first checkpoint: delete
+    what it wrote and move the previous run back exactly as it was; returns its latest checkpoint,
+    with a warning. None when there is nothing to put back: no previous run kept, or the new run has
+    a checkpoint already, in which case the replacement is complete (finish_replacement).
+    Safe to repeat after a kill at any point of it or of the move aside (module docstring)."""
+    out = Path(out_dir)
+    kept, tmp = out / PREVIOUS_RUN, out / f"{PREVIOUS_RUN}.tmp"
+    if kept.is_dir():
+        if finish_replacement(out):
+            return None
+        clear_run(out)  # the new run's entries; it has no `latest`
+        os.replace(kept, tmp)
+        _fsync(out)
+    if not tmp.is_dir():
+        return None
+    for path in sorted(tmp.iterdir()):
+        os.replace(path, out / path.name)
+        _crash_point("restoring_previous_run")
+    tmp.rmdir()
+    _fsync(out)
+    latest = latest_checkpoint(out)
+    warnings.warn(
+        f"TrainConfig.out_dir: the run replacing the one in {out} ended before its first checkpoint; "
+        f"the previous run is back in place (latest checkpoint {latest.name if latest else None})",
+        stacklevel=2,
+    )
+    return latest
+
+
+def clear_run(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete what a run wrote into out_dir (RUN_ENTRIES and LEFTOVERS); nothing else."""
+    out = Path(out_dir)
+    removed = _entries(out, RUN_ENTRIES + LEFTOVERS)
+    for path in removed:
+        _remove(path)
     return removed
 
 
@@ -245,7 +421,7 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
     steps = sorted(p for p in out.glob("step_*") if p.is_dir())
     if keep == 0 or len(steps) <= keep:
         return []
-    protected = {p.resolve() for p in (latest_checkpoint(out), out / BEST) if p is not None and p.exists()}
+    protected = _in_use(out)
     removed = []
     for path in steps[:-keep]:
         if path.resolve() not in protected:
@@ -288,10 +464,31 @@ def set_rng_state(state: dict) -> None:
 # =============================================================================================
 
 
+def _decode(path: Path, load):
+    """load(path) for a checkpoint file. A file that is there but does not decode (cut short by a
+    full disk or a copy, overwritten) is a ValueError naming it: each format fails its own way
+    (SafetensorError; RuntimeError, OSError or EOFError from torch's zip reader; UnpicklingError;
+    JSONDecodeError)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: {path} is missing")
+    try:
+        return load(path)
+    except Exception as err:
+        cause = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]  # the first sentence
+        raise ValueError(f"checkpoint: {path} is truncated or corrupt ({type(err).__name__}: {cause})") from None
+
+
+def _read_json(path: Path) -> dict:
+    values = _decode(path, lambda p: json.loads(p.read_text()))
+    if not isinstance(values, dict):
+        raise ValueError(f"checkpoint: {path} holds a JSON {type(values).__name__}, not an object")
+    return values
+
+
 def read_configs(path: str | os.PathLike) -> dict:
     """The config.json of a checkpoint (or of a run's latest checkpoint)."""
     checkpoint = resolve_checkpoint(path)
-    return json.loads((checkpoint / CONFIG).read_text())
+    return _read_json(checkpoint / CONFIG)
 
 
 def saved_architecture(path: str | os.PathLike, config: ModelConfig) -> ModelConfig:
@@ -304,7 +501,7 @@ def saved_architecture(path: str | os.PathLike, config: ModelConfig) -> ModelCon
 def load_state(path: str | os.PathLike) -> dict:
     """state.pt of a checkpoint, loaded with weights_only=True."""
     checkpoint = resolve_checkpoint(path)
-    return torch.load(checkpoint / STATE, map_location="cpu", weights_only=True)
+    return _decode(checkpoint / STATE, lambda p: torch.load(p, map_location="cpu", weights_only=True))
 
 
 def _resolved(values: dict) -> dict:
@@ -339,21 +536,23 @@ def check_vocab(model_config: ModelConfig, tokenizer, where: str) -> None:
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All weights of a checkpoint, with the tied aliases filled in again."""
     checkpoint = resolve_checkpoint(path)
-    from safetensors import safe_open
-
-    with safe_open(checkpoint / WEIGHTS, framework="pt") as f:
-        ties = json.loads((f.metadata() or {}).get("ties", "{}"))
-    tensors = load_file(checkpoint / WEIGHTS)
+    tensors, ties = _decode(checkpoint / WEIGHTS, _tensors_and_ties)
     for alias, target in ties.items():
         tensors[alias] = tensors[target]
     return tensors
+
+
+def _tensors_and_ties(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(path, framework="pt") as f:
+        ties = json.loads((f.metadata() or {}).get("ties", "{}"))
+        return {name: f.get_tensor(name) for name in f.keys()}, ties
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     """Load a checkpoint's weights into `model` (same architecture, same task); returns the
     checkpoint directory. ValueError naming the fields when the architecture differs."""
     checkpoint = resolve_checkpoint(path)
-    saved = json.loads((checkpoint / CONFIG).read_text()).get("model", {})
+    saved = _read_json(checkpoint / CONFIG).get("model", {})
     mismatch = architecture_mismatch(saved, model.config)
     if mismatch:
         raise ValueError(f"load_weights: {checkpoint} is a different architecture: " + "; ".join(mismatch))
@@ -380,7 +579,7 @@ def _is_hf_directory(path: Path) -> bool:
     config = path / "config.json"
     if not (path.is_dir() and config.is_file()):
         return False
-    values = json.loads(config.read_text())
+    values = _read_json(config)
     return "model_type" in values and "task" not in values
 
 
@@ -409,7 +608,7 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
         return model, {"task": task, "model": model.config.to_dict(), "source": str(path)}, None
 
     checkpoint = resolve_checkpoint(path)
-    configs = json.loads((checkpoint / CONFIG).read_text())
+    configs = _read_json(checkpoint / CONFIG)
     try:
         model_config = ModelConfig.from_dict({**configs["model"], **runtime})
         task = configs["task"]
@@ -458,7 +657,7 @@ def init_from(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict
         saved_config, tensors, saved_tokenizer = source.config.to_dict(), dict(source.state_dict()), None
     else:
         checkpoint = resolve_checkpoint(path)
-        configs = json.loads((checkpoint / CONFIG).read_text())
+        configs = _read_json(checkpoint / CONFIG)
         saved_config, tensors = configs.get("model", {}), read_weights(checkpoint)
         if any(".lora_A" in name for name in tensors):  # a LoRA fine-tune: start from its merged weights
             tensors = dict(load_model(checkpoint)[0].state_dict())

@@ -27,9 +27,10 @@ on rank 0 only) and may set ``trainer.should_stop = True``.
 Run directory. ``out_dir`` gets the resolved ``config.toml``, checkpoints, ``metrics.jsonl``/``.csv``
 and ``metrics.png``. An out_dir that already holds a run is an error unless ``resume=True``
 (continue exactly where it stopped: the saved config is compared with this one, see
-``TrainConfig.resume``) or ``overwrite=True`` (start afresh). A non-finite loss or gradient stops
-training with a FloatingPointError naming the last good checkpoint; no checkpoint is ever
-written from non-finite weights.
+``TrainConfig.resume``) or ``overwrite=True`` (start afresh: the previous run is kept aside until
+this one's first checkpoint is written, and put back if this one fails before that). A non-finite
+loss or gradient stops training with a FloatingPointError naming the last good checkpoint; no
+checkpoint is ever written from non-finite weights.
 
 DDP. Launched by torchrun the trainer joins the process group, wraps the model in
 DistributedDataParallel and shards the data by rank; only rank 0 writes logs and checkpoints.
@@ -99,8 +100,16 @@ class Trainer:
         self.dtype = distributed.pick_dtype(config.precision, self.device)
         ckpt.check_vocab(model.config, tokenizer, "Trainer")
         self.configs = {**(configs_to_save or {}), "task": config.task, "model": model.config, "train": config}
+        self.train_data, self.eval_data, self.collate_fn = train_data, eval_data, collate_fn
 
+        self.log = None
         resume_from = self._take_out_dir()
+        with self._previous_run_back_on_failure():
+            self._set_up(model, resume_from, before_training)
+
+    def _set_up(self, model, resume_from: Path | None, before_training) -> None:
+        """Everything after out_dir is taken: weights, fine-tuning mode, optimizer, resumed state, log."""
+        config, tokenizer = self.config, self.tokenizer
         if resume_from:
             self._check_changes(resume_from)
         else:
@@ -124,7 +133,6 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
-        self.train_data, self.eval_data, self.collate_fn = train_data, eval_data, collate_fn
         self.log = MetricsLog(self.out_dir, enabled=self.is_main, resume_step=self.step if resume_from else None)
         if self.is_main:  # the config that runs, as it runs: the same values every checkpoint saves
             config_io.save_configs({k: v for k, v in self.configs.items() if config_io.is_config(v)}, self.out_dir)
@@ -133,14 +141,37 @@ class Trainer:
     # ------------------------------------------------------------------ run directory and resume
 
     def _take_out_dir(self) -> Path | None:
-        """The checkpoint to resume from, or None after making out_dir ready for a fresh run."""
-        resume_from = ckpt.run_to_resume(self.out_dir, self.config.resume, self.config.overwrite)
-        if resume_from:
-            return resume_from
-        if ckpt.latest_checkpoint(self.out_dir) is not None and self.is_main:
-            ckpt.clear_run(self.out_dir)
-        distributed.barrier()  # no rank looks at out_dir before rank 0 has cleared it
-        return None
+        """Rank 0 prepares out_dir (checkpoint.prepare_run_dir: with overwrite, a previous run is
+        set aside until this one's first checkpoint); every rank gets the checkpoint to resume
+        from, or rank 0's error, so none hangs at a barrier the others never reach."""
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ckpt.prepare_run_dir(self.out_dir, resume=self.config.resume, overwrite=self.config.overwrite)
+            except Exception as err:
+                if self.world == 1:
+                    raise
+                outcome = err
+        if self.world > 1:
+            shared = [outcome]
+            torch.distributed.broadcast_object_list(shared, src=0)  # also the barrier: out_dir is ready for all
+            outcome = shared[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    @contextlib.contextmanager
+    def _previous_run_back_on_failure(self):
+        """A run that ends by an exception (Ctrl-C, a NaN stop) before its first checkpoint puts
+        back the run it was replacing (checkpoint.restore_previous_run), then re-raises."""
+        try:
+            yield
+        except BaseException:
+            if self.log is not None:
+                self.log.close()  # nothing more of this run may land in out_dir
+            if self.is_main:
+                ckpt.restore_previous_run(self.out_dir)
+            raise
 
     def _check_changes(self, checkpoint: Path) -> None:
         """Compare this run's configs with the ones the run was saved with (TrainConfig.resume)."""
@@ -200,7 +231,13 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        """Train to max_steps (or max_minutes, early stopping, a hook's stop); returns a summary."""
+        """Train to max_steps (or max_minutes, early stopping, a hook's stop); returns a summary.
+        A run replacing another (overwrite=True) that ends by an exception before its first
+        checkpoint puts the previous run back (checkpoint.restore_previous_run), then re-raises."""
+        with self._previous_run_back_on_failure():
+            return self._fit()
+
+    def _fit(self) -> dict:
         c = self.config
         batches = train_batches(self.train_data, self.collate_fn, batch_size=c.batch_size, seed=c.seed,
                                 rank=self.rank, world=self.world, start=self.micro_batches, num_workers=c.num_workers,
@@ -374,6 +411,7 @@ class Trainer:
         path = None
         if self.is_main:
             path = ckpt.save_checkpoint(self.out_dir, self.step, self.raw_model, state, self.configs, self.tokenizer)
+            ckpt.finish_replacement(self.out_dir)  # the run this one replaces, if any, is no longer needed
             if best:
                 ckpt.mark_best(self.out_dir, path)
             ckpt.prune_checkpoints(self.out_dir, self.config.keep_checkpoints)

@@ -1,6 +1,6 @@
 """Checkpoints: SIGKILL mid-save, tied weights, weights_only state, loading, pretrained
-initialisation across tasks, and the errors for a missing checkpoint, another architecture and
-another vocabulary."""
+initialisation across tasks, and the errors for a missing checkpoint, a truncated or corrupt file,
+another architecture and another vocabulary. The run directory around them: tests/test_run_dir.py."""
 
 from __future__ import annotations
 
@@ -81,6 +81,11 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, point):
     for name, value in model.state_dict().items():
         assert torch.equal(value, expected[name]), name
     assert tokenizer is None and configs["task"] == "causal-lm"
+    # The next run, resumed or not, starts by deleting what the killed save left behind.
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".latest"))]
+    assert leftovers == {"after_weights": [".tmp-step_000002"], "before_rename": [".tmp-step_000002"]}.get(point, [])
+    assert ckpt.prepare_run_dir(out, resume=True, overwrite=False) == out / "step_000001"
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".latest"))]
     # The run can go on: the next save replaces whatever the killed one left behind.
     fresh = model_for()
     path = save(out, 2, fresh)
@@ -172,6 +177,39 @@ def test_missing_checkpoint_names_the_path(tmp_path):
     (tmp_path / "broken" / "latest").write_text("step_000009\n")
     with pytest.raises(FileNotFoundError, match="names .*step_000009"):
         ckpt.load_model(tmp_path / "broken")
+
+
+# Each loader and the files it reads.
+LOADERS = {
+    "read_weights": (lambda path: ckpt.read_weights(path), [ckpt.WEIGHTS]),
+    "load_weights": (lambda path: ckpt.load_weights(model_for(), path), [ckpt.CONFIG, ckpt.WEIGHTS]),
+    "load_state": (lambda path: ckpt.load_state(path), [ckpt.STATE]),
+    "read_configs": (lambda path: ckpt.read_configs(path), [ckpt.CONFIG]),
+    "load_model": (lambda path: ckpt.load_model(path), [ckpt.CONFIG, ckpt.WEIGHTS]),
+    "init_from": (lambda path: ckpt.init_from(model_for(), path), [ckpt.CONFIG, ckpt.WEIGHTS]),
+}
+
+
+@pytest.mark.parametrize("loader, file", [(name, file) for name, (_, files) in LOADERS.items() for file in files])
+def test_a_truncated_checkpoint_file_is_named(tmp_path, loader, file):
+    """A file cut to half its bytes (a full disk, an interrupted copy) is a ValueError naming it,
+    whatever the format's own error is (SafetensorError, a zip RuntimeError, JSONDecodeError)."""
+    path = save(tmp_path / "run", 100, model_for())
+    data = (path / file).read_bytes()
+    (path / file).write_bytes(data[: len(data) // 2])
+    load, _ = LOADERS[loader]
+    with pytest.raises(ValueError, match=rf"^checkpoint: {path / file} is truncated or corrupt \(\w+: .+\)$"):
+        load(tmp_path / "run")
+
+
+def test_a_checkpoint_file_of_garbage_is_named(tmp_path):
+    path = save(tmp_path, 1, model_for())
+    (path / ckpt.STATE).write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=f"checkpoint: {path / ckpt.STATE} is truncated or corrupt"):
+        ckpt.load_state(path)
+    (path / ckpt.CONFIG).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"checkpoint: {path / ckpt.CONFIG} holds a JSON list, not an object"):
+        ckpt.load_model(path)
 
 
 def test_architecture_mismatch_names_the_fields(tmp_path):

@@ -457,9 +457,10 @@ def test_bad_runs_are_refused_clearly(tmp_path):
         Trainer(make_model(), train_config(tmp_path, "r", max_steps=1), data, collate_fn=PadCollator())
     (tmp_path / "r" / "notes.txt").write_text("mine")
     Trainer(make_model(), train_config(tmp_path, "r", max_steps=2, overwrite=True), data, collate_fn=PadCollator())
-    # the old run is gone, the user's file stays; the new run's log and TensorBoard events begin
+    # the old run is set aside until the new one's first checkpoint, the user's file stays; the new
+    # run's log and TensorBoard events begin
     left = sorted(p.name for p in (tmp_path / "r").iterdir())
-    assert left == ["config.toml", "metrics.csv", "metrics.jsonl", "notes.txt", "tensorboard"]
+    assert left == [".previous-run", "config.toml", "metrics.csv", "metrics.jsonl", "notes.txt", "tensorboard"]
     assert len(list((tmp_path / "r" / "tensorboard").iterdir())) == 1  # the new writer's events file only
     with pytest.raises(ValueError, match="TrainConfig.overwrite"):
         train_config(tmp_path, "r", resume=True, overwrite=True)
