@@ -75,7 +75,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from minillm.config import ModelConfig
-from minillm.tasks import build_model
+from minillm.tasks import build_model, upgrade_saved_configs
 
 WEIGHTS, STATE, CONFIG, TOKENIZER = "model.safetensors", "state.pt", "config.json", "tokenizer.model"
 LATEST, BEST = "latest", "best"
@@ -486,9 +486,10 @@ def _read_json(path: Path) -> dict:
 
 
 def read_configs(path: str | os.PathLike) -> dict:
-    """The config.json of a checkpoint (or of a run's latest checkpoint)."""
+    """The config.json of a checkpoint (or of a run's latest checkpoint), in today's terms when an
+    older minillm wrote it (minillm.tasks.upgrade_saved_configs)."""
     checkpoint = resolve_checkpoint(path)
-    return _read_json(checkpoint / CONFIG)
+    return upgrade_saved_configs(_read_json(checkpoint / CONFIG))
 
 
 def saved_architecture(path: str | os.PathLike, config: ModelConfig) -> ModelConfig:
@@ -574,7 +575,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     return checkpoint
 
 
-def _is_hf_directory(path: Path) -> bool:
+def is_hf_directory(path: Path) -> bool:
     """A Hugging Face model directory: its config.json has "model_type" (ours has "task")."""
     config = path / "config.json"
     if not (path.is_dir() and config.is_file()):
@@ -598,7 +599,7 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
     if bad:
         raise ValueError(f"load_model: only runtime fields {RUNTIME_FIELDS} may be overridden, got {bad}")
     path = Path(path)
-    if _is_hf_directory(path):
+    if is_hf_directory(path):
         from minillm.convert import from_hf
 
         model = from_hf(path, **runtime)
@@ -608,7 +609,7 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
         return model, {"task": task, "model": model.config.to_dict(), "source": str(path)}, None
 
     checkpoint = resolve_checkpoint(path)
-    configs = _read_json(checkpoint / CONFIG)
+    configs = read_configs(checkpoint)
     try:
         model_config = ModelConfig.from_dict({**configs["model"], **runtime})
         task = configs["task"]
@@ -652,12 +653,12 @@ def init_from(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict
     from minillm.tokenizer import Tokenizer
 
     path = Path(path)
-    if _is_hf_directory(path):
+    if is_hf_directory(path):
         source, _, _ = load_model(path)
         saved_config, tensors, saved_tokenizer = source.config.to_dict(), dict(source.state_dict()), None
     else:
         checkpoint = resolve_checkpoint(path)
-        configs = _read_json(checkpoint / CONFIG)
+        configs = read_configs(checkpoint)
         saved_config, tensors = configs.get("model", {}), read_weights(checkpoint)
         if any(".lora_A" in name for name in tensors):  # a LoRA fine-tune: start from its merged weights
             tensors = dict(load_model(checkpoint)[0].state_dict())

@@ -42,6 +42,14 @@ class UsageError(Exception):
     """A mistake in the command line: reported as one line, exit status 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors reported like every other: one line (``minillm COMMAND --help``
+    still shows the usage)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -149,7 +157,7 @@ def _at_least(low: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="minillm", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Pretrain, fine-tune, evaluate and sample small Transformers (BERT, GPT, encoder-decoder).",
         epilog="Config overrides: --model.FIELD=V, --data.FIELD=V, --train.FIELD=V (lists: a,b,c; None: none).\n"

@@ -50,7 +50,7 @@ from minillm.distributed import seed_everything
 from minillm.evaluation import evaluate as evaluate_model
 from minillm.generation import generate_text
 from minillm.model import MaskedLM
-from minillm.tasks import CORPUS_DATA_FIELDS, Task, TaskData, get_task, upgrade_saved_configs
+from minillm.tasks import CORPUS_DATA_FIELDS, Task, TaskData, get_task
 from minillm.tasks import unigram_entropy as _unigram_entropy
 from minillm.tokenizer import Tokenizer
 from minillm.train_config import TrainConfig
@@ -128,8 +128,9 @@ RECIPES = {
     ("finetune", "gpt"): Recipe(
         "finetune", "gpt", "classification", {"preset": "tiny", "classifier_pooling": "mean"},
         {**CORPUS, "train_file": "default", "seq_len": 64}, FINETUNE, from_pretrained=True),
+    # The embedded seq2seq task (docstring first lines, said backwards) unless --data.train_file says.
     ("finetune", "seq2seq"): Recipe(
-        "finetune", "seq2seq", "seq2seq", {"preset": "tiny-seq2seq"}, {**CORPUS, "seq_len": 64},
+        "finetune", "seq2seq", "seq2seq", {"preset": "tiny-seq2seq"}, {**CORPUS, "train_file": "default", "seq_len": 64},
         {**FINETUNE, "probe_steps": 0, "early_stopping_metric": "val_loss", "lr": 1e-3}, from_pretrained=True),
 }
 DEFAULT_FAMILY = {"pretrain": "gpt", "finetune": "bert"}
@@ -195,7 +196,7 @@ def configs(command: str, family: str | None, config_file: str | None, overrides
 def _saved_layer(out_dir: Path) -> config_io.Layer:
     """The config a run was saved with, as a base layer for resuming it."""
     try:
-        saved = upgrade_saved_configs(ckpt.read_configs(out_dir))
+        saved = ckpt.read_configs(out_dir)
     except FileNotFoundError:
         raise FileNotFoundError(f"TrainConfig.resume: no checkpoint to resume in {out_dir} (no '{ckpt.LATEST}' file "
                                 f"there)") from None
@@ -303,7 +304,7 @@ def _pretrained_source(train: TrainConfig) -> Path | None:
 
 def _pretrained_start(source: Path, model: ModelConfig, data: DataConfig, task: Task, sources: dict):
     """(model config, tokenizer path or None, description) when starting from pretrained weights."""
-    if ckpt._is_hf_directory(source):
+    if ckpt.is_hf_directory(source):
         from minillm.convert import config_from_hf
 
         if data.tokenizer is None:
@@ -344,7 +345,7 @@ def _refuse_unused(task: Task, data: DataConfig, train: TrainConfig, sources: di
     would not read (see resolve). Setting an unused field to its default changes nothing either
     way (``--train.probe_steps=0`` from scratch), so it passes."""
     reads = task.data_fields_read(data, tokenizer_from_corpus)
-    tokenizer_given = pretrained is not None and not ckpt._is_hf_directory(pretrained)
+    tokenizer_given = pretrained is not None and not ckpt.is_hf_directory(pretrained)
     unused_train = train.fields_without_effect()
     configs = {"model": None, "data": data, "train": train}
     for key, source in sources.items():
@@ -495,7 +496,6 @@ def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, override
     model, configs, tokenizer = ckpt.load_model(checkpoint)
     if tokenizer is None:
         raise ValueError(f"evaluate: {checkpoint} has no tokenizer.model; evaluate a minillm checkpoint")
-    configs = upgrade_saved_configs(configs)
     task = get_task(configs["task"], f"{checkpoint}: task")
     if data is None:
         if not configs.get("data"):

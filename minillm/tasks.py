@@ -52,6 +52,7 @@ from minillm.data import (
     TokenShards,
     classification_examples,
     read_seq2seq_pairs,
+    stdlib_seq2seq_task,
 )
 from minillm.metrics import IGNORE_INDEX, classification_metrics, confusion_matrix, perplexity
 from minillm.model import CausalLM, MaskedLM, Model, Seq2SeqLM, SequenceClassifier
@@ -463,7 +464,9 @@ def _supervised_files(data: DataConfig, task: str, default_ok: bool) -> None:
 
 @register
 class Seq2SeqTask(_EncoderDecoderTask):
-    """Supervised sequence to sequence on (source, target) pairs: ``text_field`` -> ``target_field``.
+    """Supervised sequence to sequence on (source, target) pairs: ``text_field`` -> ``target_field``
+    of the train/validation/test files, or (``train_file="default"``) the embedded stdlib task
+    (:func:`minillm.data.default_corpus.stdlib_seq2seq_task`).
 
     The report decodes the test split (or validation, without a test file) greedily and scores the
     outputs against the references with BLEU and chrF (sacrebleu), next to the same scores of
@@ -475,10 +478,14 @@ class Seq2SeqTask(_EncoderDecoderTask):
     data_fields = frozenset({"train_file", "validation_file", "test_file", "text_field", "target_field"})
 
     def datasets(self, data, tokenizer, model, samples):
-        _supervised_files(data, self.name, default_ok=False)
-        files = {"train": data.train_file, "validation": data.validation_file, "test": data.test_file}
-        pairs = {split: read_seq2seq_pairs(path, data.text_field, data.target_field, data.encoding_errors)
-                 for split, path in files.items() if path is not None}
+        _supervised_files(data, self.name, default_ok=True)
+        if data.train_file == "default":  # the embedded task: docstring first lines, said backwards
+            task = stdlib_seq2seq_task()
+            pairs = {"train": task.train, "validation": task.validation, "test": task.test}
+        else:
+            files = {"train": data.train_file, "validation": data.validation_file, "test": data.test_file}
+            pairs = {split: read_seq2seq_pairs(path, data.text_field, data.target_field, data.encoding_errors)
+                     for split, path in files.items() if path is not None}
         sets = {split: Seq2SeqPairDataset(p, tokenizer, data.seq_len, data.seq_len) for split, p in pairs.items()}
         summary = (f"data: {len(sets['train'])} train / {len(sets['validation'])} validation"
                    + (f" / {len(sets['test'])} test" if "test" in sets else "") + " (source, target) pairs")

@@ -43,7 +43,7 @@ def work(tmp_path_factory):
         sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
                      for _ in range(12)]
         (root / "corpus" / f"doc{d:02d}.txt").write_text(" ".join(sentences) + "\n")
-    for name, n in (("train", 120), ("dev", 40)):
+    for name, n in (("train", 120), ("dev", 40), ("test", 40)):
         rows = ["text,label"]
         for _ in range(n):
             label = rng.choice(["yes", "no"])
@@ -51,6 +51,10 @@ def work(tmp_path_factory):
             rng.shuffle(words)
             rows.append(f"{' '.join(words)},{label}")
         (root / f"{name}.csv").write_text("\n".join(rows) + "\n")
+        # (source, target) pairs: the target is the source's words in reverse order
+        pairs = [[rng.choice(WORDS) for _ in range(rng.randint(3, 6))] for _ in range(n)]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": " ".join(p), "target": " ".join(p[::-1])}) + "\n"
+                                                    for p in pairs))
     return root
 
 
@@ -419,3 +423,146 @@ def test_bench_runs_the_script_with_its_arguments(tmp_path, monkeypatch, capfd):
     assert "ARGS ['--sizes', '1,2', '--train.x=1']" in capfd.readouterr().out
     code, _, err = run("bench", "train")
     one_line_error(code, err, "benchmarks/train.py not found")
+
+
+# =============================================================================================
+# One road: the config that ran is the config saved; resume, evaluate, conflicts, the new tasks
+# =============================================================================================
+
+
+def test_the_saved_config_toml_is_the_checkpoints_config(gpt_run):
+    """config.toml holds what ran: the model's vocab_size is the tokenizer's (320), as in the
+    checkpoint, not the preset's 4096 that the command line started from."""
+    import tomllib
+
+    out_dir, _ = gpt_run
+    toml = tomllib.loads((out_dir / "config.toml").read_text())
+    saved = json.loads((out_dir / (out_dir / "latest").read_text().strip() / "config.json").read_text())
+    for section in ("model", "data", "train"):
+        as_saved = {k: None if v == "none" else v for k, v in toml[section].items()}
+        assert as_saved == saved[section], section
+    assert toml["model"]["vocab_size"] == 320
+
+
+def test_resume_starts_from_the_saved_config_and_refuses_changes(work):
+    out_dir = work / "resume"
+    first = ["pretrain", *TINY_MODEL, *data_args(work), *TINY_TRAIN, "--train.lr=1e-3", "--train.seed=3",
+             f"--train.out_dir={out_dir}"]
+    code, _, err = run(*first)
+    assert code == 0, err
+    # flags left off fall back to the run's own values, not to the defaults: a plain resume works
+    code, out, err = run("pretrain", "--train.resume=true", f"--train.out_dir={out_dir}", "--train.max_steps=6")
+    assert code == 0, err
+    assert "resume: applying train.max_steps: 4 -> 6" in err  # harmless: applied and said
+    saved = json.loads((out_dir / "step_000006" / "config.json").read_text())
+    assert saved["train"]["lr"] == 1e-3 and saved["train"]["seed"] == 3 and saved["model"]["n_layers"] == 1
+    # a change that alters the run is refused, with each difference listed
+    code, _, err = run("pretrain", "--train.resume=true", f"--train.out_dir={out_dir}", "--train.max_steps=8",
+                       "--train.lr=5e-3", "--data.seq_len=16")
+    one_line_error(code, err, "train.lr: 0.001 -> 0.005", "data.seq_len: 32 -> 16", "resume_changes=allow")
+    assert (out_dir / "latest").read_text().strip() == "step_000006"  # nothing trained
+    code, _, err = run("pretrain", "--train.resume=true", f"--train.out_dir={out_dir}", "--train.max_steps=8",
+                       "--train.lr=5e-3", "--train.resume_changes=allow")
+    assert code == 0, err
+    assert "train.lr: 0.001 -> 0.005" in err
+    assert json.loads((out_dir / "step_000008" / "config.json").read_text())["train"]["lr"] == 5e-3
+
+
+def test_evaluate_puts_data_overrides_on_top_of_the_saved_data(gpt_run, work, monkeypatch):
+    monkeypatch.chdir(work)
+    out_dir, _ = gpt_run
+    code, plain, err = run("evaluate", "--checkpoint", out_dir)
+    assert code == 0, err
+    code, same, err = run("evaluate", "--checkpoint", out_dir, "--data.seq_len=32")  # the saved value
+    assert code == 0, err
+    assert same == plain and not (work / "data").exists()  # same figures; nothing written to ./data/prepared
+    code, other, err = run("evaluate", "--checkpoint", out_dir, "--data.seq_len=16")
+    assert code == 0 and other != plain, err
+    code, _, err = run("evaluate", "--checkpoint", out_dir, "--data.mlm_probability=0.3")
+    one_line_error(code, err, "data.mlm_probability", "task 'causal-lm' does not read it")
+    code, _, err = run("evaluate", "--checkpoint", out_dir, "--max-batches", "-1")
+    one_line_error(code, err, "minillm evaluate: argument --max-batches: expected an integer >= 0, got '-1'")
+
+
+def test_finetune_a_gpt_classifier_from_a_pretrained_gpt_and_from_scratch(work, gpt_run):
+    """A GPT body has no segment embeddings: it trains and evaluates on batches without segment ids."""
+    task = [f"--data.train_file={work / 'train.csv'}", f"--data.validation_file={work / 'dev.csv'}", "--data.seq_len=32"]
+    code, out, err = run("finetune", "--model", "gpt", f"--train.init_from={gpt_run[0]}", *task, *TINY_TRAIN,
+                         f"--train.out_dir={work / 'gpt-clf'}")
+    assert code == 0, err
+    assert "model: SequenceClassifier (decoder)" in out and "validation accuracy" in out and "majority-class" in out
+    code, out, err = run("evaluate", "--checkpoint", work / "gpt-clf")
+    assert code == 0 and "(classification), validation split" in out, err
+    # from scratch, with a test file: the report is the test split's, and evaluate reads it too
+    tokenizer = gpt_run[0] / (gpt_run[0] / "latest").read_text().strip() / "tokenizer.model"
+    code, out, err = run("finetune", "--model", "gpt", "--train.init_from=none", *TINY_MODEL,
+                         f"--data.tokenizer={tokenizer}", *task, f"--data.test_file={work / 'test.csv'}", *TINY_TRAIN,
+                         f"--train.out_dir={work / 'gpt-scratch'}")
+    assert code == 0, err
+    assert "start: scratch" in out and "test accuracy" in out and "no data.test_file" not in out
+    code, out, err = run("evaluate", "--checkpoint", work / "gpt-scratch")
+    assert code == 0 and "(classification), test split" in out, err
+
+
+def test_finetune_seq2seq_on_pairs_reports_bleu_and_chrf_against_copying(work):
+    pairs = [f"--data.train_file={work / 'train.jsonl'}", f"--data.validation_file={work / 'dev.jsonl'}",
+             f"--data.test_file={work / 'test.jsonl'}"]
+    code, out, err = run("finetune", "--model", "seq2seq", *TINY_MODEL, *data_args(work), *pairs, *TINY_TRAIN,
+                         f"--train.out_dir={work / 'pairs'}")
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("test BLEU"))
+    assert "chrF" in line and "vs copying the source: BLEU" in line
+    assert "(reference" in out  # examples: source -> output (reference)
+    code, out, err = run("evaluate", "--checkpoint", work / "pairs")
+    assert code == 0 and "(seq2seq), test split" in out, err
+    # pretraining reads the corpus, not pairs: a pairs file there would be ignored, so it is refused
+    code, _, err = run("pretrain", "--model", "seq2seq", *TINY_MODEL, *data_args(work), *pairs[:1], *TINY_TRAIN,
+                       f"--train.out_dir={work / 'not-pairs'}")
+    one_line_error(code, err, "data.train_file (set by --data.train_file) would have no effect",
+                   "task 'span-corruption' does not read it")
+
+
+def test_generate_separates_an_encoder_decoders_output_and_says_when_the_window_slid(work, gpt_run):
+    code, out, err = run("generate", "--checkpoint", gpt_run[0], "--prompt", " ".join(["the module"] * 40),
+                         "--max-new-tokens", 40, "--greedy")
+    assert code == 0, err
+    assert "note: window slid" in err or "note: prompt cropped" in err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["pretrain", "--model", "bert", "--config", "CONFIGS/tiny-gpt-cpu.toml"],
+     ["--model bert", "trains task 'mlm-nsp'", "tiny-gpt-cpu.toml sets train.task = 'causal-lm'"]),
+    (["pretrain", "--model", "gpt", "--model.preset=tiny-bert"], ["--model gpt", "arch 'decoder'", "'encoder'"]),
+    (["pretrain", "--data.objective=seq2seq"], ["--data.objective", "unknown key in [data]"]),
+    (["pretrain", "--data.mlm_probability=0.3"], ["data.mlm_probability (set by --data.mlm_probability)",
+                                                  "task 'causal-lm' does not read it"]),
+    (["pretrain", "--train.lora_rank=4"], ["train.lora_rank", "finetune_mode is not 'lora'"]),
+    (["pretrain", "--model.vocab_size=100"], ["model.vocab_size", "the tokenizer's"]),
+    (["finetune", "--train.init_from=none", "--train.probe_steps=10"], ["train.probe_steps", "init_from is none"]),
+    (["pretrain", "--train.task=classification"], ["TrainConfig.task", "use finetune()"]),
+])
+def test_conflicting_or_ignored_settings_are_refused(argv, needles, tmp_path, monkeypatch):
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    monkeypatch.chdir(tmp_path)
+    quick = ["--data.prepared_dir=prep", "--train.max_steps=1", "--train.warmup_steps=0", "--train.progress=false"]
+    code, _, err = run(*[a.replace("CONFIGS", configs) for a in argv], *quick)  # quick, should any of them run
+    one_line_error(code, err, *needles)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_out_dir_that_cannot_hold_a_run_is_one_line(work, where, tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    out_dir = tmp_path / "taken" if where == "a file" else tmp_path / "taken" / "run"
+    code, _, err = run("pretrain", *TINY_MODEL, *data_args(work), *TINY_TRAIN, f"--train.out_dir={out_dir}")
+    one_line_error(code, err, "TrainConfig.out_dir", str(tmp_path / "taken"))
+
+
+def test_a_one_class_training_file_is_refused_before_training(work, bert_run, tmp_path):
+    (tmp_path / "one.csv").write_text("text,label\nthe module,yes\na file,yes\n")
+    (tmp_path / "dev.csv").write_text("text,label\nthe file,yes\n")  # one class is fine in a held-out file
+    code, out, err = run("finetune", f"--train.init_from={bert_run[0]}", f"--data.train_file={tmp_path / 'one.csv'}",
+                         f"--data.validation_file={tmp_path / 'dev.csv'}", "--data.seq_len=32", *TINY_TRAIN,
+                         f"--train.out_dir={tmp_path / 'run'}")
+    one_line_error(code, err, "one.csv", "at least 2 classes")
+    assert not (tmp_path / "run").exists()

@@ -81,3 +81,22 @@ def test_finetune_data_takes_stdlib_classes_from_the_config(built, tmp_path, mon
     splits = get_task("classification").datasets(data, tokenizer, preset("tiny-bert"), samples=0)
     assert splits.labels == stdlib_classification_task(n_classes=3, cache_dir=cache).labels
     assert len(splits.labels) == 4 and splits.labels[-1] == "other"
+
+
+def test_seq2seq_task_says_first_lines_backwards(built):
+    from minillm.data.default_corpus import stdlib_seq2seq_task
+
+    cache, _ = built
+    task = stdlib_seq2seq_task(cache_dir=cache)
+    splits = {"train": task.train, "validation": task.validation, "test": task.test}
+    assert len(task.train) > 1000 and len(task.validation) > 100 and len(task.test) > 100
+    for pairs in splits.values():
+        for source, target in pairs:
+            assert target.split() == source.split()[::-1] and 3 <= len(source.split()) <= 10
+    sources = [{s for s, _ in pairs} for pairs in splits.values()]
+    assert not (sources[0] & sources[1]) and not (sources[0] & sources[2]) and not (sources[1] & sources[2])
+    first_lines = {d.splitlines()[0].strip() for r in default_corpus_documents(cache) for d in r.text.split("\n\n")}
+    assert task.test[0][0] in {" ".join(line.split()) for line in first_lines}
+    assert stdlib_seq2seq_task(cache_dir=cache) == task  # deterministic
+    with pytest.raises(ValueError, match="min_words <= max_words"):
+        stdlib_seq2seq_task(cache_dir=cache, min_words=5, max_words=4)

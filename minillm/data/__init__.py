@@ -18,7 +18,7 @@ Read in this order:
 
 =====================  ===============================================================
 ``corpus``             readers (text files/dirs/globs, JSONL field, CSV/TSV column) -> Document
-``default_corpus``     the embedded stdlib corpus and the stdlib-package classification task
+``default_corpus``     the embedded stdlib corpus and the tasks made of it (classification, seq2seq)
 ``minillm.tokenizer``  sentencepiece training/loading, fixed special ids
 ``prepare``            corpus -> memory-mapped token shards + manifest (atomic, cached)
 ``word_cache``         the exact per-word encoding cache that makes prepare fast
@@ -56,7 +56,12 @@ from minillm.data.classification import (
 from minillm.data.collate import IGNORE_INDEX
 from minillm.data.config import DataConfig
 from minillm.data.corpus import Corpus, Document
-from minillm.data.default_corpus import build_default_corpus, default_corpus_documents, stdlib_classification_task
+from minillm.data.default_corpus import (
+    build_default_corpus,
+    default_corpus_documents,
+    stdlib_classification_task,
+    stdlib_seq2seq_task,
+)
 from minillm.data.mlm import MLMCollator, MLMDataset
 from minillm.data.nsp import NSPCollator, NSPDataset
 from minillm.data.pipeline import classification_examples
@@ -74,7 +79,7 @@ __all__ = [
     "CausalLMCollator", "CausalLMDataset", "GLUE_TASKS", "ClassificationCollator", "ClassificationDataset",
     "ClassificationExamples", "LabelMap", "examples_from_pairs", "read_classification", "read_glue", "sample_examples",
     "IGNORE_INDEX", "DataConfig", "Corpus", "Document", "build_default_corpus", "default_corpus_documents",
-    "stdlib_classification_task", "MLMCollator", "MLMDataset", "NSPCollator", "NSPDataset", "PrepareResult",
+    "stdlib_classification_task", "stdlib_seq2seq_task", "MLMCollator", "MLMDataset", "NSPCollator", "NSPDataset", "PrepareResult",
     "prepare_from_config", "classification_examples", "Seq2SeqCollator",
     "Seq2SeqPairDataset", "SpanCorruptionDataset", "read_seq2seq_pairs", "span_corruption", "TokenShards",
 ]
