@@ -13,7 +13,7 @@ A run directory looks like this:
         latest                  text file naming the last complete checkpoint ("step_000200")
         best -> step_000100     symlink to the checkpoint with the best early-stopping metric
         metrics.jsonl, metrics.csv, metrics.png, tensorboard/
-        config.toml             the configs the command line resolved
+        config.toml             the run's resolved configs: what every checkpoint's config.json holds
         probe/                  LP-FT's probe stage (minillm finetune), itself a run directory
         .previous-run/          only while an overwrite=True run has no checkpoint yet: the run it replaces
 
@@ -75,7 +75,9 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from minillm.config import ModelConfig
+from minillm.distributed import seed_everything
 from minillm.tasks import build_model, upgrade_saved_configs
+from minillm.train_config import resume_differences
 
 WEIGHTS, STATE, CONFIG, TOKENIZER = "model.safetensors", "state.pt", "config.json", "tokenizer.model"
 LATEST, BEST = "latest", "best"
@@ -457,6 +459,84 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# =============================================================================================
+# A training run: taking its directory, and the state that resumes it exactly
+# =============================================================================================
+
+
+def take_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool, rank: int, world: int) -> Path | None:
+    """prepare_run_dir for a run of ``world`` processes: rank 0 prepares out_dir; every rank gets
+    the checkpoint to resume from (None for a fresh run), or rank 0's error, so that no rank waits
+    at a barrier the others never reach."""
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = prepare_run_dir(out_dir, resume=resume, overwrite=overwrite)
+        except Exception as err:
+            if world == 1:
+                raise
+            outcome = err
+    if world > 1:
+        shared = [outcome]
+        torch.distributed.broadcast_object_list(shared, src=0)  # also the barrier: out_dir is ready for all
+        outcome = shared[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def check_resume_changes(checkpoint: Path, configs: dict, *, allow: bool, say: bool = True) -> None:
+    """A resumed run's configs against those it was saved with (TrainConfig.resume): a change that
+    alters what it learns is a ValueError listing each one unless ``allow``; what is applied is said."""
+    harmless, refused = resume_differences(read_configs(checkpoint), configs)
+    if refused and not allow:
+        raise ValueError(
+            f"TrainConfig.resume: these settings differ from the run saved in {checkpoint} and change what it "
+            f"learns: {'; '.join(refused)}. Drop them to continue the run as it was, or pass "
+            f"resume_changes='allow' (--train.resume_changes=allow) to apply them"
+        )
+    if (harmless or refused) and say:
+        warnings.warn(f"resume: applying {'; '.join(harmless + refused)}", stacklevel=3)
+
+
+def training_state(trainer) -> dict:
+    """What resuming a Trainer needs besides the weights: optimizer and scaler state, its counters,
+    the data position and every rank's RNG state (a collective under DDP: each rank calls it)."""
+    rngs = [rng_state()]
+    if trainer.world > 1:
+        rngs = [None] * trainer.world
+        torch.distributed.all_gather_object(rngs, rng_state())
+    return {
+        "step": trainer.step, "tokens_seen": trainer.tokens_seen,
+        "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": rngs,
+        "best_value": trainer.best_value, "best_step": trainer.best_step, "evals_since_best": trainer.evals_since_best,
+        "data": {"micro_batches": trainer.micro_batches, "world": trainer.world, "batch_size": trainer.config.batch_size},
+    }
+
+
+def restore_training_state(trainer, checkpoint: Path) -> None:
+    """Put a Trainer back where ``checkpoint`` left it (the inverse of training_state)."""
+    state = load_state(checkpoint)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
+    trainer.micro_batches = state["data"]["micro_batches"]
+    trainer.best_value, trainer.best_step = state["best_value"], state["best_step"]
+    trainer.evals_since_best = state["evals_since_best"]
+    trainer.last_saved_step = trainer.step
+    saved = state["data"]
+    if saved["world"] != trainer.world or saved["batch_size"] != trainer.config.batch_size:
+        warnings.warn(
+            f"resume: the run was saved with world={saved['world']}, batch_size={saved['batch_size']}; now "
+            f"world={trainer.world}, batch_size={trainer.config.batch_size}: batches will differ from an uninterrupted run"
+        )
+    rngs = state["rng"]
+    if len(rngs) == trainer.world:
+        set_rng_state(rngs[trainer.rank])
+    else:  # another number of processes: a fresh, reproducible draw per rank
+        seed_everything(trainer.config.seed + trainer.rank + trainer.step)
 
 
 # =============================================================================================

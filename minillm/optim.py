@@ -100,3 +100,15 @@ def apply_lr(optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
+
+
+def schedule_cut(config: TrainConfig, step: int, lr: float) -> str | None:
+    """What to say when max_minutes ends a run at ``step``, before max_steps: the schedule's
+    horizon is max_steps, so the learning rate (``lr`` at the last step) never finished its decay;
+    and what max_steps fits the budget. None when nothing was left undecayed."""
+    if config.schedule == "constant" or step >= config.max_steps:
+        return None
+    return (f"TrainConfig.max_minutes={config.max_minutes:g} stopped the run at step {step} of "
+            f"max_steps={config.max_steps}: the learning rate was still {lr:.3g} (the schedule decays it to "
+            f"{config.min_lr:.3g} at step {config.max_steps}). For a schedule that finishes within this budget on "
+            f"this machine, set max_steps={step} (--train.max_steps={step}), or raise max_minutes")

@@ -56,9 +56,9 @@ from minillm.distributed import seed_everything
 from minillm.evaluation import evaluate
 from minillm.lora import apply_finetune_mode
 from minillm.metrics import MetricsLog, plot_metrics
-from minillm.optim import apply_lr, build_optimizer
+from minillm.optim import apply_lr, build_optimizer, schedule_cut
 from minillm.tasks import get_task
-from minillm.train_config import TrainConfig, lower_is_better, resume_differences
+from minillm.train_config import TrainConfig, lower_is_better
 
 HOOKS = ("on_step_end", "on_eval_end", "on_checkpoint")
 
@@ -103,7 +103,8 @@ class Trainer:
         self.train_data, self.eval_data, self.collate_fn = train_data, eval_data, collate_fn
 
         self.log = None
-        resume_from = self._take_out_dir()
+        resume_from = ckpt.take_run_dir(self.out_dir, resume=config.resume, overwrite=config.overwrite,
+                                        rank=self.rank, world=self.world)
         with self._previous_run_back_on_failure():
             self._set_up(model, resume_from, before_training)
 
@@ -111,7 +112,8 @@ class Trainer:
         """Everything after out_dir is taken: weights, fine-tuning mode, optimizer, resumed state, log."""
         config, tokenizer = self.config, self.tokenizer
         if resume_from:
-            self._check_changes(resume_from)
+            ckpt.check_resume_changes(resume_from, self.configs, allow=config.resume_changes == "allow",
+                                      say=self.is_main)
         else:
             seed_everything(config.seed + self.rank)
         if config.init_from is not None and not resume_from:  # a resumed run's own checkpoint has newer weights
@@ -127,7 +129,7 @@ class Trainer:
         self.should_stop, self.last_eval, self.last_saved_step = False, None, None
         if resume_from:
             ckpt.load_weights(self.raw_model, resume_from)
-            self._resume(resume_from)
+            ckpt.restore_training_state(self, resume_from)
 
         self.model = torch.compile(self.raw_model) if config.compile else self.raw_model
         if self.world > 1:
@@ -139,26 +141,6 @@ class Trainer:
         self.peak, self._flops_per_token = distributed.peak_flops(self.device), {}
 
     # ------------------------------------------------------------------ run directory and resume
-
-    def _take_out_dir(self) -> Path | None:
-        """Rank 0 prepares out_dir (checkpoint.prepare_run_dir: with overwrite, a previous run is
-        set aside until this one's first checkpoint); every rank gets the checkpoint to resume
-        from, or rank 0's error, so none hangs at a barrier the others never reach."""
-        outcome = None
-        if self.is_main:
-            try:
-                outcome = ckpt.prepare_run_dir(self.out_dir, resume=self.config.resume, overwrite=self.config.overwrite)
-            except Exception as err:
-                if self.world == 1:
-                    raise
-                outcome = err
-        if self.world > 1:
-            shared = [outcome]
-            torch.distributed.broadcast_object_list(shared, src=0)  # also the barrier: out_dir is ready for all
-            outcome = shared[0]
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
 
     @contextlib.contextmanager
     def _previous_run_back_on_failure(self):
@@ -172,52 +154,6 @@ class Trainer:
             if self.is_main:
                 ckpt.restore_previous_run(self.out_dir)
             raise
-
-    def _check_changes(self, checkpoint: Path) -> None:
-        """Compare this run's configs with the ones the run was saved with (TrainConfig.resume)."""
-        harmless, refused = resume_differences(ckpt.read_configs(checkpoint), self.configs)
-        if refused and self.config.resume_changes == "refuse":
-            raise ValueError(
-                f"TrainConfig.resume: these settings differ from the run saved in {checkpoint} and change what it "
-                f"learns: {'; '.join(refused)}. Drop them to continue the run as it was, or pass "
-                f"resume_changes='allow' (--train.resume_changes=allow) to apply them"
-            )
-        if (harmless or refused) and self.is_main:
-            warnings.warn(f"resume: applying {'; '.join(harmless + refused)}", stacklevel=3)
-
-    def _resume(self, checkpoint: Path) -> None:
-        """Optimizer, scaler, counters and RNG state from a checkpoint's state.pt."""
-        state = ckpt.load_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.micro_batches, self.tokens_seen = state["step"], state["data"]["micro_batches"], state["tokens_seen"]
-        self.best_value, self.best_step = state["best_value"], state["best_step"]
-        self.evals_since_best = state["evals_since_best"]
-        self.last_saved_step = self.step
-        saved = state["data"]
-        if saved["world"] != self.world or saved["batch_size"] != self.config.batch_size:
-            warnings.warn(
-                f"resume: the run was saved with world={saved['world']}, batch_size={saved['batch_size']}; "
-                f"now world={self.world}, batch_size={self.config.batch_size}: batches will differ from an uninterrupted run"
-            )
-        rngs = state["rng"]
-        if len(rngs) == self.world:
-            ckpt.set_rng_state(rngs[self.rank])
-        else:
-            seed_everything(self.config.seed + self.rank + self.step)
-
-    def _state(self) -> dict:
-        """What resuming needs, beside the weights (collective under DDP: each rank's RNG state)."""
-        rngs = [ckpt.rng_state()]
-        if self.world > 1:
-            rngs = [None] * self.world
-            torch.distributed.all_gather_object(rngs, ckpt.rng_state())
-        return {
-            "step": self.step, "tokens_seen": self.tokens_seen,
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
-            "best_value": self.best_value, "best_step": self.best_step, "evals_since_best": self.evals_since_best,
-            "data": {"micro_batches": self.micro_batches, "world": self.world, "batch_size": self.config.batch_size},
-        }
 
     def _hook(self, name: str, info) -> None:
         if name in self.hooks:
@@ -282,8 +218,8 @@ class Trainer:
         finally:
             bar.close()
         train_seconds = time.perf_counter() - start
-        if stop_reason == "max_minutes" and self.is_main:
-            self._warn_schedule_cut(lr)
+        if stop_reason == "max_minutes" and self.is_main and (cut := schedule_cut(c, self.step, lr)):
+            warnings.warn(cut, stacklevel=2)
 
         if self.eval_data is not None and (self.last_eval is None or self.last_eval["step"] != self.step):
             self._evaluate_and_track()
@@ -365,20 +301,6 @@ class Trainer:
             row["mfu"] = self._flops_per_token[seq_len] * tokens_per_s / self.world / self.peak
         return row
 
-    def _warn_schedule_cut(self, lr: float) -> None:
-        """max_minutes ended the run before max_steps: the schedule's horizon is max_steps, so the
-        learning rate never finished its decay. Say so, and what max_steps fits the budget."""
-        c = self.config
-        if c.schedule == "constant" or self.step >= c.max_steps:  # nothing left undecayed
-            return
-        warnings.warn(
-            f"TrainConfig.max_minutes={c.max_minutes:g} stopped the run at step {self.step} of max_steps={c.max_steps}: "
-            f"the learning rate was still {lr:.3g} (the schedule decays it to {c.min_lr:.3g} at step {c.max_steps}). "
-            f"For a schedule that finishes within this budget on this machine, set max_steps={self.step} "
-            f"(--train.max_steps={self.step}), or raise max_minutes",
-            stacklevel=3,
-        )
-
     # ------------------------------------------------------------------ evaluate and checkpoint
 
     def evaluate(self) -> dict:
@@ -407,7 +329,7 @@ class Trainer:
 
     def save(self, best: bool = False) -> Path | None:
         """Checkpoint the current step (rank 0 writes; every rank must call it under DDP)."""
-        state = self._state()
+        state = ckpt.training_state(self)  # a collective under DDP: every rank's RNG state
         path = None
         if self.is_main:
             path = ckpt.save_checkpoint(self.out_dir, self.step, self.raw_model, state, self.configs, self.tokenizer)

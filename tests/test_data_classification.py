@@ -159,7 +159,7 @@ def test_a_training_file_with_one_class_is_refused_as_it_is_read(tmp_path):
     with pytest.raises(ValueError, match=message):
         read_classification(train)
     with pytest.raises(ValueError, match=message):  # the pipeline reads it before any training
-        classification_examples(DataConfig(objective="classification", train_file=str(train)))
+        classification_examples(DataConfig(train_file=str(train)))
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text('{"text": "a", "y": 1}\n{"text": "b", "y": 1}\n')
     with pytest.raises(ValueError, match=r"train.jsonl: every example has label '1' \(field 'y'\)"):
