@@ -113,6 +113,10 @@ HEAD_PREFIXES = {"gpt2": ("lm_head.",), "bert": ("cls.", "classifier.")}
 BODY_NAME = {  # where each minillm task model keeps its body
     "causal-lm": "decoder.", "mlm": "encoder.", "mlm-nsp": "encoder.", "classification": "body.", "encoder": "",
 }
+HEADS = {  # the modules each loading target has beside its body; "encoder", the bare body, has none
+    "causal-lm": ("lm_head",), "mlm": ("mlm_head",), "mlm-nsp": ("pooler", "mlm_head", "nsp_head"),
+    "classification": ("pooler", "classifier"), "encoder": (),
+}
 
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 TO_HF_ACTIVATION = {
@@ -257,7 +261,7 @@ def _bert_config(hf: dict, task: str) -> ModelConfig:
     _require(hf, "position_embedding_type", "absolute")
     _require(hf, "is_decoder", False)
     _require(hf, "add_cross_attention", False)
-    if task == "classification" and hf["classifier_dropout"] not in (None, hf["hidden_dropout_prob"]):
+    if "classifier" in HEADS[task] and hf["classifier_dropout"] not in (None, hf["hidden_dropout_prob"]):
         raise ValueError(
             f"classifier_dropout: got {hf['classifier_dropout']}; minillm's classifier uses the residual "
             f"dropout, hidden_dropout_prob={hf['hidden_dropout_prob']}"
@@ -396,10 +400,10 @@ def _bert_rules(config: ModelConfig, body: str, task: str) -> tuple[list[Rule], 
         rules += _linear(f"{ours}mlp.fc_in", f"{theirs}intermediate.dense")
         rules += _linear(f"{ours}mlp.fc_out", f"{theirs}output.dense")
         rules += _linear(f"{ours}mlp_norm", f"{theirs}output.LayerNorm")
-    aliases, unused = {}, {}
-    if task in ("mlm-nsp", "classification"):
+    aliases, unused, heads = {}, {}, HEADS[task]
+    if "pooler" in heads:
         rules += _linear("pooler.dense", f"{b}pooler.dense")
-    if task in ("mlm", "mlm-nsp"):
+    if "mlm_head" in heads:
         rules += _linear("mlm_head.dense", "cls.predictions.transform.dense")
         rules += _linear("mlm_head.norm", "cls.predictions.transform.LayerNorm")
         if config.tie_embeddings:
@@ -412,9 +416,9 @@ def _bert_rules(config: ModelConfig, body: str, task: str) -> tuple[list[Rule], 
             rules.append(Rule(("mlm_head.bias",), "cls.predictions.decoder.bias"))
             rules.append(Rule(("mlm_head.decoder.weight",), "cls.predictions.decoder.weight"))
             unused["cls.predictions.bias"] = "cls.predictions.decoder.bias"
-    if task == "mlm-nsp":
+    if "nsp_head" in heads:
         rules += _linear("nsp_head", "cls.seq_relationship")
-    if task == "classification":
+    if "classifier" in heads:
         rules += _linear("classifier", "classifier")
     return rules, aliases, unused
 
@@ -453,7 +457,7 @@ def _canonical_keys(state: dict[str, torch.Tensor], family: str) -> dict[str, to
 
 
 def _build(config: ModelConfig, task: str) -> nn.Module:
-    return Encoder(config) if task == "encoder" else build_model(config, task)
+    return build_model(config, task) if HEADS[task] else Encoder(config)  # no head: the bare body
 
 
 def from_hf(source, task: str | None = None, **overrides) -> nn.Module:
@@ -494,7 +498,7 @@ def from_hf(source, task: str | None = None, **overrides) -> nn.Module:
             source_tensor = next(ours[r.ours[0]] for r in rules if r.theirs == target)
             if tensor.shape != source_tensor.shape or not torch.equal(tensor, source_tensor):
                 raise ValueError(f"from_hf: {alias} should be tied to {target} but holds different values")
-    if task == "encoder":  # the bare body was asked for: heads are dropped on purpose
+    if not HEADS[task]:  # the bare body was asked for: heads are dropped on purpose
         for key in [k for k in state if k.startswith(HEAD_PREFIXES[family] + (BASE_PREFIX[family] + "pooler.",))]:
             del state[key]
     if state:
