@@ -250,8 +250,11 @@ def test_leftovers_of_a_killed_save_are_cleaned_when_the_next_run_starts(run_a, 
     (run_a / ".tmp-step_000003" / ckpt.WEIGHTS).write_bytes(b"")
     (run_a / ".latest.tmp").write_text("step_000003\n")
     os.symlink("step_000003", run_a / ".best.tmp")
-    trainer = Trainer(model(), config(run_a, max_steps=3, resume=resume, overwrite=not resume), BATCHES)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        trainer = Trainer(model(), config(run_a, max_steps=3, resume=resume, overwrite=not resume), BATCHES)
     assert trainer.step == (2 if resume else 0)
+    assert [str(w.message) for w in said] == (["resume: applying train.max_steps: 2 -> 3"] if resume else [])
     left = sorted(p.name for p in run_a.iterdir() if p.name.startswith((".tmp", ".latest", ".best")))
     assert left == []
 
