@@ -43,7 +43,7 @@ import torch
 from minillm import checkpoint as ckpt
 from minillm import config_io, distributed
 from minillm.batches import eval_batches
-from minillm.config import ModelConfig
+from minillm.config import ModelConfig, preset
 from minillm.data import DataConfig, TokenShards, prepare_from_config
 from minillm.data.corpus import describe_duplicates
 from minillm.distributed import seed_everything
@@ -83,6 +83,15 @@ class Recipe:
     data: dict
     train: dict
     from_pretrained: bool = False  # start from `minillm pretrain --model FAMILY`'s run when it exists
+
+    @property
+    def arch(self) -> str:
+        """The architecture of the recipe's model."""
+        return _asked_arch({"model": self.model})
+
+    def serves(self, task: str | None, arch: str | None) -> bool:
+        """Whether this recipe's model can train ``task`` and is of architecture ``arch`` (None: any)."""
+        return (task is None or self.arch in get_task(task).architectures) and (arch is None or arch == self.arch)
 
     def defaults(self) -> config_io.Layer:
         """The layer under --config and the overrides."""
@@ -141,28 +150,27 @@ def families(command: str) -> list[str]:
 
 
 def choose_recipe(command: str, family: str | None, user: config_io.Layer, sources: dict[str, str]) -> Recipe:
-    """The recipe of ``minillm COMMAND --model FAMILY``. Without --model, the one whose task the
-    config file or overrides name, else the command's default. A --model that contradicts the
-    task or architecture the user's config asks for is refused (never silently overridden)."""
-    asked_task = user.get("train", {}).get("task")
-    asked_arch = _asked_arch(user)
+    """The recipe of ``minillm COMMAND --model FAMILY``. Without --model: the recipe of the task the
+    config file or overrides name, else one whose model suits the task or architecture they ask
+    for, else the command's default. A --model whose model cannot serve the task or architecture
+    the user's config asks for is refused, never silently overridden (either way)."""
+    task, arch = user.get("train", {}).get("task"), _asked_arch(user)
+    if task is not None:
+        get_task(task, sources["train.task"])  # a task of that name exists
+    default = RECIPES[(command, DEFAULT_FAMILY[command])]
     if family is None:
-        matching = [r for (cmd, _), r in RECIPES.items() if cmd == command and asked_task is not None
-                    and get_task(r.task, sources.get("train.task", "train.task")) is get_task(asked_task)
-                    and (asked_arch is None or asked_arch in get_task(r.task).architectures)]
-        if matching:  # several share a task (classification: bert, gpt): the one of the asked architecture
-            by_arch = [r for r in matching if asked_arch is None or _asked_arch({"model": r.model}) == asked_arch]
-            return (by_arch or matching)[0]
-        return RECIPES[(command, DEFAULT_FAMILY[command])]
+        candidates = [r for (cmd, _), r in RECIPES.items() if cmd == command and r.serves(task, arch)]
+        same_task = [r for r in candidates if task is not None and get_task(r.task) is get_task(task)]
+        return (same_task or candidates or [default])[0] if (task, arch) != (None, None) else default
     recipe = RECIPES[(command, family)]
-    if asked_task is not None and get_task(asked_task, sources["train.task"]) is not get_task(recipe.task):
-        raise ValueError(f"--model {family}: `minillm {command} --model {family}` trains task {recipe.task!r}, but "
-                         f"{sources['train.task']} sets train.task = {asked_task!r}; drop one of the two")
-    if asked_arch is not None and asked_arch != _asked_arch({"model": recipe.model}):
+    if not recipe.serves(task, None):
+        raise ValueError(f"--model {family}: `minillm {command} --model {family}` trains a model of arch "
+                         f"{recipe.arch!r}, but {sources['train.task']} sets train.task = {task!r}, which trains "
+                         f"{' or '.join(get_task(task).architectures)}; drop one of the two")
+    if not recipe.serves(None, arch):
         where = sources.get("model.arch") or sources.get("model.preset")
         raise ValueError(f"--model {family}: `minillm {command} --model {family}` trains a model of arch "
-                         f"{_asked_arch({'model': recipe.model})!r}, but {where} asks for arch {asked_arch!r}; drop "
-                         f"one of the two")
+                         f"{recipe.arch!r}, but {where} asks for arch {arch!r}; drop one of the two")
     return recipe
 
 
@@ -171,11 +179,7 @@ def _asked_arch(layer: config_io.Layer) -> str | None:
     model = layer.get("model", {})
     if "arch" in model:
         return model["arch"]
-    if "preset" in model:
-        from minillm.config import preset
-
-        return preset(model["preset"]).arch
-    return None
+    return preset(model["preset"]).arch if "preset" in model else None
 
 
 def configs(command: str, family: str | None, config_file: str | None, overrides: dict[str, str]):

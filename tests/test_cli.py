@@ -531,7 +531,8 @@ def test_generate_separates_an_encoder_decoders_output_and_says_when_the_window_
 
 @pytest.mark.parametrize("argv, needles", [
     (["pretrain", "--model", "bert", "--config", "CONFIGS/tiny-gpt-cpu.toml"],
-     ["--model bert", "trains task 'mlm-nsp'", "tiny-gpt-cpu.toml sets train.task = 'causal-lm'"]),
+     ["--model bert", "a model of arch 'encoder'", "tiny-gpt-cpu.toml sets train.task = 'causal-lm'"]),
+    (["finetune", "--model", "seq2seq", "--train.task=classification"], ["--model seq2seq", "'encoder-decoder'"]),
     (["pretrain", "--model", "gpt", "--model.preset=tiny-bert"], ["--model gpt", "arch 'decoder'", "'encoder'"]),
     (["pretrain", "--data.objective=seq2seq"], ["--data.objective", "unknown key in [data]"]),
     (["pretrain", "--data.mlm_probability=0.3"], ["data.mlm_probability (set by --data.mlm_probability)",

@@ -147,3 +147,21 @@ def test_tiny_configs_are_the_default_commands(name, command, kind):
     data = from_file["data"]
     for field in get_task(data_task := from_file["train"].task).data_fields_read(data, from_file["train"].init_from is None):
         assert getattr(data, field) == getattr(expected["data"], field), (data_task, field)
+
+
+@pytest.mark.parametrize("command, family, args, recipe", [
+    ("pretrain", None, [], ("pretrain", "gpt")),
+    ("pretrain", None, ["--train.task=mlm-nsp"], ("pretrain", "bert")),
+    ("pretrain", None, ["--train.task=mlm"], ("pretrain", "bert")),  # BERT's recipe, MLM alone
+    ("pretrain", None, ["--model.preset=tiny-seq2seq"], ("pretrain", "seq2seq")),
+    ("finetune", None, [], ("finetune", "bert")),
+    ("finetune", None, ["--model.preset=tiny"], ("finetune", "gpt")),
+    ("finetune", None, ["--train.task=seq2seq"], ("finetune", "seq2seq")),
+    ("pretrain", "bert", ["--train.task=mlm"], ("pretrain", "bert")),
+])
+def test_the_recipe_follows_what_the_config_asks_for(command, family, args, recipe):
+    from minillm.recipes import choose_recipe
+
+    overrides, _ = config_io.parse_overrides(args)
+    user, sources = config_io.user_layer(SECTIONS, None, overrides)
+    assert choose_recipe(command, family, user, sources) is RECIPES[recipe]
