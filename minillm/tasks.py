@@ -27,6 +27,7 @@ Adding a task is one class here with ``@register``; nothing else compares task n
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +55,8 @@ from minillm.data import (
     read_seq2seq_pairs,
     stdlib_seq2seq_task,
 )
-from minillm.metrics import IGNORE_INDEX, classification_metrics, confusion_matrix, perplexity
+from minillm.generation import generate_seq2seq
+from minillm.metrics import IGNORE_INDEX, classification_metrics, confusion_matrix, perplexity, text_scores
 from minillm.model import CausalLM, MaskedLM, Model, Seq2SeqLM, SequenceClassifier
 from minillm.tokenizer import Tokenizer
 
@@ -493,9 +495,7 @@ class Seq2SeqTask(_EncoderDecoderTask):
                         pairs=pairs)
 
     def final_metrics(self, model, data, tokenizer, evaluate_split, summary):
-        from minillm.generation import generate_seq2seq
-        from minillm.metrics import text_scores
-
+        """The standard metrics, BLEU and chrF of greedy outputs; the copy baselines join data.baselines."""
         split = data.report_split
         metrics = evaluate_split(data.test if data.test is not None else data.validation)
         pairs = data.pairs[split]
@@ -542,9 +542,7 @@ class ClassificationTask(Task):
         return fields | {"stdlib_classes"} if data.train_file == "default" else fields
 
     def configure_model(self, config, data):
-        from dataclasses import replace
-
-        return replace(config, num_labels=len(data.labels))
+        return dataclasses.replace(config, num_labels=len(data.labels))
 
     def datasets(self, data, tokenizer, model, samples):
         _supervised_files(data, self.name, default_ok=True)
@@ -563,10 +561,6 @@ class ClassificationTask(Task):
             ClassificationCollator(tokenizer, segments=model.type_vocab_size > 0), summary,
             {"majority": sum(label == majority for label in held_out.labels) / len(held_out.labels)}, labels,
         )
-
-    def forward(self, model, batch):
-        out = model(**batch, loss_reduction="sum")
-        return out, {"loss": out.loss}
 
     def target_counts(self, batch):
         labels = batch["labels"]

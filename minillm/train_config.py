@@ -97,7 +97,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many step checkpoints to keep besides the best one; 0 keeps all."""
     early_stopping_metric: str = "val_loss"
-    """Metric that picks the best checkpoint and drives early stopping (see TASK_METRICS)."""
+    """Metric that picks the best checkpoint and drives early stopping: one the task reports (Task.metrics)."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without improvement; 0 never stops early."""
     finetune_mode: str = "full"
