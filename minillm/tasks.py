@@ -248,10 +248,19 @@ def unigram_entropy(shards: TokenShards) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _corpus_summary(train: TokenShards, val: TokenShards, tokenizer: Tokenizer, entropy: float) -> str:
-    return (f"data: {len(train)} train / {len(val)} validation documents, {train.n_tokens:,} / {val.n_tokens:,} "
-            f"tokens, vocabulary {tokenizer.vocab_size} ({train.out_dir}); unigram entropy of the train split "
-            f"{entropy:.3f} nats")
+def corpus_data(data: DataConfig, tokenizer: Tokenizer) -> tuple[TokenShards, TokenShards, str, dict[str, float]]:
+    """(train shards, validation shards, a line describing them, {"unigram_entropy": nats}): what
+    every corpus task starts from."""
+    train, val = corpus_splits(data)
+    entropy = unigram_entropy(train)
+    summary = (f"data: {len(train)} train / {len(val)} validation documents, {train.n_tokens:,} / {val.n_tokens:,} "
+               f"tokens, vocabulary {tokenizer.vocab_size} ({train.out_dir}); unigram entropy of the train split "
+               f"{entropy:.3f} nats")
+    return train, val, summary, {"unigram_entropy": entropy}
+
+
+# Prompts for the samples a generating model shows after training on the default (docstring) corpus.
+TEXT_PROMPTS = ("Return the", "This module provides", "If the file")
 
 
 def _token_hits(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -273,18 +282,17 @@ class CausalLMTask(Task):
     architectures = ("decoder",)
     metrics = ("val_loss", "val_ppl", "token_accuracy")
     data_fields = frozenset({"causal_mode", "document_mask"})
-    sample_prompts = ("Return the", "This module provides", "If the file")
+    sample_prompts = TEXT_PROMPTS
 
     def datasets(self, data, tokenizer, model, samples):
-        train, val = corpus_splits(data)
-        entropy = unigram_entropy(train)
+        train, val, summary, baselines = corpus_data(data, tokenizer)
         windows = train.n_tokens // data.seq_len
         # random windows are a function of their index: at least `samples` of them never repeat one
         n = max(windows, samples) if data.causal_mode == "random" else None
         return TaskData(
             CausalLMDataset(train, data.seq_len, data.causal_mode, data.seed, n, data.document_mask),
             CausalLMDataset(val, data.seq_len, "sequential", data.seed, document_mask=data.document_mask),
-            None, CausalLMCollator(), _corpus_summary(train, val, tokenizer, entropy), {"unigram_entropy": entropy},
+            None, CausalLMCollator(), summary, baselines,
         )
 
     def target_counts(self, batch):
@@ -326,11 +334,9 @@ class MaskedLMTask(Task):
                            seed=data.seed)
 
     def datasets(self, data, tokenizer, model, samples):
-        train, val = corpus_splits(data)
-        entropy = unigram_entropy(train)
+        train, val, summary, baselines = corpus_data(data, tokenizer)
         return TaskData(MLMDataset(train, tokenizer, data.seq_len), MLMDataset(val, tokenizer, data.seq_len), None,
-                        self.masking(data, tokenizer), _corpus_summary(train, val, tokenizer, entropy),
-                        {"unigram_entropy": entropy})
+                        self.masking(data, tokenizer), summary, baselines)
 
     def forward(self, model, batch):
         # MLM: the head runs on the masked positions only; logits (N, V) in row-major order
@@ -371,14 +377,12 @@ class MaskedLMNextSentenceTask(MaskedLMTask):
             raise TypeError("model: task 'mlm-nsp' needs a MaskedLM with an NSP head (MaskedLM(config, nsp=True))")
 
     def datasets(self, data, tokenizer, model, samples):
-        train, val = corpus_splits(data)
-        entropy = unigram_entropy(train)
+        train, val, summary, baselines = corpus_data(data, tokenizer)
         # pairs are a function of their index: `samples` of them never repeat a pair within the run
         return TaskData(
             NSPDataset(train, tokenizer, data.seq_len, data.nsp_random_probability, data.seed, max(samples, len(train))),
             NSPDataset(val, tokenizer, data.seq_len, data.nsp_random_probability, data.seed + 1, max(4 * len(val), 256)),
-            None, self.masking(data, tokenizer), _corpus_summary(train, val, tokenizer, entropy),
-            {"unigram_entropy": entropy},
+            None, self.masking(data, tokenizer), summary, baselines,
         )
 
     def forward(self, model, batch):
@@ -430,18 +434,16 @@ class SpanCorruptionTask(_EncoderDecoderTask):
 
     name = "span-corruption"
     data_fields = frozenset({"noise_density", "mean_span_length"})
-    sample_prompts = ("Return the", "This module provides", "If the file")
+    sample_prompts = TEXT_PROMPTS
 
     def datasets(self, data, tokenizer, model, samples):
-        train, val = corpus_splits(data)
-        entropy = unigram_entropy(train)
+        train, val, summary, baselines = corpus_data(data, tokenizer)
 
         def spans(shards: TokenShards) -> SpanCorruptionDataset:
             return SpanCorruptionDataset(shards, tokenizer, data.seq_len, data.noise_density, data.mean_span_length,
                                          data.seed)
 
-        return TaskData(spans(train), spans(val), None, Seq2SeqCollator(tokenizer),
-                        _corpus_summary(train, val, tokenizer, entropy), {"unigram_entropy": entropy})
+        return TaskData(spans(train), spans(val), None, Seq2SeqCollator(tokenizer), summary, baselines)
 
     def report(self, metrics, data, split):
         return [f"{split} loss {metrics['val_loss']:.3f} nats on the corrupted spans, token accuracy "
