@@ -15,13 +15,20 @@ import torch
 
 from minillm import distributed
 from minillm.batches import to_device
+from minillm.tasks import Task, get_task
 
 
 @torch.no_grad()
-def evaluate(model, task, batches: Iterable[dict], *, dtype: torch.dtype = torch.float32,
+def evaluate(model, task: Task | str, batches: Iterable[dict], *, dtype: torch.dtype = torch.float32,
              max_batches: int = 0) -> dict[str, float]:
     """{"val_loss", ...the task's metrics} of ``model`` over ``batches`` (the first ``max_batches``
-    when > 0). The model runs on its own device, in eval mode, and is put back as it was."""
+    when > 0), for ``task`` (a Task or its name). The model runs on its own device, in eval mode,
+    and is put back as it was; ``dtype`` is the autocast precision (fp32: none)."""
+    if isinstance(task, str):
+        task = get_task(task, "task")
+    if not isinstance(task, Task):
+        raise TypeError(f"task: expected a minillm.tasks.Task or a task name, got {type(task).__name__}")
+    task.check_model(model)
     if not isinstance(max_batches, int) or max_batches < 0:
         raise ValueError(f"max_batches: expected an integer >= 0 (0 = every batch), got {max_batches!r}")
     device = next(model.parameters()).device

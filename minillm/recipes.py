@@ -279,6 +279,9 @@ def resolve(model: ModelConfig, data: DataConfig, train: TrainConfig, *, sources
       would not use (another task's data field, LoRA's rank without LoRA, an architecture field
       that differs from the checkpoint's) is an error naming it, never silently dropped.
     """
+    for name, value, cls in (("model", model, ModelConfig), ("data", data, DataConfig), ("train", train, TrainConfig)):
+        if not isinstance(value, cls):
+            raise TypeError(f"{name}: expected a {cls.__name__}, got {type(value).__name__}")
     sources = sources or {}
     task = get_task(train.task)
     pretrained = _pretrained_source(train)

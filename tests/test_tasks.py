@@ -135,3 +135,18 @@ def test_configs_saved_by_an_older_minillm_are_read_in_todays_terms():
     assert old_t5["data"]["objective"] == "seq2seq"  # the caller's dict is left alone
     pairs = {"task": "seq2seq", "data": {"objective": "seq2seq", "train_file": "pairs.jsonl"}}
     assert upgrade_saved_configs(pairs)["task"] == "seq2seq"
+
+
+def test_evaluate_and_resolve_name_a_wrong_argument(corpus):
+    from minillm import recipes
+    from minillm.train_config import TrainConfig
+
+    model = build_model(preset("tiny", vocab_size=320), "causal-lm")
+    with pytest.raises(TypeError, match="task: expected a minillm.tasks.Task or a task name, got int"):
+        evaluate(model, 3, [])
+    with pytest.raises(TypeError, match="model: task 'mlm' trains a MaskedLM, got CausalLM"):
+        evaluate(model, "mlm", [])
+    with pytest.raises(ValueError, match="max_batches: expected an integer >= 0"):
+        evaluate(model, "causal-lm", [], max_batches=-1)
+    with pytest.raises(TypeError, match="data: expected a DataConfig, got dict"):
+        recipes.resolve(preset("tiny"), {"seq_len": 32}, TrainConfig())
