@@ -288,6 +288,7 @@ def resolve(model: ModelConfig, data: DataConfig, train: TrainConfig, *, sources
     tokenizer_path, start = None, "scratch (random initialisation)"
     if pretrained is not None:
         model, tokenizer_path, start = _pretrained_start(pretrained, model, data, task, sources)
+        start = f"resuming the run's own {start}" if train.resume else start
     tokenizer_from_corpus = tokenizer_path is None and data.tokenizer is None
     _refuse_unused(task, data, train, sources, tokenizer_from_corpus, pretrained)
     if task.from_corpus or tokenizer_from_corpus:
