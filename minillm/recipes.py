@@ -432,12 +432,11 @@ def train(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=prin
     seconds = time.perf_counter() - started
     _say(echo, f"checkpoint: {checkpoint}  metrics: {trainer.out_dir / 'metrics.jsonl'}  plot: "
                f"{trainer.out_dir / 'metrics.png'}  ({seconds:.0f} s in all)")
-    baselines = {("majority_baseline" if k == "majority" else k): v for k, v in task_data.baselines.items()}
     return {
         "task": task.name, "metrics": metrics, "split": split, "summary": summary, "checkpoint": str(checkpoint),
         "out_dir": str(trainer.out_dir), "start": run.start, "samples": samples, "seconds": seconds,
         "model_config": run.model, "parameters": net.num_parameters(), "n_train": len(task_data.train),
-        "labels": task_data.labels, "val_loss": metrics.get("val_loss"), **baselines,
+        "labels": task_data.labels, "val_loss": metrics.get("val_loss"), **task_data.baselines,
         **({"test": metrics} if split == "test" else {}),
     }
 

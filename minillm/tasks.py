@@ -561,7 +561,7 @@ class ClassificationTask(Task):
             sets["train"], sets["validation"], sets.get("test"),
             # segment ids only for a body that has segment embeddings (BERT's); a GPT reads [SEP]
             ClassificationCollator(tokenizer, segments=model.type_vocab_size > 0), summary,
-            {"majority": sum(label == majority for label in held_out.labels) / len(held_out.labels)}, labels,
+            {"majority_baseline": sum(label == majority for label in held_out.labels) / len(held_out.labels)}, labels,
         )
 
     def target_counts(self, batch):
@@ -594,4 +594,4 @@ class ClassificationTask(Task):
             return [f"{split} mean squared error {metrics['val_loss']:.4f}"]
         why = "" if split == "test" else " (no data.test_file: this split also picked the best checkpoint)"
         return [f"{split} accuracy {metrics['accuracy']:.1%} (macro-F1 {metrics['macro_f1']:.3f}, MCC "
-                f"{metrics['mcc']:.3f}) vs majority-class baseline {data.baselines['majority']:.1%}{why}"]
+                f"{metrics['mcc']:.3f}) vs majority-class baseline {data.baselines['majority_baseline']:.1%}{why}"]

@@ -83,7 +83,7 @@ def test_classification_from_files_with_a_test_file(corpus, tmp_path):
     assert no_test.test is None and no_test.report_split == "validation"
     split = task.datasets(DataConfig(**files, test_file=str(tmp_path / "test.tsv")), tokenizer, bert, samples=0)
     assert split.report_split == "test" and len(split.test) == 3 and split.labels == ["0", "1"]
-    assert split.baselines["majority"] == pytest.approx(2 / 3)  # "1", the training majority, on the test split
+    assert split.baselines["majority_baseline"] == pytest.approx(2 / 3)  # "1", the training majority, on the test split
     config = task.configure_model(bert, split)
     batch = split.collate([split.train[i] for i in range(3)])
     assert config.num_labels == 2 and batch["labels"].tolist() == [1, 0, 1] and "token_type_ids" in batch
