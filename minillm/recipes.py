@@ -290,7 +290,8 @@ def resolve(model: ModelConfig, data: DataConfig, train: TrainConfig, *, sources
         model, tokenizer_path, start = _pretrained_start(pretrained, model, data, task, sources)
         start = f"resuming the run's own {start}" if train.resume else start
     tokenizer_from_corpus = tokenizer_path is None and data.tokenizer is None
-    _refuse_unused(task, data, train, sources, tokenizer_from_corpus, pretrained)
+    _refuse_unused(task, data, sources, tokenizer_from_corpus=tokenizer_from_corpus,
+                   tokenizer_given=tokenizer_path is not None, train=train)
     if task.from_corpus or tokenizer_from_corpus:
         corpus = data if tokenizer_path is None else dataclasses.replace(data, tokenizer=str(tokenizer_path))
         tokenizer, _ = prepare_data(corpus, progress)
@@ -349,21 +350,21 @@ def _refuse_architecture_changes(saved: dict, model: ModelConfig, sources: dict,
                          f"{details}. Drop these fields, or train from scratch (--train.init_from=none)")
 
 
-def _refuse_unused(task: Task, data: DataConfig, train: TrainConfig, sources: dict, tokenizer_from_corpus: bool,
-                   pretrained: Path | None) -> None:
+def _refuse_unused(task: Task, data: DataConfig, sources: dict, *, tokenizer_from_corpus: bool,
+                   tokenizer_given: bool, train: TrainConfig | None = None) -> None:
     """ValueError for a field the user set, to another value than its default, that this run
-    would not read (see resolve). Setting an unused field to its default changes nothing either
-    way (``--train.probe_steps=0`` from scratch), so it passes."""
+    would not read (see resolve): ``tokenizer_from_corpus``, a tokenizer is trained here;
+    ``tokenizer_given``, a checkpoint brings it. Setting an unused field to its default changes
+    nothing either way (``--train.probe_steps=0`` from scratch), so it passes."""
     reads = task.data_fields_read(data, tokenizer_from_corpus)
-    tokenizer_given = pretrained is not None and not ckpt.is_hf_directory(pretrained)
-    unused_train = train.fields_without_effect()
+    unused_train = train.fields_without_effect() if train is not None else {}
     configs = {"model": None, "data": data, "train": train}
     for key, source in sources.items():
         section, name = key.split(".", 1)
         why = None
         if section == "data" and (name not in reads or (name == "tokenizer" and tokenizer_given)):
             why = (f"task {task.name!r} does not read it" if name not in CORPUS_DATA_FIELDS | {"tokenizer"}
-                   else "the tokenizer comes from the pretrained checkpoint" if tokenizer_given
+                   else "the tokenizer comes from the checkpoint" if tokenizer_given
                    else "the tokenizer comes from data.tokenizer")
         elif section == "train" and name in unused_train:
             why = unused_train[name]
@@ -417,12 +418,10 @@ def train(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=prin
     if task.keep_best and best.exists():  # the best checkpoint on validation is the one reported
         ckpt.load_weights(trainer.raw_model, best)
 
-    def evaluate_split(dataset) -> dict:
-        batches = eval_batches(dataset, task_data.collate, batch_size=train.batch_size, seed=train.seed, rank=0, world=1)
-        return evaluate_model(trainer.raw_model, task, batches)
-
     split = task_data.report_split
-    metrics = task.final_metrics(trainer.raw_model, task_data, run.tokenizer, evaluate_split, summary)
+    metrics = task.final_metrics(trainer.raw_model, task_data, run.tokenizer, summary,
+                                 lambda: _evaluate_split(trainer.raw_model, task, task_data, split, train.batch_size,
+                                                         train.seed))
     checkpoint = best if task.keep_best and best.exists() else ckpt.latest_checkpoint(trainer.out_dir)
     _say(echo, f"trained {summary['steps']} steps ({summary['stopped']}), {summary['tokens']:,} tokens in "
                f"{summary['elapsed_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; best "
@@ -439,6 +438,14 @@ def train(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=prin
         "labels": task_data.labels, "val_loss": metrics.get("val_loss"), **task_data.baselines,
         **({"test": metrics} if split == "test" else {}),
     }
+
+
+def _evaluate_split(model, task: Task, task_data: TaskData, split: str, batch_size: int, seed: int,
+                    max_batches: int = 0) -> dict:
+    """The task's metrics of ``model`` on one split ("validation" or "test") of ``task_data``, whole."""
+    dataset = task_data.test if split == "test" else task_data.validation
+    batches = eval_batches(dataset, task_data.collate, batch_size=batch_size, seed=seed, rank=0, world=1)
+    return evaluate_model(model, task, batches, max_batches=max_batches)
 
 
 def pretrain(model: ModelConfig, data: DataConfig, train_config: TrainConfig, **options) -> dict:
@@ -510,20 +517,15 @@ def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, override
         if not configs.get("data"):
             raise ValueError(f"evaluate: {checkpoint} saved no data config; pass one")
         data = DataConfig.from_dict({**configs["data"], **(overrides or {})})
-    reads = task.data_fields_read(data, tokenizer_from_corpus=False)
-    for key, source in (sources or {}).items():
-        if key.split(".", 1)[1] not in reads:
-            raise ValueError(f"{key} (set by {source}) would have no effect: task {task.name!r} does not read it; "
-                             f"remove it")
+    _refuse_unused(task, data, sources or {}, tokenizer_from_corpus=False, tokenizer_given=True)
     if task.from_corpus:  # the checkpoint's tokenizer: shards are rebuilt only if they are missing
         prepare_data(dataclasses.replace(data, tokenizer=str(ckpt.resolve_checkpoint(checkpoint) / ckpt.TOKENIZER)),
                      progress=False)
     task.check(model.config, data)
     task_data = task.datasets(data, tokenizer, model.config, samples=0)
-    dataset, split = (task_data.test, "test") if task_data.test is not None else (task_data.validation, "validation")
+    split = task_data.report_split
     model.to(distributed.pick_device(device, 0))
-    batches = eval_batches(dataset, task_data.collate, batch_size=batch_size, seed=data.seed, rank=0, world=1)
-    metrics = evaluate_model(model, task, batches, max_batches=max_batches)
+    metrics = _evaluate_split(model, task, task_data, split, batch_size, data.seed, max_batches)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     _say(echo, f"{ckpt.resolve_checkpoint(checkpoint)} ({task.name}), {split} split: {shown}")
     return {"task": task.name, "split": split, **metrics}

@@ -179,9 +179,9 @@ class Task:
         """Lines summing up the run's figures on ``split``."""
         return [f"{split} loss {metrics['val_loss']:.3f}"]
 
-    def final_metrics(self, model, data: TaskData, tokenizer: Tokenizer, evaluate_split, summary: dict) -> dict:
-        """Figures for the report on ``data.report_split``. ``evaluate_split(dataset)`` runs the
-        standard evaluation; ``summary`` is Trainer.fit's. A pretraining task reports the
+    def final_metrics(self, model, data: TaskData, tokenizer: Tokenizer, summary: dict, evaluate) -> dict:
+        """Figures for the report on ``data.report_split``: ``summary`` is Trainer.fit's, and
+        ``evaluate()`` runs the standard evaluation on that split. A pretraining task reports the
         trainer's last evaluation, the figure its metrics log ends with."""
         return {k: v for k, v in (summary["final"] or {}).items() if k != "step"}
 
@@ -496,26 +496,22 @@ class Seq2SeqTask(_EncoderDecoderTask):
         return TaskData(sets["train"], sets["validation"], sets.get("test"), Seq2SeqCollator(tokenizer), summary,
                         pairs=pairs)
 
-    def final_metrics(self, model, data, tokenizer, evaluate_split, summary):
+    def final_metrics(self, model, data, tokenizer, summary, evaluate):
         """The standard metrics, BLEU and chrF of greedy outputs; the copy baselines join data.baselines."""
         split = data.report_split
-        metrics = evaluate_split(data.test if data.test is not None else data.validation)
-        pairs = data.pairs[split]
-        sources, references = [s for s, _ in pairs], [t for _, t in pairs]
+        dataset = data.test if data.test is not None else data.validation
+        sources, references = [s for s, _ in data.pairs[split]], [t for _, t in data.pairs[split]]
         eos, device = tokenizer.require("eos"), next(model.parameters()).device
-        max_new = model.config.max_seq_len - 1
         outputs = []
-        for lo in range(0, len(sources), 32):  # greedy, 32 sources at a time, each padded on the right
-            encoded = [ids[: model.config.max_seq_len - 1] + [eos] for ids in tokenizer.encode_batch(sources[lo:lo + 32])]
-            width = max(map(len, encoded))
-            ids = torch.tensor([e + [tokenizer.pad_id] * (width - len(e)) for e in encoded], device=device)
-            mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)
-            out = generate_seq2seq(model, ids, mask, max_new_tokens=max_new, eos_token_id=eos)
+        for lo in range(0, len(dataset), 32):  # greedy, 32 sources at a time, as the dataset encoded them
+            batch = data.collate([dataset[i] for i in range(lo, min(lo + 32, len(dataset)))])
+            out = generate_seq2seq(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                   max_new_tokens=model.config.max_seq_len - 1, eos_token_id=eos)  # (B, 1 + new)
             outputs += [tokenizer.decode([t for t in row[1:].tolist() if t not in (eos, tokenizer.pad_id)])
                         for row in out]
         model_scores, copy_scores = text_scores(outputs, references), text_scores(sources, references)
         data.baselines.update({f"copy_{k}": v for k, v in copy_scores.items()})
-        return {**metrics, **model_scores, "examples": list(zip(sources[:3], outputs[:3], references[:3]))}
+        return {**evaluate(), **model_scores, "examples": list(zip(sources[:3], outputs[:3], references[:3]))}
 
     def report(self, metrics, data, split):
         return [f"{split} BLEU {metrics['bleu']:.1f}, chrF {metrics['chrf']:.1f} (greedy decoding) vs copying the "
@@ -586,8 +582,8 @@ class ClassificationTask(Task):
             metrics.update(classification_metrics(tally["confusion"].long().cpu()))
         return metrics
 
-    def final_metrics(self, model, data, tokenizer, evaluate_split, summary):
-        return evaluate_split(data.test if data.test is not None else data.validation)
+    def final_metrics(self, model, data, tokenizer, summary, evaluate):
+        return evaluate()
 
     def report(self, metrics, data, split):
         if "accuracy" not in metrics:  # regression

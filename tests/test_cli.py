@@ -484,6 +484,8 @@ def test_evaluate_puts_data_overrides_on_top_of_the_saved_data(gpt_run, work, mo
     assert code == 0 and other != plain, err
     code, _, err = run("evaluate", "--checkpoint", out_dir, "--data.mlm_probability=0.3")
     one_line_error(code, err, "data.mlm_probability", "task 'causal-lm' does not read it")
+    code, _, err = run("evaluate", "--checkpoint", out_dir, "--data.tokenizer=other.model")
+    one_line_error(code, err, "data.tokenizer", "the tokenizer comes from the checkpoint")
     code, _, err = run("evaluate", "--checkpoint", out_dir, "--max-batches", "-1")
     one_line_error(code, err, "minillm evaluate: argument --max-batches: expected an integer >= 0, got '-1'")
 
