@@ -75,7 +75,7 @@ def cmd_prepare(args, overrides) -> int:
     print(f"{summary['prepared_dir']}: {state}; tokenizer {summary['tokenizer']} ({summary['vocab_size']} pieces); "
           f"train {summary['train_documents']} documents / {summary['train_tokens']:,} tokens, "
           f"val {summary['val_documents']} documents / {summary['val_tokens']:,} tokens; "
-          f"unigram entropy {entropy:.3f} nats; {summary['duplicates']}")
+          f"unigram entropy {entropy:.3f} nats")  # repeats dropped: prepare's own progress says it
     return 0
 
 
