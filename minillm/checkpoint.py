@@ -278,6 +278,52 @@ def save_checkpoint(
     return final
 
 
+def save_model(directory: str | os.PathLike, model: nn.Module, *, task: str | None = None, tokenizer=None) -> Path:
+    """Write one checkpoint directory (config.json, model.safetensors, tokenizer.model when given)
+    that `load_model` and `Model.from_pretrained` read: the weights of a model, without a run.
+
+    task: the task it is saved under; default `tasks.task_of(model)`. The directory is written
+    beside its final place and renamed into it; an existing directory is replaced only when it
+    holds a saved model and nothing else (never a run directory or other files).
+    """
+    from minillm.lora import LoRALinear
+    from minillm.tasks import get_task, task_of
+
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("save_model: the model has LoRA layers; merge them first (minillm.lora.merge_lora(model))")
+    task = task_of(model) if task is None else task
+    get_task(task, "task").check_model(model)
+    target = Path(directory)
+    if target.exists():
+        if not target.is_dir():
+            raise NotADirectoryError(f"save_model: {target} is a file, not a directory")
+        others = sorted(p.name for p in target.iterdir() if p.name not in (WEIGHTS, CONFIG, TOKENIZER))
+        if others:
+            raise FileExistsError(f"save_model: {target} holds other files ({others[:5]}); save into a new or empty directory")
+    tensors, ties = _weights_for_saving(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    old = target.parent / f".{target.name}.old"
+    try:
+        (tmp / WEIGHTS).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt", "ties": json.dumps(ties)}))
+        configs = {"task": task, "model": model.config.to_dict()}
+        (tmp / CONFIG).write_text(json.dumps(configs, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for file in tmp.iterdir():
+            _fsync(file)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 def _discard_failed_save(out: Path, tmp: Path, final: Path) -> None:
     """Delete what a failed save wrote, as far as the filesystem still allows (prepare_run_dir
     deletes the rest when the next run starts)."""

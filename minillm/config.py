@@ -287,15 +287,14 @@ def tiny() -> ModelConfig:
 def tiny_bert() -> ModelConfig:
     """A BERT small enough to pretrain (MLM + NSP) on 2 CPU cores in minutes.
 
-    BERT's layout (post-norm, GELU, segment embeddings) with two changes for a few-minute budget:
-    RoPE instead of learned positions, because MLM must first learn to look at the neighbouring
-    tokens, which relative positions give at once (default corpus, 30% masking, step 600 of 1000: MLM
-    loss 4.66 with RoPE, 5.77 with learned positions, still near the unigram plateau); and
-    no dropout, since such a run sees each token about twice. `bert-tiny` is the HF-compatible one.
+    BERT's layout (post-norm, GELU, learned absolute positions, segment embeddings), so that
+    `minillm export` hands it to transformers as a BertForPreTraining, with no dropout, since such
+    a run sees each token about twice. `pos_encoding="rope"` is one setting away; RoPE gives
+    relative positions at once, which MLM uses early, but transformers' BERT cannot load it.
     """
     return ModelConfig(
         arch="encoder", vocab_size=4096, d_model=128, n_layers=4, n_heads=4, max_seq_len=128,
-        pos_encoding="rope", norm="layernorm", norm_placement="post", norm_eps=1e-12,
+        pos_encoding="learned", norm="layernorm", norm_placement="post", norm_eps=1e-12,
         activation="gelu", type_vocab_size=2,
     )
 

@@ -291,31 +291,46 @@ def config_from_hf(hf_config: dict, task: str, **overrides) -> ModelConfig:
     return dataclasses.replace(config, **overrides)
 
 
+HF_NAMES = {"gpt2": "GPT-2", "bert": "BERT"}
+EXPORT_HINTS = {  # why transformers cannot take a model with that setting
+    "pos_encoding": "transformers' GPT-2 and BERT add a learned absolute position table to the embeddings "
+                    "and have no rotary or sinusoidal positions",
+    "norm": "GPT-2 and BERT use LayerNorm with a bias",
+    "bias": "every GPT-2/BERT linear layer and norm has a bias",
+    "n_kv_heads": "GPT-2 and BERT have one key/value head per query head",
+    "activation": "GPT-2 and BERT have a plain MLP (no gated SwiGLU)",
+}
+
+
 def _check_exportable(config: ModelConfig, family: str) -> None:
-    """Raise ValueError naming the first config field that GPT-2/BERT cannot express."""
+    """Raise ValueError naming the first config field that GPT-2/BERT cannot express, why, and the
+    setting that can be exported."""
     placement = "pre" if family == "gpt2" else "post"
-    requirements = [
-        ("pos_encoding", config.pos_encoding == "learned", "'learned'"),
-        ("norm", config.norm == "layernorm", "'layernorm'"),
-        ("norm_placement", config.norm_placement == placement, repr(placement)),
-        ("activation", config.activation in TO_HF_ACTIVATION[family], str(sorted(TO_HF_ACTIVATION[family]))),
-        ("bias", config.bias, "True"),
-        ("n_kv_heads", config.kv_heads == config.n_heads, f"None or n_heads={config.n_heads} (no GQA)"),
+    activation = "gelu_tanh" if family == "gpt2" else "gelu"
+    requirements = [  # (field, exportable, what the checkpoint needs, the setting to train with)
+        ("pos_encoding", config.pos_encoding == "learned", "'learned'", "learned"),
+        ("norm", config.norm == "layernorm", "'layernorm'", "layernorm"),
+        ("norm_placement", config.norm_placement == placement, repr(placement), placement),
+        ("activation", config.activation in TO_HF_ACTIVATION[family], str(sorted(TO_HF_ACTIVATION[family])), activation),
+        ("bias", config.bias, "True", "true"),
+        ("n_kv_heads", config.kv_heads == config.n_heads, f"None or n_heads={config.n_heads} (no GQA)", "none"),
         ("classifier_pooling", config.classifier_pooling == "auto",
-         "'auto' (transformers pools [CLS] for BERT and the last token for GPT-2)"),
+         "'auto' (transformers pools [CLS] for BERT and the last token for GPT-2)", "auto"),
     ]
     if family == "gpt2":
-        requirements.append(("type_vocab_size", config.type_vocab_size == 0, "0 (GPT-2 has no segment embeddings)"))
+        requirements.append(("type_vocab_size", config.type_vocab_size == 0, "0 (GPT-2 has no segment embeddings)", "0"))
     else:
-        requirements.append(("type_vocab_size", config.type_vocab_size >= 1, ">= 1 (BERT always has segments)"))
+        requirements.append(("type_vocab_size", config.type_vocab_size >= 1, ">= 1 (BERT always has segments)", "2"))
         requirements.append(
             ("embed_dropout", config.embed_dropout == config.resid_dropout,
-             f"resid_dropout={config.resid_dropout} (BERT's hidden_dropout_prob covers both)")
+             f"resid_dropout={config.resid_dropout} (BERT's hidden_dropout_prob covers both)", str(config.resid_dropout))
         )
-    for field, ok, allowed in requirements:
+    for field, ok, allowed, setting in requirements:
         if not ok:
+            why = EXPORT_HINTS.get(field, f"transformers' {HF_NAMES[family]} has no other")
             raise ValueError(
-                f"config.{field}: got {getattr(config, field)!r}; a {family} checkpoint needs {allowed}"
+                f"config.{field}: got {getattr(config, field)!r}; a {family} checkpoint needs {allowed} "
+                f"({why}). Train with --model.{field}={setting} to export"
             )
 
 

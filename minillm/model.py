@@ -27,6 +27,7 @@ decided in one place, `minillm.dispatch`; this file only says *what* is computed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -554,11 +555,31 @@ def mean_over_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None) 
 
 @dataclass
 class ModelOutput:
+    """What a task model returns. Read it by attribute (`out.logits`); it also answers the way a
+    transformers output does: `out["logits"]` by name, `out[0]` by position, where positions count
+    the fields that are set in transformers' order (loss first when there is one, then logits)."""
+
     logits: torch.Tensor  # (B, T, V) for language models ((N, V) masked positions only, on request), (B, num_labels) for classifiers
     loss: torch.Tensor | None = None
     nsp_logits: torch.Tensor | None = None  # (B, 2): BERT pretraining
     cache: list[LayerCache] | None = None  # for the next decoding step
     hidden_states: torch.Tensor | None = None  # (B, T, C) output of the last block (after final norm)
+
+    _ORDER = ("loss", "logits", "nsp_logits", "cache", "hidden_states")  # transformers puts the loss first
+
+    def keys(self) -> list[str]:
+        """The names of the fields that are set, in transformers' order."""
+        return [name for name in self._ORDER if getattr(self, name) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.keys())
+
+    def __getitem__(self, key: str | int | slice):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(f"ModelOutput: no field {key!r} is set; set fields are {self.keys()}")
+            return getattr(self, key)
+        return self.to_tuple()[key]
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -610,6 +631,40 @@ class Model(nn.Module):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
+    # The shape transformers users know. The functions stay the way to read how each is done:
+    # minillm.checkpoint.load_model / save_model, minillm.generation.generate. The imports sit inside
+    # the methods because those modules build on this one.
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> "Model":
+        """The model saved at `path` (a minillm checkpoint or run directory, or a Hugging Face GPT-2
+        or BERT folder), in eval mode. `overrides`: runtime fields (attn_backend, dropouts...) and,
+        on `SequenceClassifier`, head fields (num_labels, classifier_pooling): a classifier built
+        from a language model keeps its body and gets a new head, as transformers does."""
+        from minillm import checkpoint
+
+        head = {name: overrides.pop(name) for name in checkpoint.HEAD_FIELDS if name in overrides}
+        if head and cls is not SequenceClassifier:
+            raise ValueError(f"{cls.__name__}.from_pretrained: {sorted(head)} configure a classifier head; "
+                             f"{cls.__name__} has none")
+        model, configs, _ = checkpoint.load_model(path, **overrides)
+        if isinstance(model, cls) and not head:
+            return model
+        if cls is SequenceClassifier and model.config.arch in ("encoder", "decoder"):
+            classifier = SequenceClassifier(dataclasses.replace(model.config, **head))
+            checkpoint.init_from(classifier, path)
+            return classifier.eval()
+        raise TypeError(f"{cls.__name__}.from_pretrained: {path} holds a {type(model).__name__} "
+                        f"(task {configs.get('task')!r}); load it with {type(model).__name__}.from_pretrained")
+
+    def save_pretrained(self, path, tokenizer=None, task: str | None = None) -> None:
+        """Save to the directory `path` what `from_pretrained` reads back: config.json (task and
+        model config), model.safetensors and, when given, the tokenizer. For transformers' own
+        format, see `minillm export` (minillm.convert.export)."""
+        from minillm.checkpoint import save_model
+
+        save_model(path, self, task=task, tokenizer=tokenizer)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 N (forward + backward through N non-embedding weights) plus
         attention scores 12 L C T (Kaplan et al., 2020; PaLM appendix B)."""
@@ -659,6 +714,15 @@ class CausalLM(Model):
             # Position t predicts token t + 1: drop the last prediction and the first label.
             loss = token_loss(logits[:, :-1], labels[:, 1:], loss_reduction)
         return ModelOutput(logits=logits, loss=loss, cache=new_cache, hidden_states=hidden)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
+        """Prompt ids followed by new tokens, as `transformers`' `model.generate`: greedy by default,
+        stopping at `config.eos_token_id`. Options and the sliding context window: see
+        `minillm.generation.generate`."""
+        from minillm.generation import generate
+
+        options.setdefault("eos_token_id", self.config.eos_token_id)
+        return generate(self, input_ids, attention_mask, **options)
 
 
 class MaskedLM(Model):
@@ -827,6 +891,15 @@ class Seq2SeqLM(Model):
             _check_labels("labels", labels, tuple(decoder_input_ids.shape))
             loss = token_loss(logits, labels, loss_reduction)
         return ModelOutput(logits=logits, loss=loss, cache=new_cache, hidden_states=hidden)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
+        """Decoder start token followed by the output for each source, as `transformers`'
+        `model.generate`: greedy by default (beam search with `num_beams`), stopping at
+        `config.eos_token_id`. Options: see `minillm.generation.generate_seq2seq`."""
+        from minillm.generation import generate_seq2seq
+
+        options.setdefault("eos_token_id", self.config.eos_token_id)
+        return generate_seq2seq(self, input_ids, attention_mask, **options)
 
 
 # =============================================================================================

@@ -215,6 +215,21 @@ def upgrade_saved_configs(saved: dict) -> dict:
     return saved
 
 
+def task_of(model: Model) -> str:
+    """The task a model is saved under when nobody says: the one task that trains its class (for a
+    MaskedLM, "mlm-nsp" when it has an NSP head); for a Seq2SeqLM, which both span corruption and
+    supervised seq2seq train, "seq2seq"."""
+    if isinstance(model, MaskedLM):
+        return "mlm-nsp" if model.nsp_head is not None else "mlm"
+    if isinstance(model, Seq2SeqLM):
+        return "seq2seq"
+    for name, task in TASKS.items():
+        if type(model) is task.model_class:
+            return name
+    raise TypeError(f"model: expected a minillm task model ({sorted({t.model_class.__name__ for t in TASKS.values()})}), "
+                    f"got {type(model).__name__}")
+
+
 def build_model(config: ModelConfig, task: str) -> Model:
     """The model a task trains: ``build_model(preset("tiny"), "causal-lm")``."""
     if not isinstance(config, ModelConfig):
