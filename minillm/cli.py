@@ -31,7 +31,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from minillm import config_io, recipes
+from minillm import __version__, config_io, recipes
 from minillm.data import DataConfig
 
 BENCHMARKS = ("attention", "layer_norm", "data", "train")  # `bench all`: the speed benchmarks
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                "Fields: ModelConfig (minillm/config.py), DataConfig (minillm/data/config.py), "
                "TrainConfig (minillm/train_config.py).",
     )
+    parser.add_argument("--version", action="version", version=f"minillm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def configured(name: str, help: str, description: str, models: str):
