@@ -27,6 +27,7 @@ annotation         accepted text
 =================  ==================================================================
 
 TOML has no null, so a field set to None is written (and may be read) as the string ``"none"``.
+Configs are written by tomli-w (:func:`to_toml`), read by the standard library's tomllib.
 
 Layers apply in order: built-in defaults of the command, then the TOML file, then the command
 line. An unknown section or key is a ``ValueError`` naming it and listing the valid ones; a bad
@@ -37,12 +38,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import math
 import tomllib
 import types
 import typing
 from pathlib import Path
+
+import tomli_w
 
 from minillm.config import ModelConfig, check_field_types, preset
 
@@ -254,20 +255,15 @@ def load_configs(
 # --------------------------------------------------------------------------- writing
 
 
-def _toml_value(value) -> str:
+def _toml_ready(value, where: str):
+    """``value`` as tomli-w writes it: None as ``"none"`` (TOML has no null), tuples as lists."""
     if value is None:
-        return '"none"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+        return "none"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} ({type(value).__name__}) to TOML")
+        return [_toml_ready(item, where) for item in value]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{where}: cannot write {value!r} ({type(value).__name__}) to TOML")
 
 
 def is_config(value) -> bool:
@@ -276,14 +272,14 @@ def is_config(value) -> bool:
 
 
 def to_toml(configs: dict[str, typing.Any]) -> str:
-    """The resolved configs as TOML that :func:`load_configs` reads back to equal objects."""
-    lines = []
-    for section, config in configs.items():
-        lines.append(f"[{section}]")
-        for field in dataclasses.fields(config):
-            lines.append(f"{field.name} = {_toml_value(getattr(config, field.name))}")
-        lines.append("")
-    return "\n".join(lines)
+    """The resolved configs as TOML that :func:`load_configs` reads back to equal objects: one
+    ``[section]`` per config, in the order given, fields in the dataclass's order. tomli-w writes
+    it, so every string reads back as it was (quotes, backslashes, newlines, control characters
+    such as U+007F are escaped); lists are written one item per line."""
+    tables = {section: {field.name: _toml_ready(getattr(config, field.name), f"{section}.{field.name}")
+                        for field in dataclasses.fields(config)}
+              for section, config in configs.items()}
+    return tomli_w.dumps(tables)
 
 
 def save_configs(configs: dict[str, typing.Any], run_dir: str | Path, name: str = "config.toml") -> Path:

@@ -110,3 +110,26 @@ def test_python_dash_m_is_the_console_script():
         assert outcomes[argv[0]] == (as_script.returncode, as_script.stdout, as_script.stderr)
     assert outcomes["--version"] == (0, f"minillm {minillm.__version__}\n", "")
     assert outcomes["nonsense"][0] == 2 and "invalid choice: 'nonsense'" in outcomes["nonsense"][2]
+
+
+# --------------------------------------------------------------------------- TOML written by tomli-w
+
+
+def test_awkward_strings_round_trip_through_the_written_toml(tmp_path):
+    configs = config_io.load_configs(recipes.SECTIONS)
+    configs["data"] = dataclasses.replace(configs["data"], inputs=[AWKWARD, "plain", "中文/*.txt"],
+                                          text_field=AWKWARD, prepared_dir="C:\\data\\x\x7f", tokenizer='"q".model')
+    configs["train"] = dataclasses.replace(configs["train"], out_dir=AWKWARD, init_from="runs/\x7f")
+    text = config_io.to_toml(configs)
+    assert list(tomllib.loads(text)) == ["model", "data", "train"]  # the sections in their order
+    assert tomllib.loads(text)["data"]["text_field"] == AWKWARD
+    path = config_io.save_configs(configs, tmp_path / "run")
+    assert config_io.load_configs(recipes.SECTIONS, path) == configs
+
+
+def test_the_saved_config_of_a_run_reads_back(awkward_run):
+    out_dir, _ = awkward_run
+    saved = tomllib.loads((out_dir / "config.toml").read_text(encoding="utf-8"))
+    assert saved["train"]["out_dir"] == str(out_dir) and "\x7f" in saved["train"]["out_dir"]
+    again = config_io.load_configs(recipes.SECTIONS, out_dir / "config.toml")
+    assert again["train"].out_dir == str(out_dir) and again["model"].n_layers == 1
