@@ -1,4 +1,4 @@
-"""The ``minillm`` command: pretrain | finetune | evaluate | generate | prepare | bench.
+"""The ``minillm`` command: pretrain | finetune | evaluate | generate | prepare | configs | bench.
 
     minillm pretrain                                  # tiny GPT on the embedded corpus, ~5 min on 2 cores
     minillm pretrain --model bert                     # tiny BERT, MLM + NSP
@@ -6,15 +6,17 @@
     minillm finetune --model seq2seq --data.train_file=train.jsonl --data.validation_file=dev.jsonl
     minillm generate --checkpoint runs/pretrain-gpt --prompt "Return the"
     minillm evaluate --checkpoint runs/finetune-bert
-    minillm pretrain --config configs/gpt2-124m-gpu.toml --data.inputs=corpus/*.txt --train.max_steps=20000
+    minillm configs                                   # the configs shipped with minillm
+    minillm pretrain --config gpt2-124m-gpu --data.inputs=corpus/*.txt --train.max_steps=20000
+    python -m minillm --version                       # the same command, without the console script
 
 Configuration (pretrain, finetune, prepare): the defaults of the recipe ``--model`` names
-(:data:`minillm.recipes.RECIPES`), then ``--config file.toml`` (sections [model], [data],
-[train]), then dotted overrides ``--model.n_layers=6``, ``--train.lr=3e-4``,
+(:data:`minillm.recipes.RECIPES`), then ``--config NAME`` (a shipped config) or ``--config
+FILE.toml`` (sections [model], [data], [train]), then dotted overrides ``--model.n_layers=6``, ``--train.lr=3e-4``,
 ``--data.inputs=a.txt,b.txt`` (see :mod:`minillm.config_io`). Resuming a run
 (``--train.resume=true``) starts from the config it was saved with instead of the defaults. The
-run resolves everything once (:func:`minillm.recipes.resolve`), prints it and saves exactly that
-as ``<out_dir>/config.toml``. The work itself is done by :mod:`minillm.recipes`.
+run resolves and checks everything once (:func:`minillm.recipes.resolve`), prints it and saves
+exactly that as ``<out_dir>/config.toml``. The work itself is done by :mod:`minillm.recipes`.
 
 Errors in what the user gave (a bad value, an unknown key, a missing file, a setting that would
 have no effect) print one line and exit with status 2; warnings print one line each.
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from minillm import __version__, config_io, recipes
 from minillm.data import DataConfig
+from minillm.tasks import get_task
 
 BENCHMARKS = ("attention", "layer_norm", "data", "train")  # `bench all`: the speed benchmarks
 EXPERIMENTS = ("finetune",)  # minutes to an hour: run by name only (pretrained vs scratch)
@@ -112,6 +115,30 @@ def cmd_evaluate(args, overrides) -> int:
     return 0
 
 
+def cmd_configs(args, overrides) -> int:
+    """The shipped configs: name, the command they run, their model, their one-line description."""
+    _no_overrides("configs", overrides)
+    rows = [("name", "command", "model", "description")]
+    for name, path in config_io.shipped_configs().items():
+        rows.append((name, *_what_it_runs(path), config_io.config_description(path)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    return 0
+
+
+def _what_it_runs(path: Path) -> tuple[str, str]:
+    """(command, model) of a config file: ``pretrain --model gpt`` and the preset it names, or where
+    a fine-tuning config takes its model from."""
+    user, sources = config_io.user_layer(recipes.SECTIONS, path, {})
+    task = user.get("train", {}).get("task")
+    command = "pretrain" if task is None or get_task(task).from_corpus else "finetune"
+    recipe = recipes.choose_recipe(command, None, user, sources)
+    init_from = user.get("train", {}).get("init_from")
+    model = user.get("model", {}).get("preset") or (f"from {init_from}" if init_from else recipe.model["preset"])
+    return f"{command} --model {recipe.family}", model
+
+
 def cmd_bench(args, overrides) -> int:
     _no_overrides("bench", overrides)
     folder = _benchmarks_folder()
@@ -171,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description,
                            epilog="Also: --model.FIELD=V --data.FIELD=V --train.FIELD=V overrides "
                                   "(after the recipe's defaults and --config).")
-        p.add_argument("--config", metavar="FILE.toml", help="TOML file with [model], [data], [train] sections")
+        p.add_argument("--config", metavar="NAME|FILE.toml",
+                       help="a shipped config by name (`minillm configs` lists them) or a TOML file with [model], "
+                            "[data], [train] sections")
         p.add_argument("--model", choices=recipes.families("finetune" if name == "finetune" else "pretrain"),
                        default=None, help=models)
         return p
@@ -220,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=_at_least(0), default=0, help="0 = the whole held-out set")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
+    sub.add_parser("configs", help="list the configs shipped with minillm (for --config NAME)",
+                   description="Each config shipped with minillm: its name (for --config NAME), the command and "
+                               "model it runs, and what it is for.")
+
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
                        description="Runs benchmarks/NAME.py with the remaining arguments (their own --help).")
     p.add_argument("name", choices=(*BENCHMARKS, *EXPERIMENTS, "all"))
@@ -227,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"pretrain": cmd_train, "finetune": cmd_train, "prepare": cmd_prepare,
-            "generate": cmd_generate, "evaluate": cmd_evaluate, "bench": cmd_bench}
+COMMANDS = {"pretrain": cmd_train, "finetune": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate,
+            "evaluate": cmd_evaluate, "configs": cmd_configs, "bench": cmd_bench}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.metadata
 import io
 import random
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -112,6 +113,85 @@ def test_python_dash_m_is_the_console_script():
     assert outcomes["nonsense"][0] == 2 and "invalid choice: 'nonsense'" in outcomes["nonsense"][2]
 
 
+# --------------------------------------------------------------------------- shipped configs
+
+
+def test_the_shipped_configs_are_package_data():
+    assert sorted(config_io.shipped_configs()) == list(SHIPPED)
+    for name, path in config_io.shipped_configs().items():
+        assert path.name == f"{name}.toml" and path.is_file()
+        assert Path(minillm.__file__).parent / "configs" / path.name == path
+    assert not (REPO / "configs").exists()  # one copy, inside the package
+
+
+def test_the_wheel_holds_the_shipped_configs(tmp_path):
+    """A real build (`pip wheel . --no-deps`, without build isolation: no network here), of a copy
+    of what the wheel is built from, so that the build leaves nothing in the checkout."""
+    source = tmp_path / "source"
+    for folder in ("minillm", "kernels"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("minillm_lab-*.whl")
+    assert wheel.name.startswith(f"minillm_lab-{minillm.__version__}-")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"minillm/configs/{name}.toml" for name in SHIPPED} <= names
+    assert {"minillm/__main__.py", "minillm/cli.py", "minillm/kernels/attention.py"} <= names
+    metadata = zipfile.ZipFile(wheel).read(f"minillm_lab-{minillm.__version__}.dist-info/METADATA").decode()
+    assert "Requires-Dist: tomli-w" in metadata
+
+
+def test_each_shipped_config_starts_with_its_one_line_description():
+    for name, path in config_io.shipped_configs().items():
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        description = config_io.config_description(path)
+        assert first == f"# {description}" and 20 < len(description) <= 90, (name, first)
+
+
+def test_a_config_is_found_by_name_or_by_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = config_io.shipped_configs()["tiny-gpt-cpu"]
+    assert config_io.find_config("tiny-gpt-cpu") == shipped
+    assert config_io.find_config(str(shipped)) == shipped
+    (tmp_path / "tiny-gpt-cpu").write_text("[train]\nlr = 0.5\n")  # a file of that name wins: it is a path
+    assert config_io.find_config("tiny-gpt-cpu") == Path("tiny-gpt-cpu")
+    by_name = recipes.configs("pretrain", None, "tiny-bert", {})[0]
+    by_path = recipes.configs("pretrain", None, str(config_io.shipped_configs()["tiny-bert"]), {})[0]
+    assert by_name == by_path and by_name["train"].task == "mlm-nsp"
+
+
+def test_pretrain_takes_a_shipped_config_by_name(tmp_path, monkeypatch):
+    """Loaded by name: its task is what conflicts with --model bert (refused before any work)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run("pretrain", "--config", "tiny-gpt-cpu", "--model", "bert")
+    refused_with_one_line(code, out, err, "--model bert", "tiny-gpt-cpu.toml sets train.task = 'causal-lm'")
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run("pretrain", "--config", "tiny-gtp-cpu")
+    refused_with_one_line(code, out, err, "config 'tiny-gtp-cpu' is neither a file nor a shipped config",
+                          "did you mean 'tiny-gpt-cpu'?", ", ".join(SHIPPED), "minillm configs")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_configs_command_lists_name_command_model_and_description():
+    code, out, err = run("configs")
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert sorted(rows) == list(SHIPPED)
+    expected = {"tiny-gpt-cpu": ("pretrain --model gpt", "tiny"), "tiny-bert": ("pretrain --model bert", "tiny-bert"),
+                "gpt2-124m-gpu": ("pretrain --model gpt", "gpt2-124m"),
+                "finetune-bert": ("finetune --model bert", "from runs/pretrain-bert")}
+    for name, (command, model) in expected.items():
+        description = config_io.config_description(config_io.shipped_configs()[name])
+        assert command in rows[name] and model in rows[name] and rows[name].endswith(description), rows[name]
+    assert run("configs", "--train.lr=1")[0] == 2
+
+
 # --------------------------------------------------------------------------- TOML written by tomli-w
 
 
@@ -133,3 +213,17 @@ def test_the_saved_config_of_a_run_reads_back(awkward_run):
     assert saved["train"]["out_dir"] == str(out_dir) and "\x7f" in saved["train"]["out_dir"]
     again = config_io.load_configs(recipes.SECTIONS, out_dir / "config.toml")
     assert again["train"].out_dir == str(out_dir) and again["model"].n_layers == 1
+
+
+# --------------------------------------------------------------------------- help
+
+
+def test_the_help_names_every_command_and_each_command_has_its_own():
+    top = help_text()
+    for command in (*cli.COMMANDS, "--version"):
+        assert command in top, command
+    for command in cli.COMMANDS:
+        text = help_text(command)
+        assert text.startswith(f"usage: minillm {command}"), text
+    for command in ("pretrain", "finetune", "prepare"):
+        assert "NAME|FILE.toml" in help_text(command) and "minillm configs" in help_text(command)
