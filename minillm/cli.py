@@ -57,23 +57,31 @@ class Parser(argparse.ArgumentParser):
 
 
 def cmd_train(args, overrides) -> int:
-    """pretrain and finetune: one road, minillm.recipes.train."""
+    """pretrain and finetune: one road, minillm.recipes.train. The run is resolved and checked
+    before anything is printed: a run that cannot start prints its one-line error alone."""
     configs, sources = recipes.configs(args.command, args.model, args.config, overrides)
     model, data, train = configs["model"], configs["data"], configs["train"]
+    notes = []
     if args.command == "finetune" and train.init_from is None and not train.resume:
         family = args.model or recipes.DEFAULT_FAMILY["finetune"]
-        print(f"note: training from scratch (train.init_from is none); `minillm finetune --model {family}` starts "
-              f"from {recipes.pretrain_dir(family)} when `minillm pretrain --model {family}` has written it")
+        notes.append(f"note: training from scratch (train.init_from is none); `minillm finetune --model {family}` "
+                     f"starts from {recipes.pretrain_dir(family)} when `minillm pretrain --model {family}` has written it")
+
+    def echo(line: str) -> None:  # the notes go out with the run's first line, once it has been checked
+        while notes:
+            print(notes.pop(0))
+        print(line)
+
     run = recipes.pretrain if args.command == "pretrain" else recipes.finetune
-    run(model, data, train, sources=sources, show_config=True)
+    run(model, data, train, sources=sources, show_config=True, echo=echo)
     return 0
 
 
 def cmd_prepare(args, overrides) -> int:
     data = recipes.configs("pretrain", args.model, args.config, overrides)[0]["data"]
-    print(config_io.to_toml({"data": data}))
-    tokenizer, summary = recipes.prepare_data(data, progress=True)
+    tokenizer, summary = recipes.prepare_data(data, progress=True)  # checks the inputs before any output
     entropy = recipes.unigram_entropy(summary["prepared_dir"])
+    print(config_io.to_toml({"data": data}))
     state = "up to date (skipped)" if summary["skipped"] else f"written in {summary['seconds']:.1f} s"
     print(f"{summary['prepared_dir']}: {state}; tokenizer {summary['tokenizer']} ({summary['vocab_size']} pieces); "
           f"train {summary['train_documents']} documents / {summary['train_tokens']:,} tokens, "

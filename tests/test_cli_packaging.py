@@ -227,3 +227,56 @@ def test_the_help_names_every_command_and_each_command_has_its_own():
         assert text.startswith(f"usage: minillm {command}"), text
     for command in ("pretrain", "finetune", "prepare"):
         assert "NAME|FILE.toml" in help_text(command) and "minillm configs" in help_text(command)
+
+
+# --------------------------------------------------------------------------- refused before the config is printed
+
+
+def test_an_occupied_out_dir_is_refused_before_the_config_is_printed(awkward_run):
+    out_dir, argv = awkward_run
+    refused_with_one_line(*run(*argv), "already holds a run", "overwrite=true")
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--train.precision=fp16"], ["TrainConfig.precision", "'fp16' needs a CUDA device"]),
+    (["--train.device=cuda"], ["TrainConfig.device", "no CUDA device"]),
+])
+def test_a_device_the_run_cannot_use_is_refused_before_the_config_is_printed(corpus, flags, needles, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    code, out, err = run("pretrain", *TINY, f"--data.inputs={corpus / 'corpus'}", f"--data.prepared_dir={corpus / 'prep'}",
+                         *flags, f"--train.out_dir={tmp_path / 'run'}")
+    refused_with_one_line(code, out, err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_that_changes_the_run_is_refused_before_the_config_is_printed(awkward_run):
+    out_dir, _ = awkward_run
+    code, out, err = run("pretrain", "--train.resume=true", f"--train.out_dir={out_dir}", "--train.lr=0.5")
+    refused_with_one_line(code, out, err, "train.lr", "-> 0.5", "resume_changes=allow")
+
+
+def test_an_out_dir_under_a_file_is_refused_before_the_config_is_printed(corpus, tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    code, out, err = run("pretrain", *TINY, f"--data.inputs={corpus / 'corpus'}", f"--data.prepared_dir={corpus / 'prep'}",
+                         f"--train.out_dir={tmp_path / 'taken' / 'run'}")
+    refused_with_one_line(code, out, err, "TrainConfig.out_dir", "which is a file")
+
+
+def test_a_refused_finetune_from_scratch_prints_no_note(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").write_text("a file")
+    code, out, err = run("finetune", "--train.init_from=none", "--train.probe_steps=0", "--train.out_dir=run")
+    refused_with_one_line(code, out, err, "TrainConfig.out_dir", "is a file")
+
+
+def test_prepare_checks_its_inputs_before_printing_the_config(tmp_path):
+    code, out, err = run("prepare", f"--data.inputs={tmp_path / 'missing'}", f"--data.prepared_dir={tmp_path / 'p'}")
+    refused_with_one_line(code, out, err, "missing")
+
+
+def test_resolve_checks_the_run_directory_before_preparing_data(tmp_path):
+    (tmp_path / "file").write_text("x")
+    data = DataConfig(inputs=[str(tmp_path / "missing")], prepared_dir=str(tmp_path / "p"))
+    with pytest.raises(OSError, match="TrainConfig.out_dir"):
+        recipes.resolve(minillm.preset("tiny"), data, TrainConfig(out_dir=str(tmp_path / "file")))
