@@ -194,13 +194,16 @@ def _at_least(low: int):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="minillm", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Pretrain, fine-tune, evaluate and sample small Transformers (BERT, GPT, encoder-decoder).",
+        description="Pretrain, fine-tune, evaluate and sample small Transformers (BERT, GPT, encoder-decoder).\n"
+                    "`python -m minillm` is the same command.",
         epilog="Config overrides: --model.FIELD=V, --data.FIELD=V, --train.FIELD=V (lists: a,b,c; None: none).\n"
                "Fields: ModelConfig (minillm/config.py), DataConfig (minillm/data/config.py), "
                "TrainConfig (minillm/train_config.py).",
     )
-    parser.add_argument("--version", action="version", version=f"minillm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"minillm {__version__}",
+                        help="print 'minillm VERSION' and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of these (`minillm COMMAND --help` shows its options):")
 
     def configured(name: str, help: str, description: str, models: str):
         p = sub.add_parser(name, help=help, description=description,
@@ -237,25 +240,35 @@ def build_parser() -> argparse.ArgumentParser:
                                    "top-k, top-p) unless --greedy; --num-beams searches an encoder-decoder's output. "
                                    "BERT: fill [MASK]. A note on stderr says when an output is not plainly what was "
                                    "asked (fewer tokens, a cropped prompt).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory (its latest checkpoint)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
-    p.add_argument("--max-new-tokens", type=_at_least(1), default=50)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=_at_least(1), default=40)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--checkpoint", metavar="DIR", required=True,
+                   help="checkpoint or run directory (its latest checkpoint)")
+    p.add_argument("--prompt", metavar="TEXT", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument("--max-new-tokens", metavar="N", type=_at_least(1), default=50,
+                   help="tokens to generate per prompt (default: %(default)s)")
+    p.add_argument("--temperature", metavar="T", type=float, default=0.8,
+                   help="sampling temperature (default: %(default)s)")
+    p.add_argument("--top-k", metavar="K", type=_at_least(1), default=40,
+                   help="sample from the K most likely tokens (default: %(default)s)")
+    p.add_argument("--top-p", metavar="P", type=float, default=None,
+                   help="sample from the smallest set of tokens holding probability P (default: off)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    p.add_argument("--num-beams", type=_at_least(1), default=1, help="beam search (encoder-decoder, with --greedy)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-beams", metavar="N", type=_at_least(1), default=1,
+                   help="beam search (encoder-decoder, with --greedy; default: %(default)s, no search)")
+    p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the sampling (default: %(default)s)")
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on held-out data",
                        description="The test split of the checkpoint's task when it has one, else its validation "
                                    "split, from the data config saved with it; --config [data] and --data.* "
                                    "overrides go on top of the saved one.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory (its latest checkpoint)")
+    p.add_argument("--checkpoint", metavar="DIR", required=True,
+                   help="checkpoint or run directory (its latest checkpoint)")
     p.add_argument("--config", metavar="FILE.toml", help="TOML file with a [data] section")
-    p.add_argument("--batch-size", type=_at_least(1), default=32)
-    p.add_argument("--max-batches", type=_at_least(0), default=0, help="0 = the whole held-out set")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", metavar="N", type=_at_least(1), default=32,
+                   help="examples per batch (default: %(default)s)")
+    p.add_argument("--max-batches", metavar="N", type=_at_least(0), default=0,
+                   help="evaluate on the first N batches (default: 0, the whole held-out set)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU when there is one (default: %(default)s)")
 
     sub.add_parser("configs", help="list the configs shipped with minillm (for --config NAME)",
                    description="Each config shipped with minillm: its name (for --config NAME), the command and "
@@ -263,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
                        description="Runs benchmarks/NAME.py with the remaining arguments (their own --help).")
-    p.add_argument("name", choices=(*BENCHMARKS, *EXPERIMENTS, "all"))
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.add_argument("name", choices=(*BENCHMARKS, *EXPERIMENTS, "all"), metavar="NAME",
+                   help=f"a benchmark ({', '.join(BENCHMARKS)}; all: each of them in turn) or an experiment "
+                        f"({', '.join(EXPERIMENTS)}: minutes to an hour)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script (see its --help)")
     return parser
 
 

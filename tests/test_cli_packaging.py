@@ -229,6 +229,17 @@ def test_the_help_names_every_command_and_each_command_has_its_own():
         assert "NAME|FILE.toml" in help_text(command) and "minillm configs" in help_text(command)
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices  # {name: subparser}
+    for name, command in {"minillm": parser, **commands}.items():
+        for action in command._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+            takes_a_value = action.option_strings and action.nargs != 0
+            if takes_a_value and action.choices is None:  # a short name, not argparse's --max-new-tokens MAX_NEW_TOKENS
+                assert action.metavar is not None, (name, action.option_strings)
+
+
 # --------------------------------------------------------------------------- refused before the config is printed
 
 
