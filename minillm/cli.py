@@ -1,4 +1,4 @@
-"""The ``minillm`` command: pretrain | finetune | evaluate | generate | prepare | bench.
+"""The ``minillm`` command: pretrain | finetune | evaluate | generate | prepare | configs | bench.
 
     minillm pretrain                                  # tiny GPT on the embedded corpus, ~5 min on 2 cores
     minillm pretrain --model bert                     # tiny BERT, MLM + NSP
@@ -6,15 +6,17 @@
     minillm finetune --model seq2seq --data.train_file=train.jsonl --data.validation_file=dev.jsonl
     minillm generate --checkpoint runs/pretrain-gpt --prompt "Return the"
     minillm evaluate --checkpoint runs/finetune-bert
-    minillm pretrain --config configs/gpt2-124m-gpu.toml --data.inputs=corpus/*.txt --train.max_steps=20000
+    minillm configs                                   # the configs shipped with minillm
+    minillm pretrain --config gpt2-124m-gpu --data.inputs=corpus/*.txt --train.max_steps=20000
+    python -m minillm --version                       # the same command, without the console script
 
 Configuration (pretrain, finetune, prepare): the defaults of the recipe ``--model`` names
-(:data:`minillm.recipes.RECIPES`), then ``--config file.toml`` (sections [model], [data],
-[train]), then dotted overrides ``--model.n_layers=6``, ``--train.lr=3e-4``,
+(:data:`minillm.recipes.RECIPES`), then ``--config NAME`` (a shipped config) or ``--config
+FILE.toml`` (sections [model], [data], [train]), then dotted overrides ``--model.n_layers=6``, ``--train.lr=3e-4``,
 ``--data.inputs=a.txt,b.txt`` (see :mod:`minillm.config_io`). Resuming a run
 (``--train.resume=true``) starts from the config it was saved with instead of the defaults. The
-run resolves everything once (:func:`minillm.recipes.resolve`), prints it and saves exactly that
-as ``<out_dir>/config.toml``. The work itself is done by :mod:`minillm.recipes`.
+run resolves and checks everything once (:func:`minillm.recipes.resolve`), prints it and saves
+exactly that as ``<out_dir>/config.toml``. The work itself is done by :mod:`minillm.recipes`.
 
 Errors in what the user gave (a bad value, an unknown key, a missing file, a setting that would
 have no effect) print one line and exit with status 2; warnings print one line each.
@@ -31,8 +33,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from minillm import config_io, recipes
+from minillm import __version__, config_io, recipes
 from minillm.data import DataConfig
+from minillm.tasks import get_task
 
 BENCHMARKS = ("attention", "layer_norm", "data", "train")  # `bench all`: the speed benchmarks
 EXPERIMENTS = ("finetune",)  # minutes to an hour: run by name only (pretrained vs scratch)
@@ -54,23 +57,31 @@ class Parser(argparse.ArgumentParser):
 
 
 def cmd_train(args, overrides) -> int:
-    """pretrain and finetune: one road, minillm.recipes.train."""
+    """pretrain and finetune: one road, minillm.recipes.train. The run is resolved and checked
+    before anything is printed: a run that cannot start prints its one-line error alone."""
     configs, sources = recipes.configs(args.command, args.model, args.config, overrides)
     model, data, train = configs["model"], configs["data"], configs["train"]
+    notes = []
     if args.command == "finetune" and train.init_from is None and not train.resume:
         family = args.model or recipes.DEFAULT_FAMILY["finetune"]
-        print(f"note: training from scratch (train.init_from is none); `minillm finetune --model {family}` starts "
-              f"from {recipes.pretrain_dir(family)} when `minillm pretrain --model {family}` has written it")
+        notes.append(f"note: training from scratch (train.init_from is none); `minillm finetune --model {family}` "
+                     f"starts from {recipes.pretrain_dir(family)} when `minillm pretrain --model {family}` has written it")
+
+    def echo(line: str) -> None:  # the notes go out with the run's first line, once it has been checked
+        while notes:
+            print(notes.pop(0))
+        print(line)
+
     run = recipes.pretrain if args.command == "pretrain" else recipes.finetune
-    run(model, data, train, sources=sources, show_config=True)
+    run(model, data, train, sources=sources, show_config=True, echo=echo)
     return 0
 
 
 def cmd_prepare(args, overrides) -> int:
     data = recipes.configs("pretrain", args.model, args.config, overrides)[0]["data"]
-    print(config_io.to_toml({"data": data}))
-    tokenizer, summary = recipes.prepare_data(data, progress=True)
+    tokenizer, summary = recipes.prepare_data(data, progress=True)  # checks the inputs before any output
     entropy = recipes.unigram_entropy(summary["prepared_dir"])
+    print(config_io.to_toml({"data": data}))
     state = "up to date (skipped)" if summary["skipped"] else f"written in {summary['seconds']:.1f} s"
     print(f"{summary['prepared_dir']}: {state}; tokenizer {summary['tokenizer']} ({summary['vocab_size']} pieces); "
           f"train {summary['train_documents']} documents / {summary['train_tokens']:,} tokens, "
@@ -110,6 +121,30 @@ def cmd_evaluate(args, overrides) -> int:
     recipes.evaluate(args.checkpoint, overrides=user.get("data", {}), sources=sources, batch_size=args.batch_size,
                      max_batches=args.max_batches, device=args.device)
     return 0
+
+
+def cmd_configs(args, overrides) -> int:
+    """The shipped configs: name, the command they run, their model, their one-line description."""
+    _no_overrides("configs", overrides)
+    rows = [("name", "command", "model", "description")]
+    for name, path in config_io.shipped_configs().items():
+        rows.append((name, *_what_it_runs(path), config_io.config_description(path)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    return 0
+
+
+def _what_it_runs(path: Path) -> tuple[str, str]:
+    """(command, model) of a config file: ``pretrain --model gpt`` and the preset it names, or where
+    a fine-tuning config takes its model from."""
+    user, sources = config_io.user_layer(recipes.SECTIONS, path, {})
+    task = user.get("train", {}).get("task")
+    command = "pretrain" if task is None or get_task(task).from_corpus else "finetune"
+    recipe = recipes.choose_recipe(command, None, user, sources)
+    init_from = user.get("train", {}).get("init_from")
+    model = user.get("model", {}).get("preset") or (f"from {init_from}" if init_from else recipe.model["preset"])
+    return f"{command} --model {recipe.family}", model
 
 
 def cmd_bench(args, overrides) -> int:
@@ -159,18 +194,24 @@ def _at_least(low: int):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="minillm", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Pretrain, fine-tune, evaluate and sample small Transformers (BERT, GPT, encoder-decoder).",
+        description="Pretrain, fine-tune, evaluate and sample small Transformers (BERT, GPT, encoder-decoder).\n"
+                    "`python -m minillm` is the same command.",
         epilog="Config overrides: --model.FIELD=V, --data.FIELD=V, --train.FIELD=V (lists: a,b,c; None: none).\n"
                "Fields: ModelConfig (minillm/config.py), DataConfig (minillm/data/config.py), "
                "TrainConfig (minillm/train_config.py).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"minillm {__version__}",
+                        help="print 'minillm VERSION' and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of these (`minillm COMMAND --help` shows its options):")
 
     def configured(name: str, help: str, description: str, models: str):
         p = sub.add_parser(name, help=help, description=description,
                            epilog="Also: --model.FIELD=V --data.FIELD=V --train.FIELD=V overrides "
                                   "(after the recipe's defaults and --config).")
-        p.add_argument("--config", metavar="FILE.toml", help="TOML file with [model], [data], [train] sections")
+        p.add_argument("--config", metavar="NAME|FILE.toml",
+                       help="a shipped config by name (`minillm configs` lists them) or a TOML file with [model], "
+                            "[data], [train] sections")
         p.add_argument("--model", choices=recipes.families("finetune" if name == "finetune" else "pretrain"),
                        default=None, help=models)
         return p
@@ -199,35 +240,51 @@ def build_parser() -> argparse.ArgumentParser:
                                    "top-k, top-p) unless --greedy; --num-beams searches an encoder-decoder's output. "
                                    "BERT: fill [MASK]. A note on stderr says when an output is not plainly what was "
                                    "asked (fewer tokens, a cropped prompt).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory (its latest checkpoint)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
-    p.add_argument("--max-new-tokens", type=_at_least(1), default=50)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=_at_least(1), default=40)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--checkpoint", metavar="DIR", required=True,
+                   help="checkpoint or run directory (its latest checkpoint)")
+    p.add_argument("--prompt", metavar="TEXT", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument("--max-new-tokens", metavar="N", type=_at_least(1), default=50,
+                   help="tokens to generate per prompt (default: %(default)s)")
+    p.add_argument("--temperature", metavar="T", type=float, default=0.8,
+                   help="sampling temperature (default: %(default)s)")
+    p.add_argument("--top-k", metavar="K", type=_at_least(1), default=40,
+                   help="sample from the K most likely tokens (default: %(default)s)")
+    p.add_argument("--top-p", metavar="P", type=float, default=None,
+                   help="sample from the smallest set of tokens holding probability P (default: off)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    p.add_argument("--num-beams", type=_at_least(1), default=1, help="beam search (encoder-decoder, with --greedy)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-beams", metavar="N", type=_at_least(1), default=1,
+                   help="beam search (encoder-decoder, with --greedy; default: %(default)s, no search)")
+    p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the sampling (default: %(default)s)")
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on held-out data",
                        description="The test split of the checkpoint's task when it has one, else its validation "
                                    "split, from the data config saved with it; --config [data] and --data.* "
                                    "overrides go on top of the saved one.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory (its latest checkpoint)")
+    p.add_argument("--checkpoint", metavar="DIR", required=True,
+                   help="checkpoint or run directory (its latest checkpoint)")
     p.add_argument("--config", metavar="FILE.toml", help="TOML file with a [data] section")
-    p.add_argument("--batch-size", type=_at_least(1), default=32)
-    p.add_argument("--max-batches", type=_at_least(0), default=0, help="0 = the whole held-out set")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", metavar="N", type=_at_least(1), default=32,
+                   help="examples per batch (default: %(default)s)")
+    p.add_argument("--max-batches", metavar="N", type=_at_least(0), default=0,
+                   help="evaluate on the first N batches (default: 0, the whole held-out set)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU when there is one (default: %(default)s)")
+
+    sub.add_parser("configs", help="list the configs shipped with minillm (for --config NAME)",
+                   description="Each config shipped with minillm: its name (for --config NAME), the command and "
+                               "model it runs, and what it is for.")
 
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
                        description="Runs benchmarks/NAME.py with the remaining arguments (their own --help).")
-    p.add_argument("name", choices=(*BENCHMARKS, *EXPERIMENTS, "all"))
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.add_argument("name", choices=(*BENCHMARKS, *EXPERIMENTS, "all"), metavar="NAME",
+                   help=f"a benchmark ({', '.join(BENCHMARKS)}; all: each of them in turn) or an experiment "
+                        f"({', '.join(EXPERIMENTS)}: minutes to an hour)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script (see its --help)")
     return parser
 
 
-COMMANDS = {"pretrain": cmd_train, "finetune": cmd_train, "prepare": cmd_prepare,
-            "generate": cmd_generate, "evaluate": cmd_evaluate, "bench": cmd_bench}
+COMMANDS = {"pretrain": cmd_train, "finetune": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate,
+            "evaluate": cmd_evaluate, "configs": cmd_configs, "bench": cmd_bench}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -27,6 +27,11 @@ annotation         accepted text
 =================  ==================================================================
 
 TOML has no null, so a field set to None is written (and may be read) as the string ``"none"``.
+Configs are written by tomli-w (:func:`to_toml`), read by the standard library's tomllib.
+
+Config files ship with the package (``minillm/configs/NAME.toml``, listed by ``minillm configs``):
+``--config NAME`` reads the shipped one when no file of that name exists, and a path names any
+other file. The first line of a shipped config is a comment that describes it in one line.
 
 Layers apply in order: built-in defaults of the command, then the TOML file, then the command
 line. An unknown section or key is a ``ValueError`` naming it and listing the valid ones; a bad
@@ -37,12 +42,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import math
 import tomllib
 import types
 import typing
 from pathlib import Path
+
+import tomli_w
 
 from minillm.config import ModelConfig, check_field_types, preset
 
@@ -50,6 +55,7 @@ NONE_WORDS = ("none", "null")
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 PRESET_KEY = "preset"  # [model] only: start from this named preset, then apply the other keys
+SHIPPED_DIR = Path(__file__).parent / "configs"  # installed with the package (package data)
 
 Layer = dict[str, dict[str, typing.Any]]  # {section: {field: value}}
 
@@ -57,11 +63,37 @@ Layer = dict[str, dict[str, typing.Any]]  # {section: {field: value}}
 # --------------------------------------------------------------------------- reading
 
 
-def load_toml(path: str | Path) -> Layer:
-    """The tables of a TOML config file; a missing file or a syntax error names the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+def shipped_configs() -> dict[str, Path]:
+    """{name: path} of the configs that ship with minillm, sorted by name."""
+    return {path.stem: path for path in sorted(SHIPPED_DIR.glob("*.toml"))}
+
+
+def find_config(config: str | Path) -> Path:
+    """The TOML file ``config`` names: the file at that path when there is one, else the shipped
+    config of that name (``NAME`` or ``NAME.toml``); FileNotFoundError listing the shipped names."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name.removesuffix(".toml")
+    if path.parent == Path(".") and name in shipped:
+        return shipped[name]
+    close = difflib.get_close_matches(name, shipped, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise FileNotFoundError(f"config {str(config)!r} is neither a file nor a shipped config{hint}; shipped: "
+                            f"{', '.join(shipped)} (`minillm configs` describes them)")
+
+
+def config_description(path: str | Path) -> str:
+    """A config file's one-line description: its first line when that is a comment, else ""."""
+    first = Path(path).read_text(encoding="utf-8").partition("\n")[0]
+    return first.removeprefix("#").strip() if first.startswith("#") else ""
+
+
+def load_toml(config: str | Path) -> Layer:
+    """The tables of a TOML config file, by path or shipped name (:func:`find_config`); a syntax
+    error names the path."""
+    path = find_config(config)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
@@ -225,8 +257,10 @@ def build_configs(sections: dict[str, type], layer: Layer) -> dict[str, typing.A
 
 def user_layer(sections: dict[str, type], config_file: str | Path | None, overrides: dict[str, str]
                ) -> tuple[Layer, dict[str, str]]:
-    """What the user set: the TOML file, then the overrides (parsed), and where each field came
-    from ({"section.field": "FILE.toml" or "--section.field"}), so an error can name its source."""
+    """What the user set: the TOML file (a path or a shipped config's name), then the overrides
+    (parsed), and where each field came from ({"section.field": the file's path or
+    "--section.field"}), so an error can name its source."""
+    config_file = find_config(config_file) if config_file else None
     toml = load_toml(config_file) if config_file else {}
     for section, values in toml.items():
         if section not in sections:
@@ -254,20 +288,15 @@ def load_configs(
 # --------------------------------------------------------------------------- writing
 
 
-def _toml_value(value) -> str:
+def _toml_ready(value, where: str):
+    """``value`` as tomli-w writes it: None as ``"none"`` (TOML has no null), tuples as lists."""
     if value is None:
-        return '"none"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+        return "none"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} ({type(value).__name__}) to TOML")
+        return [_toml_ready(item, where) for item in value]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{where}: cannot write {value!r} ({type(value).__name__}) to TOML")
 
 
 def is_config(value) -> bool:
@@ -276,14 +305,14 @@ def is_config(value) -> bool:
 
 
 def to_toml(configs: dict[str, typing.Any]) -> str:
-    """The resolved configs as TOML that :func:`load_configs` reads back to equal objects."""
-    lines = []
-    for section, config in configs.items():
-        lines.append(f"[{section}]")
-        for field in dataclasses.fields(config):
-            lines.append(f"{field.name} = {_toml_value(getattr(config, field.name))}")
-        lines.append("")
-    return "\n".join(lines)
+    """The resolved configs as TOML that :func:`load_configs` reads back to equal objects: one
+    ``[section]`` per config, in the order given, fields in the dataclass's order. tomli-w writes
+    it, so every string reads back as it was (quotes, backslashes, newlines, control characters
+    such as U+007F are escaped); lists are written one item per line."""
+    tables = {section: {field.name: _toml_ready(getattr(config, field.name), f"{section}.{field.name}")
+                        for field in dataclasses.fields(config)}
+              for section, config in configs.items()}
+    return tomli_w.dumps(tables)
 
 
 def save_configs(configs: dict[str, typing.Any], run_dir: str | Path, name: str = "config.toml") -> Path:

@@ -33,6 +33,7 @@ callers can silence it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import time
 from dataclasses import dataclass
@@ -278,12 +279,17 @@ def resolve(model: ModelConfig, data: DataConfig, train: TrainConfig, *, sources
     - ``sources`` ({"section.field": where the user set it}): a field the user set but the run
       would not use (another task's data field, LoRA's rank without LoRA, an architecture field
       that differs from the checkpoint's) is an error naming it, never silently dropped.
+    - What the Trainer would refuse is refused here, before any work: a device or precision this
+      machine lacks, an out_dir that cannot hold the run or already holds one (without resume or
+      overwrite), and a resumed run's changes that alter what it learns (without
+      resume_changes="allow"). So a run that cannot start says so before its config is printed.
     """
     for name, value, cls in (("model", model, ModelConfig), ("data", data, DataConfig), ("train", train, TrainConfig)):
         if not isinstance(value, cls):
             raise TypeError(f"{name}: expected a {cls.__name__}, got {type(value).__name__}")
     sources = sources or {}
     task = get_task(train.task)
+    _check_run_can_start(train)
     pretrained = _pretrained_source(train)
     tokenizer_path, start = None, "scratch (random initialisation)"
     if pretrained is not None:
@@ -302,7 +308,22 @@ def resolve(model: ModelConfig, data: DataConfig, train: TrainConfig, *, sources
     task.check(model, data)
     samples = train.max_steps * train.batch_size * train.grad_accum_steps * distributed.world_size()
     task_data = task.datasets(data, tokenizer, model, samples)
-    return Run(task, task.configure_model(model, task_data), data, train, tokenizer, start, task_data)
+    run = Run(task, task.configure_model(model, task_data), data, train, tokenizer, start, task_data)
+    if train.resume:  # the Trainer checks again, and says what it applies
+        ckpt.check_resume_changes(pretrained, run.configs(), allow=train.resume_changes == "allow", say=False)
+    return run
+
+
+def _check_run_can_start(train: TrainConfig) -> None:
+    """The Trainer's refusals of the device, the precision and out_dir, found by looking only
+    (nothing is created or moved): a run that cannot start fails before its data is prepared."""
+    distributed.pick_dtype(train.precision, distributed.pick_device(train.device, local_rank=0))
+    out = Path(train.out_dir)
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        where = f"{out} is a file" if existing == out else f"{out} is under {existing}, which is a file"
+        raise ckpt.RunDirError(f"TrainConfig.out_dir: {where}, not a directory", errno.ENOTDIR)
+    ckpt.run_to_resume(out, train.resume, train.overwrite)
 
 
 def _pretrained_source(train: TrainConfig) -> Path | None:

@@ -1,6 +1,5 @@
-"""Typed configs from TOML + dotted overrides (minillm.config_io) and the example configs/."""
-
-from pathlib import Path
+"""Typed configs from TOML + dotted overrides (minillm.config_io) and the shipped configs
+(minillm/configs/)."""
 
 import pytest
 
@@ -10,7 +9,7 @@ from minillm.config import ModelConfig
 from minillm.data import DataConfig
 from minillm.train_config import TrainConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+CONFIGS = sorted(config_io.shipped_configs().values())
 
 
 def load(tmp_path, toml: str = "", args: list[str] = (), defaults=None):
