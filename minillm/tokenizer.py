@@ -43,6 +43,7 @@ the next piece also starts a word. This works for any sentencepiece vocabulary.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -367,6 +368,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of pieces; model embeddings need exactly this many rows."""
         return self.sp.get_piece_size()
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 hex digest of the serialised model: equal exactly when two tokenizers are the same model."""
+        return hashlib.sha256(self.model_proto).hexdigest()
 
     @property
     def sentinel_ids(self) -> list[int]:
