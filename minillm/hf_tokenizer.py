@@ -28,8 +28,12 @@ identity + spaces  normalizer ``Replace(" ", "▁")``, then ``Prepend("▁")`` (
 user-defined       one-character pieces only (minillm's ``"\\n"``): a plain vocabulary entry no merge
                    touches, so it stays one token; not an added token, which would be cut out before
                    the dummy prefix is added
-control / unknown  special added tokens; ``split_special_tokens=True`` in ``tokenizer_config.json``, so
-                   the text ``"[MASK]"`` is characters, as in minillm, never the mask token
+control / unknown  special added tokens. Template "gpt": ``split_special_tokens=True`` in
+                   ``tokenizer_config.json``, so the text ``"[MASK]"`` is characters, as minillm's
+                   ``encode`` makes it. Template "bert": the text of a special token is that token
+                   (Hugging Face's convention; ``pipeline("fill-mask")`` and minillm's fill-mask both
+                   read ``"[MASK]"`` in a prompt as the mask), and the mask token eats the spaces
+                   around it, so ``"a [MASK] b"`` gives ``▁a [MASK] ▁b``, as minillm frames it
 BPE                ``models.BPE`` with merges derived from the vocabulary: every split of a normal
                    piece into two normal pieces is a merge, ranked by the merged piece's score
                    (sentencepiece merges the best-scoring piece first). No pre-tokenizer: like
@@ -59,9 +63,8 @@ that could reproduce them): the ``[UNK]`` id, which sentencepiece writes as ``" 
 drops with ``skip_special_tokens=True`` (a minillm tokenizer never produces ``[UNK]``: byte fallback);
 and a run of byte pieces that is not valid UTF-8, where sentencepiece keeps the valid characters and
 writes U+FFFD for each bad byte, while ``ByteFallback`` writes U+FFFD for every byte of the run.
-With ``split_special_tokens=True`` the fill-mask pipeline finds no mask in ``"a [MASK] b"``;
-``AutoTokenizer.from_pretrained(folder, split_special_tokens=False)`` turns the text back into
-special tokens (Hugging Face's convention) for that use.
+With template "bert", text that spells a special token (``"[SEP]"``) is that token, where minillm's
+``encode`` gives characters: the one difference in ids, and the convention of every BERT tokenizer.
 """
 
 from __future__ import annotations
@@ -218,9 +221,12 @@ def _build_tokenizer_json(tokenizer: Tokenizer, template: str) -> tokenizers.Tok
     prepend = "always" if normalizer["add_dummy_prefix"] else "never"
     hf.decoder = decoders.Sequence([decoders.Metaspace(WORD_START, prepend_scheme=prepend), decoders.ByteFallback(), decoders.Fuse()])
 
-    # Already in the model's vocabulary, so their ids stay sentencepiece's.
-    hf.add_tokens([AddedToken(pieces[i], special=True, normalized=False) for i, kind in enumerate(types)
-                   if kind in (_CONTROL, _UNKNOWN)])
+    # Already in the model's vocabulary, so their ids stay sentencepiece's. BERT's mask eats the
+    # spaces around it, and each side then gets its own dummy prefix: "a [MASK] b" is ▁a [MASK] ▁b,
+    # the framing of minillm's fill-mask (generation._fill_masks) and of MLM training.
+    mask = tokenizer.mask_id if template == "bert" else None
+    hf.add_tokens([AddedToken(pieces[i], special=True, normalized=False, lstrip=i == mask, rstrip=i == mask)
+                   for i, kind in enumerate(types) if kind in (_CONTROL, _UNKNOWN)])
 
     if template == "bert":
         cls, sep = tokenizer.require("cls"), tokenizer.require("sep")
@@ -269,7 +275,9 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, templa
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,  # its clean-up would change the decoded text
-        "split_special_tokens": True,  # "[MASK]" in text is characters, as in minillm
+        # gpt: "[MASK]" in text is characters, as minillm encodes it. bert: the text "[MASK]" is the
+        # mask token, Hugging Face's convention, which pipeline("fill-mask") and minillm generate need.
+        "split_special_tokens": template == "gpt",
         "padding_side": "left" if template == "gpt" else "right",  # left: batched generation
         "model_input_names": ["input_ids", "attention_mask"] + (["token_type_ids"] if template == "bert" else []),
         "add_bos_token": False,
