@@ -76,6 +76,7 @@ from safetensors import safe_open
 
 from minillm.config import ModelConfig
 from minillm.distributed import seed_everything
+from minillm.lora import unwrap_model
 from minillm.tasks import build_model, upgrade_saved_configs
 from minillm.train_config import resume_differences
 
@@ -630,8 +631,10 @@ def _tensors_and_ties(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Load a checkpoint's weights into `model` (same architecture, same task); returns the
-    checkpoint directory. ValueError naming the fields when the architecture differs."""
+    """Load a checkpoint's weights into `model` (same architecture, same task; a peft-wrapped model
+    is unwrapped); returns the checkpoint directory. ValueError naming the fields when the
+    architecture differs."""
+    model = unwrap_model(model)
     checkpoint = resolve_checkpoint(path)
     saved = _read_json(checkpoint / CONFIG).get("model", {})
     mismatch = architecture_mismatch(saved, model.config)
@@ -668,7 +671,8 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
     """(model in eval mode, configs, tokenizer or None) from a minillm checkpoint or run directory,
     or from a Hugging Face GPT-2/BERT directory (through `minillm.convert.from_hf`).
 
-    LoRA checkpoints are rebuilt with their adapters and, with merge_lora=True, merged.
+    LoRA checkpoints are rebuilt with their adapters and, with merge_lora=True, merged. A run
+    trained wrapped by peft is refused (its weights have peft's names).
     runtime: ModelConfig runtime fields to override (attn_backend, norm_backend, dropouts).
     """
     from minillm.lora import add_lora
@@ -690,6 +694,9 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
 
     checkpoint = resolve_checkpoint(path)
     configs = read_configs(checkpoint)
+    if "peft" in configs:
+        raise ValueError(f"load_model: {checkpoint} was trained wrapped by peft ({configs['peft']}); build the model, "
+                         f"wrap it with the same get_peft_model and call load_weights(model, path)")
     try:
         model_config = ModelConfig.from_dict({**configs["model"], **runtime})
         task = configs["task"]

@@ -17,7 +17,7 @@ from minillm.tasks import TASKS, get_task
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-FINETUNE_MODES = ("full", "lora", "bitfit", "freeze")
+FINETUNE_MODES = ("full", "lora", "bitfit", "freeze", "keep")
 RESUME_CHANGES = ("refuse", "allow")
 
 # Resuming: the saved config is the base. These fields only say how the run is launched, and are
@@ -101,8 +101,11 @@ class TrainConfig:
     early_stopping_patience: int = 0
     """Stop after this many evaluations without improvement; 0 never stops early."""
     finetune_mode: str = "full"
-    """"full" (every weight), "lora" (low-rank adapters), "bitfit" (biases only) or "freeze"
-    (embeddings and the first freeze_layers blocks frozen). The task head always trains."""
+    """"full" (every weight), "lora" (low-rank adapters), "bitfit" (biases only), "freeze"
+    (embeddings and the first freeze_layers blocks frozen): in these the task head always trains. "keep": train exactly the
+    parameters whose requires_grad is True as the model arrives (a model prepared by peft's
+    get_peft_model, or frozen by hand), the head included. A model that arrives with frozen
+    parameters is refused in every mode but "keep", rather than unfrozen behind the caller's back."""
     lora_rank: int = 8
     """LoRA rank r of the update B A."""
     lora_alpha: float = 16.0
