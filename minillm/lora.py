@@ -18,6 +18,9 @@ prepared by ``peft``, or frozen by hand). A model that arrives with frozen param
 in every other mode (`check_frozen_parameters`): they set ``requires_grad`` themselves and would
 silently undo the caller's choice.
 
+A LoRA run saves only what it trained, on top of its base (see `minillm.checkpoint`, "LoRA
+runs"); `merge_lora` turns a loaded adapter into plain weights for export.
+
 Models wrapped by ``peft`` (``get_peft_model``): a PeftModel with an adapter that lives inside the
 wrapped layers (LoRA and the other layer-injecting methods) is the minillm model with some of its
 layers replaced; `unwrap_model` returns that model, and the trainer, the tasks, checkpoints and
@@ -123,8 +126,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         return model
     if getattr(model.active_peft_config, "is_prompt_learning", False):
         kind = getattr(model.active_peft_config, "peft_type", "prompt learning")
-        raise TypeError(f"model: a peft PeftModel with {kind} (prompt learning) adds virtual tokens in its own forward, "
-                        f"which minillm does not run; use an adapter that replaces layers, such as LoRA")
+        raise TypeError(f"model: a peft PeftModel with {kind} (prompt learning) adds virtual tokens in its own "
+                        f"forward, which minillm does not run; use an adapter that replaces layers, such as LoRA")
     return model.get_base_model()
 
 

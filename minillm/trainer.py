@@ -42,6 +42,8 @@ any other mode is refused, since it would unfreeze them. A model prepared with `
 (``get_peft_model(model, LoraConfig(...))``) is unwrapped (``minillm.lora.unwrap_model``): the
 trainer trains, evaluates and saves the minillm model inside, whose layers hold the adapters, and
 its checkpoints hold the full weights under peft's names (resume with the same get_peft_model).
+A LoRA run (finetune_mode="lora") loads its base (``init_from``) also when it resumes, and saves
+only the adapter (see :mod:`minillm.checkpoint`).
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class Trainer:
         self.configs = {**(configs_to_save or {}), "task": config.task, "model": model.config, "train": config}
         if wrapper is not model:  # load_model refuses such a checkpoint: its names are peft's
             peft_type = getattr(wrapper.active_peft_config, "peft_type", None)
-            self.configs["peft"] = {"wrapper": type(wrapper).__name__, "peft_type": str(getattr(peft_type, "value", peft_type))}
+            self.configs["peft"] = {"wrapper": type(wrapper).__name__,
+                                    "peft_type": str(getattr(peft_type, "value", peft_type))}
         self.train_data, self.eval_data, self.collate_fn = train_data, eval_data, collate_fn
 
         self.log = None
@@ -130,14 +133,23 @@ class Trainer:
                                       say=self.is_main)
         else:
             seed_everything(config.seed + self.rank)
-        if config.init_from is not None and not resume_from:  # a resumed run's own checkpoint has newer weights
-            ckpt.init_from(model, config.init_from, tokenizer)
+        lora = config.finetune_mode == "lora"
+        base_digests = None
+        # A resumed run's own checkpoint has newer weights, except a LoRA run's: it holds the adapter alone.
+        if config.init_from is not None and (lora or not resume_from):
+            loaded = ckpt.init_from(model, config.init_from, tokenizer)["loaded"]
+            if lora and not resume_from:
+                base_digests = ckpt.tensor_digests(model, loaded)
         if before_training is not None and not resume_from:
             arrived = [(p, p.requires_grad) for p in model.parameters()]
             before_training(model)
             for param, requires_grad in arrived:
                 param.requires_grad_(requires_grad)
         self.trainable = apply_finetune_mode(model, config)
+        self.adapter = None  # what a LoRA run saves (checkpoint.Adapter); None: the full weights
+        if lora:
+            self.adapter = (ckpt.read_adapter(resume_from) if resume_from
+                            else ckpt.plan_adapter(model, config, base_digests))
         self.raw_model = model.to(self.device)
         self.optimizer = build_optimizer(self.raw_model, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -349,7 +361,8 @@ class Trainer:
         state = ckpt.training_state(self)  # a collective under DDP: every rank's RNG state
         path = None
         if self.is_main:
-            path = ckpt.save_checkpoint(self.out_dir, self.step, self.raw_model, state, self.configs, self.tokenizer)
+            path = ckpt.save_checkpoint(self.out_dir, self.step, self.raw_model, state, self.configs, self.tokenizer,
+                                        adapter=self.adapter)
             ckpt.finish_replacement(self.out_dir)  # the run this one replaces, if any, is no longer needed
             if best:
                 ckpt.mark_best(self.out_dir, path)
