@@ -48,6 +48,19 @@ point recoverable; the next prepare_run_dir applies them before anything else:
   deleted (a kill midway leaves this same state), then ``.previous-run/`` is renamed to
   ``.previous-run.tmp/`` and emptied by the first rule, with a warning.
 
+LoRA runs (TrainConfig.finetune_mode="lora"). A LoRA run's model.safetensors holds the adapter
+alone: what the run can have changed, on top of its base model (TrainConfig.init_from). That is
+the LoRA factors A and B, the trainable task head, and any frozen tensor the base does not give
+(a fresh pooler, a norm that LP-FT's probe trained); for the tiny presets a few hundred KB instead
+of the full weights. Its safetensors metadata ("adapter", see `Adapter`) names the rank, alpha,
+the wrapped layers, the base (init_from as given and the checkpoint it resolved to) and a SHA-256
+fingerprint of every base tensor, so an adapter is never put on another base: loading it onto
+weights with another fingerprint is a ValueError. `load_model` finds the base, applies the
+adapter and merges it (merge_lora=True: plain weights, e.g. for export); `load_adapter` applies
+it to a base model you already hold; `load_weights` into a LoRA-wrapped model (resume) loads the
+adapter's tensors after the same check. Checkpoints of older minillm versions, which held every
+weight under LoRA's names, still load.
+
 Only tensors, numbers, strings, lists, tuples and dicts go into state.pt, so it loads with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code. A checkpoint file
 that does not decode (cut short, overwritten) is a ValueError naming the file, from every loader.
@@ -57,6 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import io
 import json
 import os
@@ -76,10 +90,13 @@ from safetensors import safe_open
 
 from minillm.config import ModelConfig
 from minillm.distributed import seed_everything
+from minillm.lora import LoRALinear, add_lora, unwrap_model
+from minillm.lora import merge_lora as merge
 from minillm.tasks import build_model, upgrade_saved_configs
 from minillm.train_config import resume_differences
 
 WEIGHTS, STATE, CONFIG, TOKENIZER = "model.safetensors", "state.pt", "config.json", "tokenizer.model"
+ADAPTER = "adapter"  # the safetensors metadata key of a LoRA run's adapter description
 LATEST, BEST = "latest", "best"
 PROBE = "probe"  # LP-FT's probe stage (minillm finetune): a run directory inside the run's
 # What a run writes into out_dir: moved aside together when an overwrite=True run replaces it.
@@ -192,14 +209,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 # =============================================================================================
 
 
-def _weights_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """state_dict with every shared tensor kept once, plus {alias: kept name}.
+def _weights_for_saving(model: nn.Module, names: list[str] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """state_dict (only `names`, when given) with every shared tensor kept once, plus {alias: kept
+    name}.
 
     safetensors refuses tensors that share storage (tied embeddings); the model re-ties them
     itself when it is built, so loading only has to fill both names from the one copy.
     """
     tensors, ties, seen = {}, {}, {}
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    for name, tensor in (state.items() if names is None else ((n, state[n]) for n in names)):
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen:
             ties[name] = seen[key]
@@ -224,18 +244,20 @@ def save_checkpoint(
     state: dict,
     configs: dict,
     tokenizer=None,
+    adapter: Adapter | None = None,
 ) -> Path:
     """Write ``out_dir/step_XXXXXX`` atomically and point ``latest`` at it (module docstring).
 
     state: what resuming needs (optimizer, RNG, data position...), tensors and plain values only.
     configs: saved as config.json; dataclasses and objects with ``to_dict`` are converted.
+    adapter: a LoRA run's (plan_adapter): only its tensors are saved, and it goes into the metadata.
     Refuses to save non-finite weights: a checkpoint must always be a good one to go back to.
     A failed write (OSError: full disk, read-only filesystem...) deletes what it wrote and raises
     RunDirError naming the checkpoint, the OS error and the previous checkpoint, which is intact.
     """
     out = Path(out_dir)
     name = checkpoint_name(step)
-    tensors, ties = _weights_for_saving(model)
+    tensors, ties = _weights_for_saving(model, adapter.tensors if adapter is not None else None)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise FloatingPointError(f"save_checkpoint: refusing to save non-finite weights at step {step}: {bad[:5]}")
@@ -252,6 +274,8 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         metadata = {"format": "pt", "ties": json.dumps(ties)}
+        if adapter is not None:
+            metadata[ADAPTER] = json.dumps(dataclasses.asdict(adapter))
         (tmp / WEIGHTS).write_bytes(safetensors.torch.save(tensors, metadata=metadata))
         _crash_point("after_weights")
         buffer = io.BytesIO()
@@ -676,13 +700,22 @@ def _tensors_and_ties(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Load a checkpoint's weights into `model` (same architecture, same task); returns the
-    checkpoint directory. ValueError naming the fields when the architecture differs."""
+    """Load a checkpoint's weights into `model` (same architecture, same task; a peft-wrapped model
+    is unwrapped); returns the checkpoint directory. ValueError naming the fields when the
+    architecture differs. A LoRA run's adapter loads into a LoRA-wrapped model holding its base."""
+    model = unwrap_model(model)
     checkpoint = resolve_checkpoint(path)
     saved = _read_json(checkpoint / CONFIG).get("model", {})
     mismatch = architecture_mismatch(saved, model.config)
     if mismatch:
         raise ValueError(f"load_weights: {checkpoint} is a different architecture: " + "; ".join(mismatch))
+    adapter = read_adapter(checkpoint)
+    if adapter is not None:
+        if not any(isinstance(module, LoRALinear) for module in model.modules()):
+            raise ValueError(f"load_weights: {checkpoint} holds a LoRA adapter and this model has no LoRA layers; "
+                             f"use load_adapter(model, path) on its base model, or load_model(path)")
+        _load_adapter_tensors(model, checkpoint, adapter, "load_weights")
+        return checkpoint
     tensors = read_weights(checkpoint)
     expected = set(model.state_dict())
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -701,6 +734,140 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     return checkpoint
 
 
+# =============================================================================================
+# LoRA adapters: what a LoRA run saves, on top of its base (module docstring, "LoRA runs")
+# =============================================================================================
+
+
+@dataclasses.dataclass
+class Adapter:
+    """A LoRA run's adapter, as its model.safetensors metadata describes it."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: list[str]  # the wrapped layers (LoRALinear), in the model's order
+    tensors: list[str]  # the state_dict names saved: LoRA A and B, the trainable head, what the base lacks
+    base: str  # TrainConfig.init_from, as given
+    base_checkpoint: str  # the checkpoint (or Hugging Face directory) it resolved to, absolute
+    base_sha256: str  # fingerprint of every other tensor (_fingerprint)
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)  # (N,): any dtype reads as N * itemsize bytes
+    digest = hashlib.sha256(f"{tensor.dtype} {tuple(tensor.shape)}".encode())
+    digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def tensor_digests(model: nn.Module, names: list[str] | None = None) -> dict[str, str]:
+    """{state_dict name: _digest} of `model` (only `names`, when given)."""
+    state = model.state_dict()
+    return {name: _digest(state[name]) for name in (state if names is None else names)}
+
+
+def _fingerprint(digests: dict[str, str]) -> str:
+    """One SHA-256 over {name: digest}, in name order."""
+    return hashlib.sha256("".join(f"{name} {d}\n" for name, d in sorted(digests.items())).encode()).hexdigest()
+
+
+def _plain_name(name: str, targets: set[str]) -> str:
+    """A wrapped layer's weight by its name in the plain model: "<layer>.base.weight" -> "<layer>.weight"."""
+    prefix, _, leaf = name.rpartition(".")
+    layer = prefix.removesuffix(".base")
+    return f"{layer}.{leaf}" if layer != prefix and layer in targets else name
+
+
+def _base_fingerprint(model: nn.Module, adapter: Adapter) -> str:
+    """The fingerprint of `model`'s tensors that `adapter` does not hold, by their plain names:
+    the same for the plain base model and for the base inside the LoRA-wrapped one."""
+    targets = set(adapter.targets)
+    saved = {_plain_name(name, targets) for name in adapter.tensors}
+    state = {_plain_name(name, targets): tensor for name, tensor in model.state_dict().items()}
+    return _fingerprint({name: _digest(tensor) for name, tensor in state.items() if name not in saved})
+
+
+def plan_adapter(model: nn.Module, config, base_digests: dict[str, str]) -> Adapter:
+    """What a fresh LoRA run saves (the Trainer calls it once LoRA is applied). `base_digests`
+    (tensor_digests, by plain names): the tensors init_from loaded, as it loaded them. Saved:
+    every trainable tensor, and every other one that is not the base's as loaded (init_from left
+    it fresh, or before_training changed it); the rest is the base, fingerprinted."""
+    targets = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    saved, base = [], {}
+    for name, tensor in model.state_dict().items():
+        plain = _plain_name(name, set(targets))
+        if name not in trainable and plain in base_digests and _digest(tensor) == base_digests[plain]:
+            base[plain] = base_digests[plain]
+        else:
+            saved.append(name)
+    source = Path(config.init_from)
+    resolved = source if is_hf_directory(source) else resolve_checkpoint(source)
+    return Adapter(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets,
+                   tensors=saved, base=config.init_from, base_checkpoint=str(resolved.resolve()),
+                   base_sha256=_fingerprint(base))
+
+
+def read_adapter(path: str | os.PathLike) -> Adapter | None:
+    """The adapter a checkpoint (or a run's latest one) holds; None for full weights."""
+    checkpoint = resolve_checkpoint(path)
+
+    def metadata(file: Path) -> dict:
+        with safe_open(file, framework="pt") as f:
+            return f.metadata() or {}
+
+    described = _decode(checkpoint / WEIGHTS, metadata).get(ADAPTER)
+    return None if described is None else Adapter(**json.loads(described))
+
+
+def _check_base(model: nn.Module, adapter: Adapter, checkpoint: Path, where: str) -> None:
+    fingerprint = _base_fingerprint(model, adapter)
+    if fingerprint != adapter.base_sha256:
+        raise ValueError(
+            f"{where}: {checkpoint} is a LoRA adapter for the base {adapter.base_checkpoint} (weights sha256 "
+            f"{adapter.base_sha256[:16]}...), but this model's base weights hash to {fingerprint[:16]}...: a different "
+            f"base model. Load the adapter on top of the base it was trained on"
+        )
+
+
+def _load_adapter_tensors(model: nn.Module, checkpoint: Path, adapter: Adapter, where: str) -> None:
+    """Copy the adapter's tensors into a LoRA-wrapped model with the right base (checked first)."""
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    if wrapped != adapter.targets:
+        raise ValueError(f"{where}: the model's LoRA layers {wrapped[:4]}... are not the adapter's "
+                         f"{adapter.targets[:4]}... ({len(wrapped)} against {len(adapter.targets)})")
+    _check_base(model, adapter, checkpoint, where)
+    tensors, state = read_weights(checkpoint), model.state_dict()
+    for name in adapter.tensors:
+        if name not in state or name not in tensors or tuple(tensors[name].shape) != tuple(state[name].shape):
+            raise ValueError(f"{where}: {checkpoint}: the adapter's {name} does not fit this {type(model).__name__}")
+    with torch.no_grad():
+        for name in adapter.tensors:
+            state[name].copy_(tensors[name])  # state_dict tensors share the parameters' storage
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Put the adapter of a LoRA run (its checkpoint, or the run directory) on `model`, a plain task
+    model that holds the run's base weights: checks the base's fingerprint, wraps the adapter's
+    layers (add_lora) and loads its tensors. In place; returns `model`, unmerged (merge_lora merges).
+    ValueError when `model` is another architecture, has LoRA layers already, or another base."""
+    checkpoint = resolve_checkpoint(path)
+    adapter = read_adapter(checkpoint)
+    if adapter is None:
+        raise ValueError(f"load_adapter: {checkpoint} holds full weights, not a LoRA adapter; use load_weights")
+    if any(isinstance(module, LoRALinear) for module in model.modules()):
+        raise ValueError("load_adapter: the model has LoRA layers already; pass the plain base model")
+    mismatch = architecture_mismatch(read_configs(checkpoint).get("model", {}), model.config)
+    if mismatch:
+        raise ValueError(f"load_adapter: {checkpoint} is a different architecture: " + "; ".join(mismatch))
+    _check_base(model, adapter, checkpoint, "load_adapter")
+    leaves = tuple(sorted({name.rpartition(".")[2] for name in adapter.targets}))  # "q_proj", "fc_in"...
+    add_lora(model, adapter.rank, adapter.alpha, adapter.dropout, targets=leaves)
+    _load_adapter_tensors(model, checkpoint, adapter, "load_adapter")
+    return model
+
+
 def is_hf_directory(path: Path) -> bool:
     """A Hugging Face model directory: its config.json has "model_type" (ours has "task")."""
     config = path / "config.json"
@@ -714,11 +881,11 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
     """(model in eval mode, configs, tokenizer or None) from a minillm checkpoint or run directory,
     or from a Hugging Face GPT-2/BERT directory (through `minillm.convert.from_hf`).
 
-    LoRA checkpoints are rebuilt with their adapters and, with merge_lora=True, merged.
+    A LoRA run: its base (the checkpoint that init_from resolved to) is loaded, the adapter put on
+    it (load_adapter) and, with merge_lora=True, merged into plain weights. A run trained wrapped by
+    peft is refused (its weights have peft's names).
     runtime: ModelConfig runtime fields to override (attn_backend, norm_backend, dropouts).
     """
-    from minillm.lora import add_lora
-    from minillm.lora import merge_lora as merge
     from minillm.tokenizer import Tokenizer
 
     bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
@@ -736,6 +903,9 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
 
     checkpoint = resolve_checkpoint(path)
     configs = read_configs(checkpoint)
+    if "peft" in configs:
+        raise ValueError(f"load_model: {checkpoint} was trained wrapped by peft ({configs['peft']}); build the model, "
+                         f"wrap it with the same get_peft_model and call load_weights(model, path)")
     try:
         model_config = ModelConfig.from_dict({**configs["model"], **runtime})
         task = configs["task"]
@@ -746,10 +916,19 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
         tokenizer = Tokenizer.load(checkpoint / TOKENIZER)
         check_vocab(model_config, tokenizer, f"load_model({checkpoint})")
     model = build_model(model_config, task)
-    train = configs.get("train", {})
-    if train.get("finetune_mode") == "lora":
-        add_lora(model, train["lora_rank"], train["lora_alpha"])
-    load_weights(model, checkpoint)
+    adapter = read_adapter(checkpoint)
+    if adapter is not None:
+        base = Path(adapter.base_checkpoint)
+        if not base.exists():
+            raise FileNotFoundError(f"load_model: {checkpoint} is a LoRA adapter on the base {base}, which is not "
+                                    f"there; load the base model and call load_adapter(model, {str(checkpoint)!r})")
+        init_from(model, base)
+        load_adapter(model, checkpoint)
+    else:
+        train = configs.get("train", {})
+        if train.get("finetune_mode") == "lora":  # written by an older minillm: every weight, LoRA's names
+            add_lora(model, train["lora_rank"], train["lora_alpha"])
+        load_weights(model, checkpoint)
     if merge_lora:
         merge(model)
     return model.eval(), configs, tokenizer

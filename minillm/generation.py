@@ -15,6 +15,9 @@ Context window: a GPT has max_seq_len positions, and each step conditions on at 
 max_seq_len - 1 tokens. A longer sequence slides: each further step recomputes the last
 max_seq_len - 1 tokens without the cache (see `generate`), so a prompt near the limit still gets
 every token asked for.
+
+A model wrapped by peft (LoRA and other adapters that replace layers) is unwrapped
+(`minillm.lora.unwrap_model`): the minillm model inside runs its adapters.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from minillm.lora import unwrap_model
 from minillm.model import CausalLM, LayerCache, MaskedLM, Seq2SeqLM
 
 if TYPE_CHECKING:
@@ -134,6 +138,7 @@ def generate(
     loses its padding before any of its tokens: each row conditions on its own last
     min(length, W) tokens, with positions counted from the first of them, as it would alone.
     """
+    model = unwrap_model(model)  # a peft-wrapped model runs its adapters inside
     if not isinstance(model, CausalLM):
         raise TypeError(f"model: generate() needs a CausalLM, got {type(model).__name__}")
     _check_decoding_args(max_new_tokens, temperature, top_k, top_p)
@@ -203,6 +208,7 @@ def generate_seq2seq(
 
     The decoder cannot slide like a GPT's: 1 + max_new_tokens must fit in max_seq_len.
     """
+    model = unwrap_model(model)
     if not isinstance(model, Seq2SeqLM):
         raise TypeError(f"model: generate_seq2seq() needs a Seq2SeqLM, got {type(model).__name__}")
     if not isinstance(num_beams, int) or num_beams < 1:
@@ -383,6 +389,7 @@ def generate_text(
     gives the same texts. `Generation.note` says in one line why an output has fewer tokens than
     asked, or that the prompt was cropped or the window slid; it is None otherwise.
     """
+    model = unwrap_model(model)
     if not isinstance(model, (CausalLM, Seq2SeqLM, MaskedLM)):
         raise TypeError(f"model: generate_text() needs a CausalLM, Seq2SeqLM or MaskedLM, got {type(model).__name__}")
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):

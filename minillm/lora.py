@@ -11,8 +11,22 @@ wrappers disappear: no extra latency. LoRA wraps the attention projections (q, k
 the MLP projections (fc_in, fc_gate, fc_out) of every block.
 
 BitFit (Ben Zaken et al., 2022) trains only the bias terms. "freeze" freezes the embeddings and
-the first `freeze_layers` blocks (of each stack). In every mode the task head (the classifier,
-the NSP head) trains: it is new and has nothing to fall back on.
+the first `freeze_layers` blocks (of each stack). In these modes the task head (the classifier,
+the NSP head) trains: it is new and has nothing to fall back on. "keep" changes nothing: the
+parameters that train are exactly those whose ``requires_grad`` the caller left True (a model
+prepared by ``peft``, or frozen by hand). A model that arrives with frozen parameters is refused
+in every other mode (`check_frozen_parameters`): they set ``requires_grad`` themselves and would
+silently undo the caller's choice.
+
+A LoRA run saves only what it trained, on top of its base (see `minillm.checkpoint`, "LoRA
+runs"); `merge_lora` turns a loaded adapter into plain weights for export.
+
+Models wrapped by ``peft`` (``get_peft_model``): a PeftModel with an adapter that lives inside the
+wrapped layers (LoRA and the other layer-injecting methods) is the minillm model with some of its
+layers replaced; `unwrap_model` returns that model, and the trainer, the tasks, checkpoints and
+generation use it. Not supported: peft's prompt-learning methods (prompt, prefix and p-tuning),
+whose virtual tokens are added by PeftModel.forward, and ``task_type="CAUSAL_LM"`` (peft then
+expects the Hugging Face generation API). minillm never imports peft.
 """
 
 from __future__ import annotations
@@ -58,20 +72,25 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> list[str]:
-    """Wrap every LoRA target inside the model's blocks; returns the wrapped module names."""
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+             targets: tuple[str, ...] = LORA_TARGETS) -> list[str]:
+    """Wrap every nn.Linear inside the model's blocks whose name is one of `targets` (default: all
+    of LORA_TARGETS); returns the wrapped module names, in the model's order."""
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown or not targets:
+        raise ValueError(f"add_lora: targets must be a non-empty selection of {LORA_TARGETS}, got {tuple(targets)}")
     wrapped = []
     for block_name, block in list(model.named_modules()):
         if not isinstance(block, Block):
             continue
         for name, module in list(block.named_modules()):
             parent_name, _, leaf = name.rpartition(".")
-            if leaf in LORA_TARGETS and isinstance(module, nn.Linear):
+            if leaf in targets and isinstance(module, nn.Linear):
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, leaf, LoRALinear(module, rank, alpha, dropout))
                 wrapped.append(f"{block_name}.{name}")
     if not wrapped:
-        raise ValueError(f"add_lora: found no {LORA_TARGETS} layers in {type(model).__name__}")
+        raise ValueError(f"add_lora: found no {tuple(targets)} layers in {type(model).__name__}")
     return wrapped
 
 
@@ -94,13 +113,58 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
             for p in getattr(model, name).parameters()]
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The minillm model inside a ``peft`` PeftModel, or `model` itself when it is not wrapped.
+
+    peft's layer-injecting adapters (LoRA...) replace layers *inside* the wrapped model, and
+    PeftModel.forward only calls it: running the unwrapped model runs the adapters too. Prompt
+    learning (prompt/prefix/p-tuning) adds virtual tokens in PeftModel.forward instead, so it would
+    be silently skipped: a TypeError. minillm does not import peft; a PeftModel is recognised by
+    its ``get_base_model`` and ``active_peft_config``.
+    """
+    if not (callable(getattr(model, "get_base_model", None)) and hasattr(model, "active_peft_config")):
+        return model
+    if getattr(model.active_peft_config, "is_prompt_learning", False):
+        kind = getattr(model.active_peft_config, "peft_type", "prompt learning")
+        raise TypeError(f"model: a peft PeftModel with {kind} (prompt learning) adds virtual tokens in its own "
+                        f"forward, which minillm does not run; use an adapter that replaces layers, such as LoRA")
+    return model.get_base_model()
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """{"trainable": n, "total": n}: unique parameters (tied weights once), trainable = requires_grad."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return {"trainable": sum(p.numel() for p in unique if p.requires_grad), "total": sum(p.numel() for p in unique)}
+
+
+def check_frozen_parameters(model: nn.Module, mode: str) -> None:
+    """ValueError when `model` arrives with frozen parameters and finetune_mode `mode` would set
+    requires_grad itself (every mode but "keep"): the freezing was someone's choice (peft's, the
+    caller's), and undoing it silently would train what they meant to keep fixed."""
+    if mode == "keep":
+        return
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        counts = count_parameters(model)
+        raise ValueError(
+            f"TrainConfig.finetune_mode: the model arrives with {counts['total'] - counts['trainable']:,} of "
+            f"{counts['total']:,} parameters frozen (requires_grad=False: {', '.join(frozen[:3])}"
+            f"{', ...' if len(frozen) > 3 else ''}), and finetune_mode={mode!r} would set requires_grad itself and "
+            f"undo that; pass finetune_mode='keep' to train exactly the parameters that require grad, or call "
+            f"model.requires_grad_(True) first to use {mode!r}"
+        )
+
+
 def apply_finetune_mode(model: nn.Module, config) -> dict:
-    """Set requires_grad for `config.finetune_mode` ("full", "lora", "bitfit", "freeze").
+    """Set requires_grad for `config.finetune_mode` ("full", "lora", "bitfit", "freeze", "keep").
 
     `config` is a TrainConfig (finetune_mode, lora_rank, lora_alpha, lora_dropout,
-    freeze_layers). LoRA wrappers are added in place. Returns {"trainable": n, "total": n}.
+    freeze_layers). LoRA wrappers are added in place. "keep" changes nothing, the head included.
+    Returns {"trainable": n, "total": n} (count_parameters).
     """
     mode = config.finetune_mode
+    if mode == "keep":
+        return count_parameters(model)
     if mode == "full":
         model.requires_grad_(True)
     elif mode == "lora":
@@ -123,9 +187,9 @@ def apply_finetune_mode(model: nn.Module, config) -> dict:
             for block in stack.blocks[: config.freeze_layers]:
                 block.requires_grad_(False)
     else:
-        raise ValueError(f"TrainConfig.finetune_mode: got {mode!r}, expected 'full', 'lora', 'bitfit' or 'freeze'")
+        raise ValueError(
+            f"TrainConfig.finetune_mode: got {mode!r}, expected 'full', 'lora', 'bitfit', 'freeze' or 'keep'"
+        )
     for param in head_parameters(model):
         param.requires_grad_(True)
-    unique = {id(p): p for p in model.parameters()}.values()
-    return {"trainable": sum(p.numel() for p in unique if p.requires_grad), "total": sum(p.numel() for p in unique)}
-
+    return count_parameters(model)

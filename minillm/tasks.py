@@ -56,6 +56,7 @@ from minillm.data import (
     stdlib_seq2seq_task,
 )
 from minillm.generation import generate_seq2seq
+from minillm.lora import unwrap_model
 from minillm.metrics import IGNORE_INDEX, classification_metrics, confusion_matrix, perplexity, text_scores
 from minillm.model import CausalLM, MaskedLM, Model, Seq2SeqLM, SequenceClassifier
 from minillm.tokenizer import Tokenizer
@@ -112,7 +113,8 @@ class Task:
         return self.model_class(config)
 
     def check_model(self, model) -> None:
-        """TypeError when ``model`` is not the kind of model this task trains."""
+        """TypeError when ``model`` is not the kind of model this task trains (a peft-wrapped one is unwrapped)."""
+        model = unwrap_model(model)
         if not isinstance(model, self.model_class):
             raise TypeError(f"model: task {self.name!r} trains a {self.model_class.__name__}, got {type(model).__name__}")
 

@@ -17,7 +17,7 @@ from minillm.tasks import TASKS, get_task
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-FINETUNE_MODES = ("full", "lora", "bitfit", "freeze")
+FINETUNE_MODES = ("full", "lora", "bitfit", "freeze", "keep")
 RESUME_CHANGES = ("refuse", "allow")
 
 # Resuming: the saved config is the base. These fields only say how the run is launched, and are
@@ -101,8 +101,12 @@ class TrainConfig:
     early_stopping_patience: int = 0
     """Stop after this many evaluations without improvement; 0 never stops early."""
     finetune_mode: str = "full"
-    """"full" (every weight), "lora" (low-rank adapters), "bitfit" (biases only) or "freeze"
-    (embeddings and the first freeze_layers blocks frozen). The task head always trains."""
+    """"full" (every weight), "lora" (low-rank adapters; needs init_from: the run saves only the
+    adapter, on top of that base), "bitfit" (biases only), "freeze" (embeddings and the first
+    freeze_layers blocks frozen): in these the task head always trains. "keep": train exactly the
+    parameters whose requires_grad is True as the model arrives (a model prepared by peft's
+    get_peft_model, or frozen by hand), the head included. A model that arrives with frozen
+    parameters is refused in every mode but "keep", rather than unfrozen behind the caller's back."""
     lora_rank: int = 8
     """LoRA rank r of the update B A."""
     lora_alpha: float = 16.0
@@ -124,7 +128,9 @@ class TrainConfig:
     """Peak learning rate of the probe (only the head trains, so it takes larger steps)."""
     init_from: str | None = None
     """Initial weights: a minillm checkpoint (or run directory) or a Hugging Face directory.
-    Ignored when resuming: the run's own checkpoint already holds the fine-tuned weights."""
+    Ignored when resuming: the run's own checkpoint already holds the fine-tuned weights; except in
+    a LoRA run, whose checkpoints hold only the adapter: its base is loaded again, and must be the
+    very weights it was trained on (checked against the adapter's fingerprint)."""
     resume: bool = False
     """Continue the run in out_dir from its latest checkpoint, exactly where it stopped. Its saved
     config is the base: fields that change what the run learns (lr, schedule, data, model...) are
@@ -191,6 +197,9 @@ class TrainConfig:
             fail("layer_lr_decay", "a number in (0, 1]")
         if self.resume and self.overwrite:
             fail("overwrite", "False when resume=True (resume continues the run that overwrite would delete)")
+        if self.finetune_mode == "lora" and self.init_from is None:
+            fail("init_from", "a pretrained checkpoint when finetune_mode='lora' (LoRA adapts a base model, and "
+                              "the run saves only the adapter, on top of it)")
         if self.finetune_mode == "freeze" and self.freeze_layers == 0:
             fail("freeze_layers", "an integer >= 1 when finetune_mode='freeze'")
 

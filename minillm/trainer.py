@@ -35,6 +35,15 @@ checkpoint is ever written from non-finite weights.
 DDP. Launched by torchrun the trainer joins the process group, wraps the model in
 DistributedDataParallel and shards the data by rank; only rank 0 writes logs and checkpoints.
 Not supported: FSDP/tensor parallelism, IterableDataset of samples (wrap it in a DataLoader).
+
+Fine-tuning (``TrainConfig.finetune_mode``, see :mod:`minillm.lora`). A model that arrives with
+frozen parameters trains with finetune_mode="keep", which leaves every requires_grad as it is;
+any other mode is refused, since it would unfreeze them. A model prepared with ``peft``
+(``get_peft_model(model, LoraConfig(...))``) is unwrapped (``minillm.lora.unwrap_model``): the
+trainer trains, evaluates and saves the minillm model inside, whose layers hold the adapters, and
+its checkpoints hold the full weights under peft's names (resume with the same get_peft_model).
+A LoRA run (finetune_mode="lora") loads its base (``init_from``) also when it resumes, and saves
+only the adapter (see :mod:`minillm.checkpoint`).
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ from minillm import config_io, distributed
 from minillm.batches import eval_batches, to_device, train_batches
 from minillm.distributed import seed_everything
 from minillm.evaluation import evaluate
-from minillm.lora import apply_finetune_mode
+from minillm.lora import apply_finetune_mode, check_frozen_parameters, unwrap_model
 from minillm.metrics import MetricsLog, plot_metrics
 from minillm.optim import apply_lr, build_optimizer, schedule_cut
 from minillm.tasks import get_task
@@ -70,6 +79,7 @@ class Trainer:
 
     Args:
         model: a minillm task model (``minillm.tasks.build_model``), on any device; the trainer moves it.
+            It may come wrapped by peft (a PeftModel with LoRA...): then use finetune_mode="keep".
         config: the TrainConfig; ``config.task`` must be the task the model was built for.
         train_data / eval_data: map-style Datasets (with collate_fn) or iterables of batch dicts.
         collate_fn: turns a list of samples into a batch dict (Dataset inputs only).
@@ -79,7 +89,8 @@ class Trainer:
         hooks: {"on_step_end" | "on_eval_end" | "on_checkpoint": fn(trainer, info)}.
         before_training: fn(model), called on a fresh run once out_dir is taken and the pretrained
             weights (config.init_from) are in, before the fine-tuning mode and the optimizer are
-            set up: where the recipes train a new head alone first (LP-FT's probe).
+            set up: where the recipes train a new head alone first (LP-FT's probe). The
+            requires_grad flags it changes are put back as the model arrived.
     """
 
     def __init__(self, model, config: TrainConfig, train_data, eval_data=None, *, collate_fn=None,
@@ -90,6 +101,8 @@ class Trainer:
         unknown = sorted(set(hooks or {}) - set(HOOKS))
         if unknown:
             raise ValueError(f"hooks: unknown hook name(s) {unknown}; available hooks are {HOOKS}")
+        check_frozen_parameters(model, config.finetune_mode)  # before anything is touched
+        wrapper, model = model, unwrap_model(model)
         self.config, self.hooks, self.tokenizer = config, dict(hooks or {}), tokenizer
         self.task = get_task(config.task)
         self.task.check_model(model)
@@ -100,6 +113,10 @@ class Trainer:
         self.dtype = distributed.pick_dtype(config.precision, self.device)
         ckpt.check_vocab(model.config, tokenizer, "Trainer")
         self.configs = {**(configs_to_save or {}), "task": config.task, "model": model.config, "train": config}
+        if wrapper is not model:  # load_model refuses such a checkpoint: its names are peft's
+            peft_type = getattr(wrapper.active_peft_config, "peft_type", None)
+            self.configs["peft"] = {"wrapper": type(wrapper).__name__,
+                                    "peft_type": str(getattr(peft_type, "value", peft_type))}
         self.train_data, self.eval_data, self.collate_fn = train_data, eval_data, collate_fn
 
         self.log = None
@@ -116,11 +133,23 @@ class Trainer:
                                       say=self.is_main)
         else:
             seed_everything(config.seed + self.rank)
-        if config.init_from is not None and not resume_from:  # a resumed run's own checkpoint has newer weights
-            ckpt.init_from(model, config.init_from, tokenizer)
+        lora = config.finetune_mode == "lora"
+        base_digests = None
+        # A resumed run's own checkpoint has newer weights, except a LoRA run's: it holds the adapter alone.
+        if config.init_from is not None and (lora or not resume_from):
+            loaded = ckpt.init_from(model, config.init_from, tokenizer)["loaded"]
+            if lora and not resume_from:
+                base_digests = ckpt.tensor_digests(model, loaded)
         if before_training is not None and not resume_from:
+            arrived = [(p, p.requires_grad) for p in model.parameters()]
             before_training(model)
+            for param, requires_grad in arrived:
+                param.requires_grad_(requires_grad)
         self.trainable = apply_finetune_mode(model, config)
+        self.adapter = None  # what a LoRA run saves (checkpoint.Adapter); None: the full weights
+        if lora:
+            self.adapter = (ckpt.read_adapter(resume_from) if resume_from
+                            else ckpt.plan_adapter(model, config, base_digests))
         self.raw_model = model.to(self.device)
         self.optimizer = build_optimizer(self.raw_model, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -332,7 +361,8 @@ class Trainer:
         state = ckpt.training_state(self)  # a collective under DDP: every rank's RNG state
         path = None
         if self.is_main:
-            path = ckpt.save_checkpoint(self.out_dir, self.step, self.raw_model, state, self.configs, self.tokenizer)
+            path = ckpt.save_checkpoint(self.out_dir, self.step, self.raw_model, state, self.configs, self.tokenizer,
+                                        adapter=self.adapter)
             ckpt.finish_replacement(self.out_dir)  # the run this one replaces, if any, is no longer needed
             if best:
                 ckpt.mark_best(self.out_dir, path)
