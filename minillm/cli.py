@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -110,6 +111,25 @@ def cmd_generate(args, overrides) -> int:
             print(result.text if isinstance(model, MaskedLM) else f"{result.prompt}\n-> {result.text}")
         if result.note:
             print(f"note: {result.note}", file=sys.stderr)
+    return 0
+
+
+AUTO_CLASSES = {"GPT2LMHeadModel": "AutoModelForCausalLM", "BertForPreTraining": "AutoModelForPreTraining",
+                "BertForMaskedLM": "AutoModelForMaskedLM",
+                "BertForSequenceClassification": "AutoModelForSequenceClassification"}
+
+
+def cmd_export(args, overrides) -> int:
+    from minillm.export import export
+
+    _no_overrides("export", overrides)
+    out = export(args.checkpoint, args.out, overwrite=args.overwrite)
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    auto = AUTO_CLASSES[architecture]
+    print(f"{out}: {architecture} with its tokenizer. Load it with transformers:\n"
+          f"  from transformers import {auto}, AutoTokenizer\n"
+          f"  model = {auto}.from_pretrained({str(out)!r})\n"
+          f"  tokenizer = AutoTokenizer.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -256,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beam search (encoder-decoder, with --greedy; default: %(default)s, no search)")
     p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the sampling (default: %(default)s)")
 
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers folder",
+                       description="Weights, config.json, generation_config.json (GPT) and the tokenizer "
+                                   "(tokenizer.json), so that transformers' Auto classes and pipelines load the "
+                                   "folder alone: GPT as GPT2LMHeadModel, BERT as BertForPreTraining / "
+                                   "BertForMaskedLM / BertForSequenceClassification. LoRA updates are merged.")
+    p.add_argument("--checkpoint", metavar="DIR", required=True, help="checkpoint or run directory (its latest checkpoint)")
+    p.add_argument("--out", metavar="DIR", required=True, help="the folder to write (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (never other files)")
+
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on held-out data",
                        description="The test split of the checkpoint's task when it has one, else its validation "
                                    "split, from the data config saved with it; --config [data] and --data.* "
@@ -284,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"pretrain": cmd_train, "finetune": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate,
-            "evaluate": cmd_evaluate, "configs": cmd_configs, "bench": cmd_bench}
+            "evaluate": cmd_evaluate, "export": cmd_export, "configs": cmd_configs, "bench": cmd_bench}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
