@@ -15,8 +15,15 @@ Public API
 ----------
 - ``scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
   is_causal=False, scale=None, enable_gqa=False)``: drop-in for torch's SDPA on (B, H, L, D).
-- ``flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-  dropout_p=0.0, causal=False, scale=None)``: packed (T, H, D) sequences, no work on padding.
+- ``flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *, window_size=(-1, -1),
+  softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False)``: the flash-attn
+  package's function, (B, L, H, D), its argument order and its bottom-right causal alignment.
+- ``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+  dropout_p=0.0, softmax_scale=None, causal=False, *, ..., block_table=None)``: flash-attn's
+  packed (T, H, D) function, bottom-right causal per sequence.
+- ``flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+  dropout_p=0.0, causal=False, scale=None)``: packed (T, H, D) sequences, no work on padding,
+  top-left causal like SDPA; options keyword-only, so a flash-attn positional call is an error.
 - ``attention_reference(...)``: the explicit PyTorch math, SDPA semantics, plus ``dropout_mask``;
   defined in ``minillm/attention.py`` (the model's ``reference`` backend) and re-exported here.
 - ``draw_dropout_seed()`` / ``dropout_keep_mask(...)``: recover the exact dropout mask a call used.
@@ -27,9 +34,15 @@ Supported
   no TF32 and no tensor cores; use bf16/fp16 for speed). Accumulation is always fp32.
 - Any Lq, Lk >= 1 (Lq != Lk included), head dims 1..256 (tiles padded to the next power of
   two >= 16 and masked, so 24, 40, 80, 96, 160 work), GQA/MQA.
-- torch's top-left causal alignment (row i sees keys 0..i) in both functions. For varlen with
-  Lq != Lk this is also top-left, the same as SDPA, and unlike the flash-attn package, which
-  aligns bottom-right (the last query sees the last key).
+- Two causal alignments, chosen by the function, never guessed: top-left as in torch (row i
+  sees keys 0..i) in scaled_dot_product_attention and flash_attn_varlen; bottom-right as in the
+  flash-attn package (row i sees keys 0..i + Lk - Lq, per sequence when packed; rows that see no
+  key output 0) in flash_attn_func and flash_attn_varlen_func. The kernels take the alignment as
+  the runtime flag ``bottom_right`` and offset the causal diagonal by Lk - Lq.
+- flash-attn's ``deterministic`` (always true here); its window_size, softcap, alibi_slopes,
+  return_attn_probs and block_table only at their defaults (anything else is a ValueError).
+- torch.compile: scaled_dot_product_attention and flash_attn_func run as the custom op
+  ``torch.ops.minillm.attention_forward`` (kernels/ops.py), traced without a graph break.
 - Boolean (True = attend) and additive float masks broadcastable to (B, H, Lq, Lk), read in
   place with stride 0 on broadcast dims. Fully masked rows output 0 (torch gives NaN) and
   get finite (zero) gradients.
@@ -45,6 +58,7 @@ Not supported
 - Gradients with respect to ``attn_mask`` (a mask that requires grad is refused).
 - D_v != D_qk; masks in ``flash_attn_varlen``; Lq * Lk >= 2**31 with dropout (Philox counter).
 - Block-sparse/sliding-window shortcuts: a mask is applied element-wise, never used to skip tiles.
+- torch.compile through the varlen functions: their checks read cu_seqlens on the host (a graph break).
 
 Tuning: per-architecture config tables (sm_80, sm_90) by head-dim bucket, autotuned on GPU
 (key: lengths, head dim, features); calls with a mask or dropout use shrunken tiles
@@ -79,7 +93,7 @@ from minillm.kernels import ops
 #
 #   S = Q K^T * scale                      (B, H, Lq, Lk), scale = 1 / sqrt(D) by default
 #   S = S + mask  (additive float mask)   or   S = -inf where a bool mask is False
-#   S = -inf where j > i                   (is_causal: row i sees keys 0..i, top-left aligned)
+#   S = -inf where j > i + diag            (causal; diag = 0 top-left, Lk - Lq bottom-right)
 #   P = softmax(S, dim=-1)                 rows that are -inf everywhere give P = 0, not NaN
 #   P = P * keep / (1 - p)                 dropout, keep ~ Bernoulli(1 - p)
 #   O = P V                                (B, H, Lq, D)

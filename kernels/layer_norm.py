@@ -25,7 +25,9 @@ Supported:
       (G, N) float32 buffer, which is then summed over G. No atomics, no locks; any M, also M < G.
 Not supported:
     - float64 (use the references), a `normalized_shape` that is not a suffix of the input shape,
-      `torch.compile` tracing through the kernels, and CPU tensors outside the interpreter
+      `torch.compile` tracing through add_layer_norm / add_rms_norm (layer_norm and rms_norm run as
+      the custom op `torch.ops.minillm.norm_forward` of kernels/ops.py, which it traces without a
+      graph break), and CPU tensors outside the interpreter
       (the dispatcher chooses torch there; these functions raise instead of falling back).
     - the add_* variants normalise over the last dimension only.
 Algorithm: one program per row in the forward, as in the Triton layer-norm tutorial; the weight
