@@ -15,8 +15,15 @@ Public API
 ----------
 - ``scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
   is_causal=False, scale=None, enable_gqa=False)``: drop-in for torch's SDPA on (B, H, L, D).
-- ``flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-  dropout_p=0.0, causal=False, scale=None)``: packed (T, H, D) sequences, no work on padding.
+- ``flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *, window_size=(-1, -1),
+  softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False)``: the flash-attn
+  package's function, (B, L, H, D), its argument order and its bottom-right causal alignment.
+- ``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+  dropout_p=0.0, softmax_scale=None, causal=False, *, ..., block_table=None)``: flash-attn's
+  packed (T, H, D) function, bottom-right causal per sequence.
+- ``flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+  dropout_p=0.0, causal=False, scale=None)``: packed (T, H, D) sequences, no work on padding,
+  top-left causal like SDPA; options keyword-only, so a flash-attn positional call is an error.
 - ``attention_reference(...)``: the explicit PyTorch math, SDPA semantics, plus ``dropout_mask``;
   defined in ``minillm/attention.py`` (the model's ``reference`` backend) and re-exported here.
 - ``draw_dropout_seed()`` / ``dropout_keep_mask(...)``: recover the exact dropout mask a call used.
@@ -27,9 +34,15 @@ Supported
   no TF32 and no tensor cores; use bf16/fp16 for speed). Accumulation is always fp32.
 - Any Lq, Lk >= 1 (Lq != Lk included), head dims 1..256 (tiles padded to the next power of
   two >= 16 and masked, so 24, 40, 80, 96, 160 work), GQA/MQA.
-- torch's top-left causal alignment (row i sees keys 0..i) in both functions. For varlen with
-  Lq != Lk this is also top-left, the same as SDPA, and unlike the flash-attn package, which
-  aligns bottom-right (the last query sees the last key).
+- Two causal alignments, chosen by the function, never guessed: top-left as in torch (row i
+  sees keys 0..i) in scaled_dot_product_attention and flash_attn_varlen; bottom-right as in the
+  flash-attn package (row i sees keys 0..i + Lk - Lq, per sequence when packed; rows that see no
+  key output 0) in flash_attn_func and flash_attn_varlen_func. The kernels take the alignment as
+  the runtime flag ``bottom_right`` and offset the causal diagonal by Lk - Lq.
+- flash-attn's ``deterministic`` (always true here); its window_size, softcap, alibi_slopes,
+  return_attn_probs and block_table only at their defaults (anything else is a ValueError).
+- torch.compile: scaled_dot_product_attention and flash_attn_func run as the custom op
+  ``torch.ops.minillm.attention_forward`` (kernels/ops.py), traced without a graph break.
 - Boolean (True = attend) and additive float masks broadcastable to (B, H, Lq, Lk), read in
   place with stride 0 on broadcast dims. Fully masked rows output 0 (torch gives NaN) and
   get finite (zero) gradients.
@@ -45,6 +58,7 @@ Not supported
 - Gradients with respect to ``attn_mask`` (a mask that requires grad is refused).
 - D_v != D_qk; masks in ``flash_attn_varlen``; Lq * Lk >= 2**31 with dropout (Philox counter).
 - Block-sparse/sliding-window shortcuts: a mask is applied element-wise, never used to skip tiles.
+- torch.compile through the varlen functions: their checks read cu_seqlens on the host (a graph break).
 
 Tuning: per-architecture config tables (sm_80, sm_90) by head-dim bucket, autotuned on GPU
 (key: lengths, head dim, features); calls with a mask or dropout use shrunken tiles
@@ -66,6 +80,7 @@ from torch import Tensor
 
 from minillm.attention import attention_reference  # noqa: F401  (re-exported: see section 1)
 from minillm.attention import check_attention_inputs
+from minillm.kernels import ops
 
 # ---------------------------------------------------------------------------------------------
 # 1. The math, and a pure-PyTorch reference
@@ -78,7 +93,7 @@ from minillm.attention import check_attention_inputs
 #
 #   S = Q K^T * scale                      (B, H, Lq, Lk), scale = 1 / sqrt(D) by default
 #   S = S + mask  (additive float mask)   or   S = -inf where a bool mask is False
-#   S = -inf where j > i                   (is_causal: row i sees keys 0..i, top-left aligned)
+#   S = -inf where j > i + diag            (causal; diag = 0 top-left, Lk - Lq bottom-right)
 #   P = softmax(S, dim=-1)                 rows that are -inf everywhere give P = 0, not NaN
 #   P = P * keep / (1 - p)                 dropout, keep ~ Bernoulli(1 - p)
 #   O = P V                                (B, H, Lq, D)
@@ -166,13 +181,14 @@ def _dropout_keep(seed, bh, rows, cols, LK_RNG, dropout_p):
 
 
 @triton.jit
-def _mask_scores(s, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn,
+def _mask_scores(s, rows, cols, row_ok, col_ok, diag, mask_base, stride_mm, stride_mn,
                  IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
     """Apply bounds, causal and user masks to a tile of base-2 scores. `rows`, `cols` and their
-    `_ok` flags are broadcastable 2-D tiles, so the same code serves S and its transpose."""
+    `_ok` flags are broadcastable 2-D tiles, so the same code serves S and its transpose.
+    `diag` is the causal diagonal's offset (see _causal_diagonal)."""
     valid = row_ok & col_ok
-    if IS_CAUSAL:  # top-left aligned: row i sees keys 0..i
-        valid = valid & (cols <= rows)
+    if IS_CAUSAL:  # row i sees keys 0..i + diag
+        valid = valid & (cols <= rows + diag)
     if MASK_KIND != 0:
         m = tl.load(mask_base + rows * stride_mm + cols * stride_mn, mask=valid, other=0)
         if MASK_KIND == 1:  # bool mask stored as uint8, nonzero = attend
@@ -195,6 +211,14 @@ def _seq_bounds(CU_SEQ, b, DENSE_LEN, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _causal_diagonal(q_len, k_len, bottom_right):
+    """Offset of the causal diagonal: row i sees keys 0..i + diag. Top-left (torch's SDPA)
+    has diag = 0; bottom-right (flash-attn) has diag = Lk - Lq, so the last query sees the last
+    key. With Lq > Lk the first Lq - Lk rows then see no key at all and output 0."""
+    return (k_len - q_len) * bottom_right
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O,  # (B, H, Lq, D) / (B, H_kv, Lk, D) / ... / output like Q; or packed (T, H, D)
     LSE,  # (B, H, Lq) fp32: base-2 log-sum-exp of each row's scaled scores, for the backward
@@ -211,11 +235,12 @@ def _attn_fwd_kernel(
     scale_log2,  # softmax scale * log2(e)
     dropout_p,  # probability of dropping an attention weight
     seed,  # Philox seed for dropout
+    bottom_right,  # 1: causal diagonal aligned bottom-right (diag = Lk - Lq per sequence), 0: top-left
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two >= 16; extra lanes are masked
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
-    IS_CAUSAL: tl.constexpr,  # top-left causal mask
+    IS_CAUSAL: tl.constexpr,  # causal mask, aligned as `bottom_right` says
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool, 2 additive
     HAS_DROPOUT: tl.constexpr,  # dropout_p > 0
     VARLEN: tl.constexpr,  # packed sequences described by CU_SEQ_Q / CU_SEQ_K
@@ -228,6 +253,7 @@ def _attn_fwd_kernel(
     h = pid_bh % H
     q_start, q_len = _seq_bounds(CU_SEQ_Q, b, Lq, VARLEN)
     k_start, k_len = _seq_bounds(CU_SEQ_K, b, Lk, VARLEN)
+    diag = _causal_diagonal(q_len, k_len, bottom_right)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:  # past the end of a short packed sequence: nothing to do
         return
@@ -252,15 +278,15 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running unnormalised output
 
     n_end = k_len
-    if IS_CAUSAL:  # keys past the block's last row are masked for every row: skip them
-        n_end = tl.minimum(k_len, start_m + BLOCK_M)
+    if IS_CAUSAL:  # keys past the block's last row's diagonal are masked for every row: skip them
+        n_end = tl.minimum(k_len, start_m + BLOCK_M + diag)
     for start_n in range(0, n_end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < k_len
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
-        s = _mask_scores(s, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
+        s = _mask_scores(s, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], diag,
                          mask_base, stride_mm, stride_mn, IS_CAUSAL, MASK_KIND)
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -325,6 +351,7 @@ def _attn_bwd_dkdv_kernel(
     Lq, Lk,  # dense lengths, or max lengths when VARLEN
     scale, scale_log2,  # softmax scale, and scale * log2(e)
     dropout_p, seed,  # dropout probability and Philox seed (as in the forward)
+    bottom_right,  # causal alignment, as in the forward
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per inner step
     BLOCK_N: tl.constexpr,  # keys owned by this program
@@ -337,6 +364,7 @@ def _attn_bwd_dkdv_kernel(
     h_kv = pid_bkv % H_KV
     q_start, q_len = _seq_bounds(CU_SEQ_Q, b, Lq, VARLEN)
     k_start, k_len = _seq_bounds(CU_SEQ_K, b, Lk, VARLEN)
+    diag = _causal_diagonal(q_len, k_len, bottom_right)
     start_n = pid_n * BLOCK_N
     if start_n >= k_len:
         return
@@ -356,8 +384,8 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     m_begin = 0
-    if IS_CAUSAL:  # rows above this key block's first key see none of it
-        m_begin = (start_n // BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:  # rows i < start_n - diag see none of this key block
+        m_begin = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
     for g in range(0, GROUP):  # every query head that shares this K/V head
         h = h_kv * GROUP + g
         bh = b * H + h
@@ -377,7 +405,7 @@ def _attn_bwd_dkdv_kernel(
             delta = tl.load(DELTA + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
 
             s_t = _dot(k, q_t, UPCAST, PRECISION) * scale_log2  # (BLOCK_N, BLOCK_M)
-            s_t = _mask_scores(s_t, rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None],
+            s_t = _mask_scores(s_t, rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None], diag,
                                mask_base, stride_mm, stride_mn, IS_CAUSAL, MASK_KIND)
             p_t = tl.math.exp2(s_t - lse[None, :])  # recomputed softmax, transposed
             dp_t = _dot(v, tl.trans(do), UPCAST, PRECISION)  # (dO V^T)^T, (BLOCK_N, BLOCK_M)
@@ -412,6 +440,7 @@ def _attn_bwd_dq_kernel(
     H, GROUP,  # query heads, H // H_kv
     Lq, Lk,  # dense lengths, or max lengths when VARLEN
     scale, scale_log2, dropout_p, seed,
+    bottom_right,  # causal alignment, as in the forward
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # keys per inner step
@@ -424,6 +453,7 @@ def _attn_bwd_dq_kernel(
     h = pid_bh % H
     q_start, q_len = _seq_bounds(CU_SEQ_Q, b, Lq, VARLEN)
     k_start, k_len = _seq_bounds(CU_SEQ_K, b, Lk, VARLEN)
+    diag = _causal_diagonal(q_len, k_len, bottom_right)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
         return
@@ -449,7 +479,7 @@ def _attn_bwd_dq_kernel(
 
     n_end = k_len
     if IS_CAUSAL:
-        n_end = tl.minimum(k_len, start_m + BLOCK_M)
+        n_end = tl.minimum(k_len, start_m + BLOCK_M + diag)
     for start_n in range(0, n_end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < k_len
@@ -457,7 +487,7 @@ def _attn_bwd_dq_kernel(
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
-        s = _mask_scores(s, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :],
+        s = _mask_scores(s, rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], diag,
                          mask_base, stride_mm, stride_mn, IS_CAUSAL, MASK_KIND)
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
@@ -664,28 +694,29 @@ def _feature_constexprs(layout: _Layout, mask_kind: int, causal: bool, dropout_p
     )
 
 
-def _attention_forward(q, k, v, mask, layout: _Layout, causal: bool, scale: float,
+def _attention_forward(q, k, v, mask, layout: _Layout, causal: bool, bottom_right: bool, scale: float,
                        dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Run the forward kernel; return the output (shaped like q) and the (B, H, Lq) fp32 LSE."""
+    """Run the forward kernel; return the output (shaped and strided like q, so a (B, L, H, D)
+    caller viewed as (B, H, L, D) gets a contiguous (B, L, H, D) back) and the (B, H, Lq) fp32 LSE."""
     L = layout
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)
     lse = torch.empty((L.batch, L.heads, L.len_q), dtype=torch.float32, device=q.device)
     mask_t, mask_strides, mask_kind = _mask_args(mask, L, q)
     cu_q = L.cu_seqlens_q if L.varlen else lse
     cu_k = L.cu_seqlens_k if L.varlen else lse
     args = (q, k, v, out, lse, mask_t, cu_q, cu_k,
             *L.strides(q), *L.strides(k), *L.strides(v), *L.strides(out), *mask_strides,
-            L.heads, L.heads // L.kv_heads, L.len_q, L.len_k, scale * LOG2E, dropout_p, seed)
+            L.heads, L.heads // L.kv_heads, L.len_q, L.len_k, scale * LOG2E, dropout_p, seed, int(bottom_right))
     _launch("fwd", L.len_q, L.batch * L.heads, args,
             _feature_constexprs(L, mask_kind, causal, dropout_p, q.dtype), q.dtype, q.device)
     return out, lse
 
 
-def _attention_backward(dout, q, k, v, out, lse, mask, layout: _Layout, causal: bool,
+def _attention_backward(dout, q, k, v, out, lse, mask, layout: _Layout, causal: bool, bottom_right: bool,
                         scale: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV: preprocess delta = rowsum(dO * O), then the dK/dV and dQ kernels."""
     L = layout
-    if dout.stride() != out.stride():  # dO shares O's (contiguous) strides inside the kernels
+    if dout.stride() != out.stride():  # dO shares O's strides inside the kernels
         dout = torch.empty_like(out).copy_(dout)
     delta = torch.empty_like(lse)
     cu_q = L.cu_seqlens_q if L.varlen else lse
@@ -706,11 +737,12 @@ def _attention_backward(dout, q, k, v, out, lse, mask, layout: _Layout, causal: 
     _launch("dkdv", L.len_k, L.batch * L.kv_heads,
             (q, k, v, dout, dk, dv, lse, delta, mask_t, cu_q, cu_k, *inputs, *L.strides(dk),
              *mask_strides, L.heads, L.kv_heads, group, L.len_q, L.len_k, scale, scale * LOG2E,
-             dropout_p, seed),
+             dropout_p, seed, int(bottom_right)),
             constexprs, q.dtype, q.device)
     _launch("dq", L.len_q, L.batch * L.heads,
             (q, k, v, dout, dq, lse, delta, mask_t, cu_q, cu_k, *inputs, *L.strides(dq),
-             *mask_strides, L.heads, group, L.len_q, L.len_k, scale, scale * LOG2E, dropout_p, seed),
+             *mask_strides, L.heads, group, L.len_q, L.len_k, scale, scale * LOG2E, dropout_p, seed,
+             int(bottom_right)),
             constexprs, q.dtype, q.device)
     return dq, dk, dv
 
@@ -737,23 +769,28 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, len_q: int, len_k: int,
 # ---------------------------------------------------------------------------------------------
 # 4. autograd
 # ---------------------------------------------------------------------------------------------
+#
+# Dense calls (scaled_dot_product_attention, flash_attn_func) go through the custom ops of
+# kernels/ops.py, whose registered backward calls _attention_backward: torch.compile traces them
+# without a graph break. Packed varlen calls use the autograd.Function below: their input
+# checks read cu_seqlens on the host, which breaks a compiled graph anyway.
 
 
 class _FlashAttention(torch.autograd.Function):
     """Saves what the backward needs (inputs, output, LSE; never P) and delegates to launchers."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, layout, causal, scale, dropout_p, seed):
-        out, lse = _attention_forward(q, k, v, mask, layout, causal, scale, dropout_p, seed)
+    def forward(ctx, q, k, v, mask, layout, causal, bottom_right, scale, dropout_p, seed):
+        out, lse = _attention_forward(q, k, v, mask, layout, causal, bottom_right, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.settings = (layout, causal, scale, dropout_p, seed)
+        ctx.settings = (layout, causal, bottom_right, scale, dropout_p, seed)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, mask = ctx.saved_tensors
         dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, mask, *ctx.settings)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,6 +814,12 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _dropout_seed_tensor(dropout_p: float) -> Tensor | None:
+    """The Philox seed as a 1-element int64 tensor (None without dropout): the same draw as
+    draw_dropout_seed, kept in a tensor so torch.compile traces it without a graph break."""
+    return torch.randint(0, 2**30, (1,)) if dropout_p > 0.0 else None
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -789,21 +832,126 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """Drop-in replacement for `torch.nn.functional.scaled_dot_product_attention` on (B, H, L, D).
 
-    Same semantics (see attention_reference); fully masked rows give 0 rather than NaN. Dropout
-    draws its Philox seed from torch's default generator (see draw_dropout_seed).
+    Same semantics (see attention_reference), causal top-left aligned as in torch; fully masked
+    rows give 0 rather than NaN. Dropout draws its Philox seed from torch's default generator
+    (see draw_dropout_seed). Runs as the custom op `torch.ops.minillm.attention_forward`.
     """
     _check_kernel_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _check_kernel_device(query, "query")
     if attn_mask is not None and attn_mask.requires_grad:
         raise ValueError("attn_mask.requires_grad=True is not supported by the Triton kernel "
                          "(no gradient flows to the mask); pass attn_mask.detach()")
-    B, H, Lq, D = query.shape
-    layout = _Layout(B, H, key.shape[1], Lq, key.shape[2], D, None, None)
-    _check_dropout_range(dropout_p, Lq, key.shape[2])
+    D = query.shape[-1]
+    _check_dropout_range(dropout_p, query.shape[2], key.shape[2])
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
     q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
-    return _FlashAttention.apply(q, k, v, attn_mask, layout, bool(is_causal), scale, float(dropout_p), seed)
+    out, _ = ops.attention_forward(q, k, v, attn_mask, float(dropout_p), bool(is_causal), False, scale,
+                                   _dropout_seed_tensor(dropout_p))
+    return out
+
+
+# flash-attn options minillm's kernel cannot honour: each is accepted at its default value only.
+# (`deterministic` is honoured whatever its value: the backward never uses atomics.)
+_FLASH_ATTN_DEFAULTS = {"window_size": (-1, -1), "softcap": 0.0, "alibi_slopes": None,
+                        "return_attn_probs": False}
+
+
+def _is_default(name: str, value) -> bool:
+    default = _FLASH_ATTN_DEFAULTS[name]
+    if name == "window_size":
+        return isinstance(value, (tuple, list)) and tuple(value) == default
+    return value is None if default is None else value == default
+
+
+def _refuse_flash_attn_options(fn: str, causal, deterministic, **options) -> None:
+    """Raise for any flash-attn option set to a value the kernel cannot honour (never ignore it)."""
+    for name, flag in (("causal", causal), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{fn}: {name} must be a bool, got {flag!r}")
+    for name, value in options.items():
+        if not _is_default(name, value):
+            raise ValueError(f"{fn}: {name}={value!r} is not supported by minillm's kernel; only the "
+                             f"default {name}={_FLASH_ATTN_DEFAULTS[name]!r} is allowed")
+
+
+def _check_packed_or_padded(fn: str, q: Tensor, k: Tensor, v: Tensor, layout: str) -> None:
+    """flash-attn-style inputs: q, k, v of rank len(layout) with D last and heads before it, one
+    dtype (fp16/bf16/fp32) and device, a shared head dim <= MAX_HEAD_DIM, H % H_kv == 0."""
+    rank = len(layout.split(","))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{fn}: {name} must have {rank} dims ({layout}), got shape {tuple(t.shape)}")
+    if q.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{fn}: q dtype must be one of {list(_KERNEL_DTYPES)}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name} dtype must match q dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} must be on q's device {q.device}, got {t.device}")
+    _check_kernel_device(q, "q")
+    D = q.shape[-1]
+    if k.shape[-1] != D or v.shape[-1] != D:
+        raise ValueError(f"{fn}: k and v head dim must equal q head dim {D}, got k {k.shape[-1]}, v {v.shape[-1]}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: q head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"{fn}: k and v must have the same shape but the head dim, got {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
+    H, H_kv = q.shape[-2], k.shape[-2]
+    if H % H_kv != 0:
+        raise ValueError(f"{fn}: q heads ({H}) must be divisible by k heads ({H_kv})")
+
+
+def _check_dropout_and_scale(fn: str, dropout_p, scale, scale_name: str) -> None:
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{fn}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{fn}: {scale_name} must be a finite float or None, got {scale!r}")
+
+
+def flash_attn_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    *,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> Tensor:
+    """The flash-attn package's `flash_attn_func`: q (B, Lq, H, D), k and v (B, Lk, H_kv, D).
+
+    The first six arguments have flash-attn's names, order and defaults, so a positional
+    flash-attn call means the same here. GQA/MQA by passing fewer k/v heads (H % H_kv == 0).
+    `causal` is flash-attn's bottom-right alignment: query i sees keys 0..i + Lk - Lq, so the
+    last query sees the last key; with Lq > Lk the first Lq - Lk queries see no key and output
+    0. (scaled_dot_product_attention keeps torch's top-left alignment.) The other options are
+    keyword-only: `deterministic` is always honoured (the backward uses no atomics); window_size,
+    softcap, alibi_slopes and return_attn_probs are refused unless left at their defaults.
+    Returns (B, Lq, H, D), laid out like q (contiguous when q is). Runs as
+    `torch.ops.minillm.attention_forward`.
+    """
+    fn = "flash_attn_func"
+    _refuse_flash_attn_options(fn, causal, deterministic, window_size=window_size, softcap=softcap,
+                               alibi_slopes=alibi_slopes, return_attn_probs=return_attn_probs)
+    _check_packed_or_padded(fn, q, k, v, "batch, seqlen, nheads, headdim")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"{fn}: k and v batch size must equal q's {q.shape[0]}, got {k.shape[0]}")
+    _check_dropout_and_scale(fn, dropout_p, softmax_scale, "softmax_scale")
+    _check_dropout_range(dropout_p, q.shape[1], k.shape[1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    # (B, L, H, D) -> (B, H, L, D) views; the kernel takes any strides, and its output is laid
+    # out like the query view, so transposing it back gives q's layout.
+    query, key, value = (_last_dim_contiguous(t).transpose(1, 2) for t in (q, k, v))
+    out, _ = ops.attention_forward(query, key, value, None, float(dropout_p), bool(causal), True, scale,
+                                   _dropout_seed_tensor(dropout_p))
+    return out.transpose(1, 2)  # (B, Lq, H, D)
 
 
 def _check_cu_seqlens(cu: Tensor, name: str, total: int, max_seqlen: int, max_name: str, device) -> list[int]:
@@ -827,6 +975,30 @@ def _check_cu_seqlens(cu: Tensor, name: str, total: int, max_seqlen: int, max_na
     return lengths
 
 
+def _varlen(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
+            bottom_right: bool, scale, scale_name: str) -> Tensor:
+    """Check and run one packed call; `bottom_right` picks the causal alignment."""
+    _check_packed_or_padded(fn, q, k, v, "total_tokens, H, D")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(m, int) or m < 1:
+            raise ValueError(f"{fn}: {name} must be an int >= 1, got {m!r}")
+    lens_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
+    lens_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
+    if len(lens_q) != len(lens_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got "
+                         f"{len(lens_q)} and {len(lens_k)} sequences")
+    _check_dropout_and_scale(fn, dropout_p, scale, scale_name)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{fn}: causal must be a bool, got {causal!r}")
+    _, H, D = q.shape
+    layout = _Layout(len(lens_q), H, k.shape[1], max_seqlen_q, max_seqlen_k, D, cu_seqlens_q, cu_seqlens_k)
+    _check_dropout_range(dropout_p, max_seqlen_q, max_seqlen_k)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return _FlashAttention.apply(q, k, v, None, layout, causal, bottom_right, scale, float(dropout_p), seed)
+
+
 def flash_attn_varlen(
     q: Tensor,
     k: Tensor,
@@ -835,6 +1007,7 @@ def flash_attn_varlen(
     cu_seqlens_k: Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    *,
     dropout_p: float = 0.0,
     causal: bool = False,
     scale: float | None = None,
@@ -845,46 +1018,47 @@ def flash_attn_varlen(
     k/v[cu_seqlens_k[b]:cu_seqlens_k[b+1]]; no work is spent on padding. Lengths may be 0 (a
     query row with no keys outputs 0). `causal` is top-left aligned in every sequence, as in
     scaled_dot_product_attention: query i sees keys 0..i, whatever the two lengths.
-    """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have 3 dims (total_tokens, H, D), got shape {tuple(t.shape)}")
-    if q.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"q dtype must be one of {list(_KERNEL_DTYPES)}, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} dtype must match q dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    _check_kernel_device(q, "q")
-    T_q, H, D = q.shape
-    if k.shape[2] != D or v.shape[2] != D:
-        raise ValueError(f"k and v head dim must equal q head dim {D}, got k {k.shape[2]}, v {v.shape[2]}")
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"q head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
-    if k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"k and v must have the same (total_tokens, H_kv), got {tuple(k.shape[:2])} and {tuple(v.shape[:2])}")
-    H_kv = k.shape[1]
-    if H % H_kv != 0:
-        raise ValueError(f"q heads ({H}) must be divisible by k heads ({H_kv})")
-    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(m, int) or m < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {m!r}")
-    lens_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", T_q, max_seqlen_q, "max_seqlen_q", q.device)
-    lens_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
-    if len(lens_q) != len(lens_k):
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got "
-                         f"{len(lens_q)} and {len(lens_k)} sequences")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
-    layout = _Layout(len(lens_q), H, H_kv, max_seqlen_q, max_seqlen_k, D, cu_seqlens_q, cu_seqlens_k)
-    _check_dropout_range(dropout_p, max_seqlen_q, max_seqlen_k)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return _FlashAttention.apply(q, k, v, None, layout, bool(causal), scale, float(dropout_p), seed)
+    The options are keyword-only: flash-attn's `flash_attn_varlen_func` takes (dropout_p,
+    softmax_scale, causal) positionally in another order, so a positional call written for it
+    is an error here rather than silently different attention. Use flash_attn_varlen_func for
+    flash-attn's names, order and bottom-right causal alignment.
+    """
+    return _varlen("flash_attn_varlen", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   dropout_p, causal, False, scale, "scale")
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    *,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Tensor | None = None,
+) -> Tensor:
+    """The flash-attn package's `flash_attn_varlen_func`: packed q (T_q, H, D), k and v (T_k, H_kv, D).
+
+    Names, order and defaults of the first ten arguments are flash-attn's. `causal` is aligned
+    bottom-right in every sequence: query i of a sequence with lengths (Lq, Lk) sees keys
+    0..i + Lk - Lq; queries that see no key (Lq > Lk, or Lk = 0) output 0. Options as in
+    flash_attn_func; `block_table` (paged KV cache) is refused unless None.
+    """
+    fn = "flash_attn_varlen_func"
+    if block_table is not None:
+        raise ValueError(f"{fn}: block_table is not supported by minillm's kernel (no paged KV cache); "
+                         "only block_table=None is allowed")
+    _refuse_flash_attn_options(fn, causal, deterministic, window_size=window_size, softcap=softcap,
+                               alibi_slopes=alibi_slopes, return_attn_probs=return_attn_probs)
+    return _varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
+                   True, softmax_scale, "softmax_scale")

@@ -25,7 +25,9 @@ Supported:
       (G, N) float32 buffer, which is then summed over G. No atomics, no locks; any M, also M < G.
 Not supported:
     - float64 (use the references), a `normalized_shape` that is not a suffix of the input shape,
-      `torch.compile` tracing through the kernels, and CPU tensors outside the interpreter
+      `torch.compile` tracing through add_layer_norm / add_rms_norm (layer_norm and rms_norm run as
+      the custom op `torch.ops.minillm.norm_forward` of kernels/ops.py, which it traces without a
+      graph break), and CPU tensors outside the interpreter
       (the dispatcher chooses torch there; these functions raise instead of falling back).
     - the add_* variants normalise over the last dimension only.
 Algorithm: one program per row in the forward, as in the Triton layer-norm tutorial; the weight
@@ -64,11 +66,15 @@ from __future__ import annotations
 
 import functools
 import numbers
+import sys
+import types
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from minillm.kernels import ops
 
 # --------------------------------------------------------------------------------------------
 # References in plain PyTorch. They define the semantics; tests compare against them in float64.
@@ -444,7 +450,8 @@ def _norm_forward(x, residual, weight, bias, eps, is_rms, residual_dtype):
     m, n = x.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = None if residual is None else torch.empty((m, n), dtype=residual_dtype, device=x.device)
-    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    # RMSNorm has no mean; its kernel never writes one, so it is zeros (a defined op output).
+    mean = (torch.zeros if is_rms else torch.empty)(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return y, h, mean, rstd
@@ -540,8 +547,9 @@ def _apply(name, x, residual, normalized_shape, weight, bias, eps, is_rms, resid
     x2 = _rows(x, n)
     w = None if weight is None else weight.reshape(n).contiguous()
     b = None if bias is None else bias.reshape(n).contiguous()
-    if residual is None:
-        return _NormFunction.apply(x2, None, w, b, float(eps), is_rms, None).view(x.shape)
+    if residual is None:  # the custom op, which torch.compile traces (kernels/ops.py)
+        y, _, _ = ops.norm_forward(x2, w, b, float(eps), is_rms)
+        return y.view(x.shape)
     res_dtype = residual_dtype or residual.dtype
     y, h = _NormFunction.apply(x2, _rows(residual, n), w, b, float(eps), is_rms, res_dtype)
     return y.view(x.shape), h.view(x.shape)
@@ -589,3 +597,20 @@ def _plain_with_residual(name, x, weight, bias, eps, is_rms, residual_dtype):
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
     y = _apply(name, x, None, x.shape[-1:], weight, bias, eps, is_rms, residual_dtype)
     return y, x if residual_dtype is None else x.to(residual_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# One name, two uses
+# --------------------------------------------------------------------------------------------
+# `from minillm.kernels import layer_norm` names both this file (which benchmarks and tests
+# import for its internals) and its main function (which the package exports, as torch.nn.
+# functional does). Python binds the package attribute to the file once it is imported, so the
+# file is made callable: calling it calls layer_norm() above, and its attributes stay reachable.
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, input, normalized_shape, weight=None, bias=None, eps=1e-5):
+        return layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -16,8 +16,17 @@ norm backends
     torch      torch.nn.functional.layer_norm / rms_norm
     triton     minillm's fused norm kernels (same device rule as attention)
     auto       triton on CUDA when Triton is installed (torch inside torch.compile, which fuses norms
-               itself), torch elsewhere. On CUDA without Triton that is torch, with no error and no
+               with their neighbours), torch elsewhere. On CUDA without Triton that is torch, with no error and no
                warning: auto means "the best available here", not "Triton".
+
+The `triton` backends call minillm's public kernel functions (kernels/attention.py's
+scaled_dot_product_attention, kernels/layer_norm.py's layer_norm and rms_norm), which check their
+inputs and run as the torch custom ops of kernels/ops.py (`torch.ops.minillm.attention_forward`,
+`norm_forward`, each with its backward registered). So `torch.compile(model, fullgraph=True)` traces
+a model on the `triton` backends in one graph, forward and backward, with the kernels as opaque
+nodes. The device rule is the same eager and compiled: CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1 (the kernels then run in Triton's interpreter); a CPU tensor without it is
+refused rather than quietly given another implementation.
 
 Triton is optional (the package installs it on Linux only) and imported only when a Triton kernel
 is about to run: `import minillm`, the reference, sdpa and torch backends, and `auto` on CPU never
@@ -111,7 +120,8 @@ def attention(
 
 def _use_triton_norm(x: torch.Tensor, backend: str) -> bool:
     if backend == "auto":
-        # Under torch.compile, Inductor fuses the norm itself and cannot trace our kernel.
+        # Under torch.compile, Inductor fuses torch's norm with its neighbours; our kernel would be
+        # an opaque custom op that it cannot fuse.
         return x.is_cuda and not torch.compiler.is_compiling() and triton_available()
     if backend == "triton":
         _require_triton(x, "norm_backend", _NORM_INSTEAD)
