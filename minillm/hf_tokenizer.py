@@ -58,6 +58,12 @@ normalisation rule other than identity, ``remove_extra_whitespaces``, ``escape_w
 other than BPE and unigram, unused pieces, a single-character control piece, and a BPE model whose
 normal pieces share a score (sentencepiece and ``tokenizers`` break such ties differently).
 
+Decoding with the ``"gpt"`` template keeps the space of every ``"▁"``, the first piece's included:
+transformers' ``pipeline("text-generation")`` decodes the new tokens on their own and appends them
+to the prompt, and the first new piece of ``"the red cat"`` + ``"▁sat"`` must give ``" sat"``. So
+``decode(encode("hello"))`` is ``" hello"`` there: the dummy prefix's space, which sentencepiece drops
+from the first piece of a text. The ``"bert"`` template decodes exactly as sentencepiece does.
+
 Known differences, both in ``decode`` of ids that no text encodes to (``tokenizers`` has no decoder
 that could reproduce them): the ``[UNK]`` id, which sentencepiece writes as ``" ⁇ "`` and Hugging Face
 drops with ``skip_special_tokens=True`` (a minillm tokenizer never produces ``[UNK]``: byte fallback);
@@ -217,8 +223,10 @@ def _build_tokenizer_json(tokenizer: Tokenizer, template: str) -> tokenizers.Tok
     if pre_tokenizer is not None:
         hf.pre_tokenizer = pre_tokenizer
     # Metaspace turns "▁" into spaces and drops the dummy prefix's space from the first piece only,
-    # before ByteFallback: a leading <0x20> byte piece keeps its space, as in sentencepiece.
-    prepend = "always" if normalizer["add_dummy_prefix"] else "never"
+    # before ByteFallback: a leading <0x20> byte piece keeps its space, as in sentencepiece. Not for
+    # "gpt": generation pipelines decode the new tokens alone and append them to the prompt, so
+    # the first new piece ("▁cat") must keep its space (see the module docstring).
+    prepend = "always" if normalizer["add_dummy_prefix"] and template == "bert" else "never"
     hf.decoder = decoders.Sequence([decoders.Metaspace(WORD_START, prepend_scheme=prepend), decoders.ByteFallback(), decoders.Fuse()])
 
     # Already in the model's vocabulary, so their ids stay sentencepiece's. BERT's mask eats the
