@@ -17,14 +17,11 @@ Attention (kernels/attention.py):
     flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
         dropout_p=0.0, causal=False, scale=None)               packed, top-left causal like SDPA
     attention_reference, draw_dropout_seed, dropout_keep_mask
-Norms (kernels/layer_norm.py):
+Norms (kernels/norms.py):
     layer_norm, rms_norm, add_layer_norm, add_rms_norm, and their references
     layer_norm_reference, rms_norm_reference, add_layer_norm_reference, add_rms_norm_reference
 Custom ops (kernels/ops.py, torch only): `ops`, registering torch.ops.minillm.attention_forward,
 attention_backward, norm_forward and norm_backward, which torch.compile traces without a break.
-
-`layer_norm` is both a function and its file's name; the file is made callable as the
-function, so `from minillm.kernels import layer_norm` gives one object that works both ways.
 
 Design: lazy attributes. `import minillm.kernels` works without Triton, and so does `ops`; a
 name above is imported from its kernel file when first touched (module `__getattr__`, PEP 562),
@@ -44,7 +41,7 @@ _EXPORTS = {
     **dict.fromkeys(
         ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "layer_norm_reference",
          "rms_norm_reference", "add_layer_norm_reference", "add_rms_norm_reference"),
-        "layer_norm"),
+        "norms"),
 }
 
 __all__ = sorted(_EXPORTS) + ["ops"]
@@ -64,9 +61,7 @@ def __getattr__(name: str):
             "torch.nn.functional.scaled_dot_product_attention, layer_norm, rms_norm, or "
             "minillm.attention.attention_reference."
         ) from error
-    module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-    # `layer_norm` is also its file's name: the file is callable as the function (see its end).
-    return module if name == _EXPORTS[name] else getattr(module, name)
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
 
 
 def __dir__() -> list[str]:

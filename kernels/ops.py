@@ -20,7 +20,7 @@ without dropout, else a 1-element int64 tensor (a tensor, not an int: reading an
 tensor would break the graph). `dweight`/`dbias` are empty when there is no weight/bias.
 
 Which implementation runs
-    CUDA tensors   the Triton kernels (kernels/attention.py, kernels/layer_norm.py), imported
+    CUDA tensors   the Triton kernels (kernels/attention.py, kernels/norms.py), imported
                    only when an op first runs on CUDA.
     CPU tensors    the PyTorch reference (minillm/attention.py's attention_reference; the norm
                    math below in float32), with backward by `torch.func.vjp` of that reference.
@@ -31,7 +31,7 @@ Dropout draws its keep mask from `seed`: Philox in the kernels, a seeded torch.G
 reference. Both are reproducible and regenerated in the backward, but they differ from each other.
 
 This module imports torch and minillm.attention only, so registering the ops never needs
-Triton. Public callers use the checked functions of kernels/attention.py and kernels/layer_norm.py
+Triton. Public callers use the checked functions of kernels/attention.py and kernels/norms.py
 (scaled_dot_product_attention, flash_attn_func, layer_norm, rms_norm), which validate inputs and
 then call these ops; the ops themselves assume valid inputs.
 """
@@ -217,7 +217,7 @@ def norm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
 
 @norm_forward.register_kernel("cuda")
 def _triton_norm_forward(x, weight, bias, eps, is_rms):
-    from minillm.kernels.layer_norm import _norm_forward
+    from minillm.kernels.norms import _norm_forward
 
     y, _, mean, rstd = _norm_forward(x, None, weight, bias, eps, is_rms, None)
     return y, mean, rstd
@@ -258,7 +258,7 @@ def norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optiona
 
 @norm_backward.register_kernel("cuda")
 def _triton_norm_backward(dy, x, weight, bias, mean, rstd, eps, is_rms):
-    from minillm.kernels.layer_norm import _norm_backward, _rows
+    from minillm.kernels.norms import _norm_backward, _rows
 
     dx, dw, db = _norm_backward(_rows(dy, dy.shape[-1]), x, weight, bias is not None, mean, rstd, None,
                                 x.dtype, is_rms)

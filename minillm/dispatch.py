@@ -20,7 +20,7 @@ norm backends
                warning: auto means "the best available here", not "Triton".
 
 The `triton` backends call minillm's public kernel functions (kernels/attention.py's
-scaled_dot_product_attention, kernels/layer_norm.py's layer_norm and rms_norm), which check their
+scaled_dot_product_attention, kernels/norms.py's layer_norm and rms_norm), which check their
 inputs and run as the torch custom ops of kernels/ops.py (`torch.ops.minillm.attention_forward`,
 `norm_forward`, each with its backward registered). So `torch.compile(model, fullgraph=True)` traces
 a model on the `triton` backends in one graph, forward and backward, with the kernels as opaque
@@ -136,7 +136,7 @@ def layer_norm(
 ) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension."""
     if _use_triton_norm(x, backend):
-        from minillm.kernels.layer_norm import layer_norm as triton_layer_norm
+        from minillm.kernels.norms import layer_norm as triton_layer_norm
 
         return triton_layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -145,7 +145,7 @@ def layer_norm(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: str = "auto") -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
     if _use_triton_norm(x, backend):
-        from minillm.kernels.layer_norm import rms_norm as triton_rms_norm
+        from minillm.kernels.norms import rms_norm as triton_rms_norm
 
         return triton_rms_norm(x, (x.shape[-1],), weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)

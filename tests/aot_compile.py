@@ -5,7 +5,7 @@ object imported in the test process is an interpreter object and cannot be compi
 helper therefore compiles in fresh Python subprocesses with TRITON_INTERPRET unset:
 
     infos = compile_kernels([
-        CompileJob("minillm.kernels.layer_norm:_some_kernel",
+        CompileJob("minillm.kernels.norms:_some_kernel",
                    signature={"X": "*fp16", "N": "i32"}, constexprs={"BLOCK_N": 1024},
                    num_warps=4, target=90),
     ])

@@ -8,9 +8,9 @@ fits. Compilation runs in subprocesses (see aot_compile.py); all jobs are compil
 import pytest
 from aot_compile import SHARED_MEMORY_LIMIT, TARGETS, CompileJob, compile_kernels
 
-from minillm.kernels import layer_norm as ln
+from minillm.kernels import norms as ln
 
-MODULE = "minillm.kernels.layer_norm:"
+MODULE = "minillm.kernels.norms:"
 # Every block size the launchers can choose on a GPU: powers of two from 16 to MAX_BLOCK_N.
 BLOCKS = [2**k for k in range(4, ln.MAX_BLOCK_N.bit_length())]
 
