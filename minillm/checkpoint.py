@@ -96,6 +96,9 @@ from minillm.tasks import build_model, upgrade_saved_configs
 from minillm.train_config import resume_differences
 
 WEIGHTS, STATE, CONFIG, TOKENIZER = "model.safetensors", "state.pt", "config.json", "tokenizer.model"
+# A checkpoint carries its tokenizer as a sentencepiece model (trained here) or as the files of a
+# Hugging Face tokenizer (a fine-tune of a Hugging Face model): any one of these names says which.
+TOKENIZER_FILES = (TOKENIZER, "tokenizer.json", "vocab.json", "vocab.txt")
 ADAPTER = "adapter"  # the safetensors metadata key of a LoRA run's adapter description
 LATEST, BEST = "latest", "best"
 PROBE = "probe"  # LP-FT's probe stage (minillm finetune): a run directory inside the run's
@@ -321,7 +324,8 @@ def save_model(directory: str | os.PathLike, model: nn.Module, *, task: str | No
     if target.exists():
         if not target.is_dir():
             raise NotADirectoryError(f"save_model: {target} is a file, not a directory")
-        others = sorted(p.name for p in target.iterdir() if p.name not in (WEIGHTS, CONFIG, TOKENIZER))
+        saved = (WEIGHTS, CONFIG, *TOKENIZER_FILES, "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+        others = sorted(p.name for p in target.iterdir() if p.name not in saved)
         if others:
             raise FileExistsError(f"save_model: {target} holds other files ({others[:5]}); save into a new or empty directory")
     tensors, ties = _weights_for_saving(model)
@@ -877,6 +881,19 @@ def is_hf_directory(path: Path) -> bool:
     return "model_type" in values and "task" not in values
 
 
+def has_tokenizer(directory: Path) -> bool:
+    """Whether a checkpoint or Hugging Face folder carries a tokenizer (see TOKENIZER_FILES)."""
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def read_tokenizer(directory: Path):
+    """The tokenizer a checkpoint or Hugging Face folder carries (sentencepiece or Hugging Face,
+    through hf_tokenizer.load_tokenizer), or None when it has none."""
+    from minillm.hf_tokenizer import load_tokenizer
+
+    return load_tokenizer(directory) if has_tokenizer(directory) else None
+
+
 def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> tuple[nn.Module, dict, object]:
     """(model in eval mode, configs, tokenizer or None) from a minillm checkpoint or run directory,
     or from a Hugging Face GPT-2/BERT directory (through `minillm.convert.from_hf`).
@@ -886,8 +903,6 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
     peft is refused (its weights have peft's names).
     runtime: ModelConfig runtime fields to override (attn_backend, norm_backend, dropouts).
     """
-    from minillm.tokenizer import Tokenizer
-
     bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
     if bad:
         raise ValueError(f"load_model: only runtime fields {RUNTIME_FIELDS} may be overridden, got {bad}")
@@ -899,7 +914,10 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
         task = {"CausalLM": "causal-lm", "SequenceClassifier": "classification"}.get(type(model).__name__)
         if task is None:
             task = "mlm-nsp" if getattr(model, "nsp_head", None) is not None else "mlm"
-        return model, {"task": task, "model": model.config.to_dict(), "source": str(path)}, None
+        tokenizer = read_tokenizer(path)  # the folder's own: GPT-2's byte-level BPE, BERT's WordPiece, an export
+        if tokenizer is not None:
+            check_vocab(model.config, tokenizer, f"load_model({path})")
+        return model, {"task": task, "model": model.config.to_dict(), "source": str(path)}, tokenizer
 
     checkpoint = resolve_checkpoint(path)
     configs = read_configs(checkpoint)
@@ -911,9 +929,8 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
         task = configs["task"]
     except KeyError as err:
         raise ValueError(f"load_model: {checkpoint / CONFIG} lacks the {err} entry") from None
-    tokenizer = None
-    if (checkpoint / TOKENIZER).is_file():
-        tokenizer = Tokenizer.load(checkpoint / TOKENIZER)
+    tokenizer = read_tokenizer(checkpoint)
+    if tokenizer is not None:
         check_vocab(model_config, tokenizer, f"load_model({checkpoint})")
     model = build_model(model_config, task)
     adapter = read_adapter(checkpoint)
@@ -955,24 +972,22 @@ def init_from(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict
     new head keeps its initialisation. Errors name the architecture fields that differ, or the
     vocabulary mismatch with `tokenizer`.
     """
-    from minillm.tokenizer import Tokenizer
-
     path = Path(path)
     if is_hf_directory(path):
-        source, _, _ = load_model(path)
-        saved_config, tensors, saved_tokenizer = source.config.to_dict(), dict(source.state_dict()), None
+        source, _, saved_tokenizer = load_model(path)
+        saved_config, tensors = source.config.to_dict(), dict(source.state_dict())
     else:
         checkpoint = resolve_checkpoint(path)
         configs = read_configs(checkpoint)
         saved_config, tensors = configs.get("model", {}), read_weights(checkpoint)
         if any(".lora_A" in name for name in tensors):  # a LoRA fine-tune: start from its merged weights
             tensors = dict(load_model(checkpoint)[0].state_dict())
-        saved_tokenizer = Tokenizer.load(checkpoint / TOKENIZER) if (checkpoint / TOKENIZER).is_file() else None
+        saved_tokenizer = read_tokenizer(checkpoint)
     mismatch = architecture_mismatch(saved_config, model.config, ignore=HEAD_FIELDS)
     if mismatch:
         raise ValueError(f"init_from: {path} is a different architecture: " + "; ".join(mismatch))
     check_vocab(model.config, tokenizer, f"init_from({path})")
-    if tokenizer is not None and saved_tokenizer is not None and tokenizer.model_proto != saved_tokenizer.model_proto:
+    if tokenizer is not None and saved_tokenizer is not None and tokenizer.fingerprint != saved_tokenizer.fingerprint:
         raise ValueError(f"init_from: the tokenizer differs from the one saved in {path}; fine-tune with that tokenizer")
 
     target = model.state_dict()

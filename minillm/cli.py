@@ -99,7 +99,8 @@ def cmd_generate(args, overrides) -> int:
     _no_overrides("generate", overrides)
     model, configs, tokenizer = ckpt.load_model(args.checkpoint)
     if tokenizer is None:
-        raise UsageError(f"--checkpoint: {args.checkpoint} has no tokenizer.model to encode the prompt")
+        raise UsageError(f"--checkpoint: {args.checkpoint} has no tokenizer (tokenizer.model, tokenizer.json, "
+                         f"vocab.json or vocab.txt) to encode the prompt")
     results = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
                             seed=args.seed, num_beams=args.num_beams)

@@ -53,6 +53,7 @@ from minillm.generation import generate_text
 from minillm.model import MaskedLM
 from minillm.tasks import CORPUS_DATA_FIELDS, Task, TaskData, get_task
 from minillm.tasks import unigram_entropy as _unigram_entropy
+from minillm.hf_tokenizer import load_tokenizer
 from minillm.tokenizer import Tokenizer
 from minillm.train_config import TrainConfig
 from minillm.trainer import Trainer
@@ -302,7 +303,7 @@ def resolve(model: ModelConfig, data: DataConfig, train: TrainConfig, *, sources
         corpus = data if tokenizer_path is None else dataclasses.replace(data, tokenizer=str(tokenizer_path))
         tokenizer, _ = prepare_data(corpus, progress)
     else:
-        tokenizer = Tokenizer.load(tokenizer_path or data.tokenizer)
+        tokenizer = load_tokenizer(tokenizer_path or data.tokenizer)
     if pretrained is None:
         model = fit_to_tokenizer(model, tokenizer)
     task.check(model, data)
@@ -339,22 +340,25 @@ def _pretrained_start(source: Path, model: ModelConfig, data: DataConfig, task: 
     if ckpt.is_hf_directory(source):
         from minillm.convert import config_from_hf
 
-        if data.tokenizer is None:
-            raise ValueError(f"DataConfig.tokenizer: starting from the Hugging Face model {source} needs a "
-                             f"sentencepiece .model with its vocabulary (WordPiece/BPE vocab files are not read)")
         hf = json.loads((source / "config.json").read_text())
         saved = config_from_hf(hf, task.name)
         config = dataclasses.replace(saved, **{f: getattr(model, f) for f in ckpt.RUNTIME_FIELDS + ckpt.HEAD_FIELDS})
         _refuse_architecture_changes(saved.to_dict(), model, sources, f"the Hugging Face model {source}")
+        if ckpt.has_tokenizer(source):  # its own tokenizer: GPT-2's byte-level BPE, BERT's WordPiece, an export
+            return config, source, f"Hugging Face checkpoint {source}"
+        if data.tokenizer is None:
+            raise ValueError(f"TrainConfig.init_from: the Hugging Face model {source} has no tokenizer (none of "
+                             f"{', '.join(ckpt.TOKENIZER_FILES[1:])}); add its tokenizer files to the folder, or name "
+                             f"one with its vocabulary in DataConfig.tokenizer")
         return config, None, f"Hugging Face checkpoint {source}"
     try:
         checkpoint = ckpt.resolve_checkpoint(source)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"TrainConfig.init_from: {err}") from None
-    if not (checkpoint / ckpt.TOKENIZER).is_file():
-        raise ValueError(f"TrainConfig.init_from: {checkpoint} has no {ckpt.TOKENIZER}; it cannot be trained on here")
+    if not ckpt.has_tokenizer(checkpoint):
+        raise ValueError(f"TrainConfig.init_from: {checkpoint} has no tokenizer; it cannot be trained on here")
     _refuse_architecture_changes(ckpt.read_configs(checkpoint)["model"], model, sources, f"checkpoint {checkpoint}")
-    return ckpt.saved_architecture(checkpoint, model), checkpoint / ckpt.TOKENIZER, f"checkpoint {checkpoint}"
+    return ckpt.saved_architecture(checkpoint, model), checkpoint, f"checkpoint {checkpoint}"
 
 
 def _refuse_architecture_changes(saved: dict, model: ModelConfig, sources: dict, where: str) -> None:
@@ -520,6 +524,12 @@ def _show_samples(model, tokenizer: Tokenizer, prompts: tuple[str, ...], seed: i
 # =============================================================================================
 
 
+def _checkpoint_dir(path: str | Path) -> Path:
+    """The folder a model was loaded from: a Hugging Face folder, or the checkpoint a run names."""
+    path = Path(path)
+    return path if ckpt.is_hf_directory(path) else ckpt.resolve_checkpoint(path)
+
+
 def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, overrides: dict | None = None,
              sources: dict[str, str] | None = None, batch_size: int = 16, max_batches: int = 0, device: str = "auto",
              echo=print) -> dict:
@@ -532,15 +542,16 @@ def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, override
             raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
     model, configs, tokenizer = ckpt.load_model(checkpoint)
     if tokenizer is None:
-        raise ValueError(f"evaluate: {checkpoint} has no tokenizer.model; evaluate a minillm checkpoint")
+        raise ValueError(f"evaluate: {checkpoint} has no tokenizer (none of {', '.join(ckpt.TOKENIZER_FILES)}) "
+                         f"to read the data with")
     task = get_task(configs["task"], f"{checkpoint}: task")
     if data is None:
-        if not configs.get("data"):
-            raise ValueError(f"evaluate: {checkpoint} saved no data config; pass one")
-        data = DataConfig.from_dict({**configs["data"], **(overrides or {})})
+        # A Hugging Face folder saved no data config: DataConfig's defaults (the embedded corpus,
+        # the embedded classification task) with the overrides on top.
+        data = DataConfig.from_dict({**configs.get("data", {}), **(overrides or {})})
     _refuse_unused(task, data, sources or {}, tokenizer_from_corpus=False, tokenizer_given=True)
     if task.from_corpus:  # the checkpoint's tokenizer: shards are rebuilt only if they are missing
-        prepare_data(dataclasses.replace(data, tokenizer=str(ckpt.resolve_checkpoint(checkpoint) / ckpt.TOKENIZER)),
+        prepare_data(dataclasses.replace(data, tokenizer=str(_checkpoint_dir(checkpoint))),
                      progress=False)
     task.check(model.config, data)
     task_data = task.datasets(data, tokenizer, model.config, samples=0)
@@ -548,5 +559,5 @@ def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, override
     model.to(distributed.pick_device(device, 0))
     metrics = _evaluate_split(model, task, task_data, split, batch_size, data.seed, max_batches)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    _say(echo, f"{ckpt.resolve_checkpoint(checkpoint)} ({task.name}), {split} split: {shown}")
+    _say(echo, f"{_checkpoint_dir(checkpoint)} ({task.name}), {split} split: {shown}")
     return {"task": task.name, "split": split, **metrics}

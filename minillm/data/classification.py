@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillm.data.collate import pad_segment_pairs, pair_with_specials, to_tensors, truncate_longest_first
+from minillm.data.collate import (pad_segment_pairs, pair_with_ends, pair_with_specials, to_tensors,
+                                  truncate_longest_first)
 from minillm.data.corpus import column_index, detect_format, read_json_records, read_table
 from minillm.tokenizer import Tokenizer
 
@@ -242,22 +243,40 @@ def read_glue(
     return examples
 
 
+def pad_id_of(tokenizer: Tokenizer) -> int:
+    """The id padding is filled with: PAD, or EOS for a tokenizer without one (GPT-2's). Padding is
+    masked out of attention and pooling, so any id serves; EOS is what GPT-2 recipes use."""
+    if tokenizer.pad_id is None and tokenizer.eos_id is not None:
+        return tokenizer.eos_id
+    return tokenizer.require("pad")
+
+
 class ClassificationDataset(torch.utils.data.Dataset):
-    """Tokenised examples: ``[CLS] a [SEP] (b [SEP])`` truncated longest-first to ``max_len``."""
+    """Tokenised examples: ``[CLS] a [SEP] (b [SEP])`` truncated longest-first to ``max_len``.
+
+    A tokenizer without [CLS] and [SEP] (GPT-2's byte-level BPE) frames them as GPT-2 does a
+    document: ``a [EOS] (b [EOS])``; a decoder classifier reads the last token, which then sees it all.
+    """
 
     def __init__(self, examples: ClassificationExamples, tokenizer: Tokenizer, max_len: int):
         if max_len < 4:
             raise ValueError(f"ClassificationDataset: max_len must be >= 4, got {max_len}")
-        cls_id, sep_id = tokenizer.require("cls"), tokenizer.require("sep")
+        gpt_frame = tokenizer.cls_id is None and tokenizer.sep_id is None and tokenizer.eos_id is not None
+        if not gpt_frame:
+            cls_id, sep_id = tokenizer.require("cls"), tokenizer.require("sep")
+        specials = 1 if gpt_frame else 2  # the tokens a one-part example adds
         first = tokenizer.encode_batch(examples.texts)
         second = tokenizer.encode_batch(examples.text_pairs) if examples.text_pairs is not None else None
         self.items = []
         for k, a in enumerate(first):
             if second is None:
-                ids, types = pair_with_specials(a[: max_len - 2], None, cls_id, sep_id)
+                a, b = a[: max_len - specials], None
             else:
-                a_cut, b_cut = truncate_longest_first(a, second[k], max_len - 3)
-                ids, types = pair_with_specials(a_cut, b_cut, cls_id, sep_id)
+                a, b = truncate_longest_first(a, second[k], max_len - specials - 1)
+            if gpt_frame:
+                ids, types = pair_with_ends(a, b, tokenizer.eos_id)
+            else:
+                ids, types = pair_with_specials(a, b, cls_id, sep_id)
             item = {"input_ids": np.array(ids, dtype=np.int64), "token_type_ids": np.array(types, dtype=np.int64)}
             if examples.labels is not None:
                 item["label"] = examples.labels[k]
@@ -275,7 +294,7 @@ class ClassificationCollator:
     (a body with segment embeddings, BERT's; a GPT has none) and labels (B,) when labelled."""
 
     def __init__(self, tokenizer: Tokenizer, pad_to_multiple_of: int | None = None, segments: bool = True):
-        self.pad_id = tokenizer.require("pad")
+        self.pad_id = pad_id_of(tokenizer)
         self.pad_to_multiple_of, self.segments = pad_to_multiple_of, segments
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:

@@ -91,6 +91,16 @@ def truncate_longest_first(a: list[int] | np.ndarray, b: list[int] | np.ndarray,
     return a, b
 
 
+def pair_with_ends(a: Sequence[int], b: Sequence[int] | None, end_id: int) -> tuple[list[int], list[int]]:
+    """``a [EOS]`` (+ ``b [EOS]``) and its token type ids: GPT-2's framing, for a tokenizer without
+    [CLS]/[SEP]."""
+    ids, types = [*a, end_id], [0] * (len(a) + 1)
+    if b is not None:
+        ids += [*b, end_id]
+        types += [1] * (len(b) + 1)
+    return ids, types
+
+
 def pair_with_specials(a: Sequence[int], b: Sequence[int] | None, cls_id: int, sep_id: int) -> tuple[list[int], list[int]]:
     """``[CLS] a [SEP]`` (+ ``b [SEP]``) and its token type ids (0 for the first part, 1 for b)."""
     ids = [cls_id, *a, sep_id]

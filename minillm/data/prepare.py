@@ -59,10 +59,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import sentencepiece as spm
 from tqdm import tqdm
 
 from minillm.data.corpus import Corpus, Document, describe_duplicates
 from minillm.data.word_cache import WordCache
+from minillm.hf_tokenizer import load_tokenizer
 from minillm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -103,11 +105,18 @@ _worker_eos = None
 _worker_cache: WordCache | None = None
 
 
-def _init_worker(model_proto: bytes, dtype: str, eos: int | None, splits_on_spaces: bool, space: list[int]) -> None:
-    global _worker_sp, _worker_dtype, _worker_eos, _worker_cache
-    import sentencepiece as spm
+def tokenizer_files(tok) -> dict[str, bytes]:
+    """The files a tokenizer is read from: a sentencepiece model, or a Hugging Face folder's files."""
+    return {"tokenizer.model": tok.model_proto} if isinstance(tok, Tokenizer) else dict(tok.files)
 
-    _worker_sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+def _init_worker(tokenizer, dtype: str, eos: int | None, splits_on_spaces: bool, space: list[int]) -> None:
+    """`tokenizer`: a sentencepiece model_proto (bytes; each worker builds its own processor, which
+    is cheap to send), or a Hugging Face tokenizer object, which encodes in-process on its own
+    threads."""
+    global _worker_sp, _worker_dtype, _worker_eos, _worker_cache
+
+    _worker_sp = spm.SentencePieceProcessor(model_proto=tokenizer) if isinstance(tokenizer, bytes) else tokenizer
     _worker_dtype = np.dtype(dtype)
     _worker_eos = eos
     _worker_cache = WordCache(_worker_sp, space) if splits_on_spaces else None
@@ -118,7 +127,8 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     if _worker_cache is not None:
         ids, lengths = _worker_cache.encode(texts)
     else:
-        encoded = _worker_sp.encode(texts, num_threads=1)
+        threads = 1 if isinstance(_worker_sp, spm.SentencePieceProcessor) else -1
+        encoded = _worker_sp.encode(texts, num_threads=threads) if threads == 1 else _worker_sp.encode_batch(texts)
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
     if _worker_eos is not None:
@@ -235,12 +245,13 @@ def prepare(
     """
     start_time = time.perf_counter()
     corpus = inputs if isinstance(inputs, Corpus) else Corpus(inputs)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"prepare: val_fraction must be in [0, 1), got {val_fraction}")
     if append_eos and tok.eos_id is None:
         raise ValueError(f"prepare: append_eos=True but the tokenizer {tok.path} has no EOS token")
-    workers = num_workers or os.cpu_count() or 1
+    # A Hugging Face tokenizer encodes on its own threads, in this process.
+    workers = 1 if not isinstance(tok, Tokenizer) else num_workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"prepare: num_workers must be >= 1, got {num_workers}")
     if chunk_bytes < 1:
@@ -251,7 +262,7 @@ def prepare(
     expected = {
         "format_version": FORMAT_VERSION,
         "input_hash": corpus.fingerprint(),
-        "tokenizer_hash": hashlib.sha256(tok.model_proto).hexdigest(),
+        "tokenizer_hash": tok.fingerprint,
         "settings": {"val_fraction": val_fraction, "seed": seed, "append_eos": append_eos},
     }
     existing = _manifest_ok(out_dir, expected)
@@ -309,7 +320,7 @@ def _tokenise_and_publish(
         total_bytes = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in corpus.documents)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress, smoothing=0.1)
     chunks = _chunks(corpus, stats, doc_ids, chunk_bytes)
-    init_args = (tok.model_proto, dtype.str, eos, tok.splits_on_spaces, tok.space_ids)
+    init_args = (tok.model_proto if isinstance(tok, Tokenizer) else tok, dtype.str, eos, tok.splits_on_spaces, tok.space_ids)
     with os.fdopen(fd, "wb") as out:
         if workers == 1:
             _init_worker(*init_args)
@@ -382,11 +393,12 @@ def _tokenise_and_publish(
         staged[f"{split}.idx.npy"] = idx_tmp
         split_info[split] = {"documents": int(member.sum()), "tokens": int(split_offsets[-1])}
     del stream
-    fd, name = tempfile.mkstemp(dir=out_dir, prefix=".prepare-tokenizer.model.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(tok.model_proto)
-    temps.append(Path(name))
-    staged["tokenizer.model"] = Path(name)
+    for file_name, data in tokenizer_files(tok).items():  # a copy, so the shards can always be decoded
+        fd, name = tempfile.mkstemp(dir=out_dir, prefix=f".prepare-{file_name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        temps.append(Path(name))
+        staged[file_name] = Path(name)
 
     files = {name: {"bytes": tmp.stat().st_size, "sha256": _sha256_file(tmp)} for name, tmp in staged.items()}
     manifest = {
@@ -429,7 +441,7 @@ def prepare_from_config(config: "DataConfig", progress: bool = True) -> tuple[To
     corpus = Corpus(config.inputs, config.input_format, config.text_field, config.text_split, config.encoding_errors)
     out_dir = Path(config.prepared_dir)
     if config.tokenizer is not None:
-        tok = Tokenizer.load(config.tokenizer)
+        tok = load_tokenizer(config.tokenizer)
     else:
         key = hashlib.sha256(
             json.dumps([corpus.fingerprint(), config.vocab_size, config.model_type, config.seed]).encode()
