@@ -190,3 +190,36 @@ def test_export_command(gpt_export, tmp_path):
     again = run("--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf"))
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
     assert run("--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf"), "--overwrite").returncode == 0
+
+
+def test_a_lora_fine_tune_exports_merged(bert_export, tokenizer, tmp_path):
+    """minillm finetune with LoRA saves an adapter on its base; export merges it, and transformers'
+    BertForSequenceClassification gives minillm's logits."""
+    import random
+
+    from minillm import cli
+    from minillm.checkpoint import load_model
+
+    _, base, _ = bert_export
+    rng = random.Random(0)
+    for name in ("train", "dev"):
+        rows = ["text,label"] + [f"the {rng.choice(['red', 'big', 'old'])} cat sat on the mat,{rng.choice(['yes', 'no'])}"
+                                 for _ in range(24)]
+        (tmp_path / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    code = cli.main(["finetune", f"--train.init_from={base}", "--train.finetune_mode=lora", "--model.classifier_pooling=auto",
+                     f"--data.train_file={tmp_path / 'train.csv'}", f"--data.validation_file={tmp_path / 'dev.csv'}",
+                     "--data.seq_len=32", "--train.max_steps=3", "--train.batch_size=4", "--train.eval_every=3",
+                     "--train.progress=false", "--train.device=cpu", "--train.probe_steps=0", "--train.lr=1e-2",
+                     f"--train.out_dir={tmp_path / 'lora'}"])
+    assert code == 0
+    from safetensors.torch import load_file
+
+    saved = load_file(next((tmp_path / "lora").glob("step_*")) / "model.safetensors")
+    assert saved and all("lora_" in name or name.startswith(("classifier.", "pooler.")) for name in saved)  # the adapter
+    folder = export(tmp_path / "lora", tmp_path / "hf")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    ours, _, _ = load_model(tmp_path / "lora")
+    ids = torch.tensor([[tokenizer.require("cls"), *tokenizer.encode("the red cat sat"), tokenizer.require("sep")]])
+    assert torch.allclose(theirs(ids).logits, ours(ids).logits, atol=1e-5)
+    unmerged, _, _ = load_model(tmp_path / "lora", merge_lora=False)
+    assert torch.allclose(unmerged(ids).logits, ours(ids).logits, atol=1e-5)
