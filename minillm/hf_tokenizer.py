@@ -79,7 +79,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -87,6 +86,7 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 
+from minillm.files import write_atomic
 from minillm.tokenizer import WORD_START, Tokenizer, _fields, _piece_types
 
 TEMPLATES = ("bert", "gpt")
@@ -301,22 +301,9 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, templa
     }
     written = []
     for name, text in files.items():
-        _write_atomic(out_dir / name, (text + "\n").encode("utf-8"))
+        write_atomic(out_dir / name, (text + "\n").encode("utf-8"))
         written.append(out_dir / name)
     return written
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``target``, then rename it over ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------- Hugging Face folders in minillm
@@ -496,7 +483,7 @@ class HFTokenizer:
         """Write the files the tokenizer was read from into ``directory`` (each atomically); return it."""
         directory = Path(directory)
         for name, data in self.files.items():
-            _write_atomic(directory / name, data)
+            write_atomic(directory / name, data)
         return directory
 
     # ------------------------------------------------------------------ encode / decode

@@ -46,12 +46,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
+from minillm.files import write_atomic
 
 PAD_ID = 0
 UNK_ID = 1
@@ -324,7 +325,7 @@ class Tokenizer:
                 ) from None
             raise
         tok = cls(buffer.getvalue(), path)
-        tok._write_atomic(path)
+        write_atomic(path, tok.model_proto)
         return tok
 
     @classmethod
@@ -348,19 +349,8 @@ class Tokenizer:
         """
         target = Path(directory) / "tokenizer.model"
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._write_atomic(target)
+        write_atomic(target, self.model_proto)
         return target
-
-    def _write_atomic(self, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.model_proto)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     # ------------------------------------------------------------------ encode / decode
 
