@@ -117,7 +117,8 @@ def cmd_generate(args, overrides) -> int:
 
 AUTO_CLASSES = {"GPT2LMHeadModel": "AutoModelForCausalLM", "BertForPreTraining": "AutoModelForPreTraining",
                 "BertForMaskedLM": "AutoModelForMaskedLM",
-                "BertForSequenceClassification": "AutoModelForSequenceClassification"}
+                "BertForSequenceClassification": "AutoModelForSequenceClassification",
+                "T5ForConditionalGeneration": "AutoModelForSeq2SeqLM"}
 
 
 def cmd_export(args, overrides) -> int:

@@ -17,10 +17,10 @@ import typing
 from dataclasses import dataclass
 
 ARCHITECTURES = ("encoder", "decoder", "encoder-decoder")
-POS_ENCODINGS = ("learned", "sinusoidal", "rope")
+POS_ENCODINGS = ("learned", "sinusoidal", "rope", "relative")
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "relu", "gated_gelu_tanh")
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "triton")
 NORM_BACKENDS = ("auto", "torch", "triton")
 CLASSIFIER_POOLINGS = ("auto", "cls", "last", "mean")
@@ -112,7 +112,8 @@ class ModelConfig:
     max_seq_len: int = 256
     """Longest sequence the model accepts (size of the learned position table)."""
     pos_encoding: str = "learned"
-    """"learned" (GPT-2/BERT), "sinusoidal" (Vaswani et al.) or "rope" (rotary, Su et al.)."""
+    """"learned" (GPT-2/BERT), "sinusoidal" (Vaswani et al.), "rope" (rotary, Su et al.) or "relative"
+    (T5: a learned bias per head and bucketed distance, added to the attention scores)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     norm: str = "layernorm"
@@ -123,7 +124,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     """Epsilon inside the norm's square root. BERT uses 1e-12, GPT-2 1e-5."""
     activation: str = "gelu"
-    """MLP non-linearity: "gelu" (exact, BERT), "gelu_tanh" (GPT-2), "swiglu" (gated, Llama), "relu"."""
+    """MLP non-linearity: "gelu" (exact, BERT), "gelu_tanh" (GPT-2), "swiglu" (gated, Llama), "relu"
+    (the original Transformer, T5 v1.0), "gated_gelu_tanh" (gated like SwiGLU with a tanh-GELU gate: T5 v1.1)."""
     embed_dropout: float = 0.0
     """Dropout on the summed embeddings."""
     attn_dropout: float = 0.0
@@ -156,6 +158,26 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal initialisation (GPT-2/BERT)."""
 
+    # T5's pieces (Raffel et al., 2020). Each is one setting; the defaults leave other models unchanged.
+    relative_buckets: int = 32
+    """pos_encoding="relative": number of distance buckets, one learned bias per bucket and head. The
+    encoder splits them between keys before and after the query; the causal decoder uses all for the past."""
+    relative_max_distance: int = 128
+    """pos_encoding="relative": distances >= this share the last bucket; below it, half the buckets are
+    exact distances and half grow logarithmically, so near words are told apart and far ones are not."""
+    d_head: int | None = None
+    """Head dim D. None = d_model / n_heads; T5 v1.1 sets it apart (d_kv), so H * D may differ from d_model."""
+    attn_scale: float | None = None
+    """Multiplier of the scores Q K^T. None = 1 / sqrt(D) (Vaswani et al.); T5 uses 1.0, having folded
+    1 / sqrt(D) into the initialisation of W_q instead."""
+    ff_dropout: float = 0.0
+    """Dropout on the MLP's hidden activations, before W_out (T5 applies its dropout_rate there too)."""
+    final_dropout: float = 0.0
+    """Dropout on each stack's output, after the final norm (T5)."""
+    scale_decoder_output: bool = False
+    """Encoder-decoder: multiply the decoder's output by d_model^-0.5 before the LM head. T5 v1.0 does,
+    because its head is the shared embedding table, whose entries are N(0, 1) rather than N(0, 1/C)."""
+
     def __post_init__(self) -> None:
         check_field_types(self)
         _check_choice(self, "arch", ARCHITECTURES)
@@ -175,10 +197,10 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "num_labels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name}: got {getattr(self, name)}, expected an integer >= 1")
-        for name in ("n_kv_heads", "d_ff", "n_decoder_layers"):
+        for name in ("n_kv_heads", "d_ff", "n_decoder_layers", "d_head"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name}: got {getattr(self, name)}, expected None or an integer >= 1")
-        if self.d_model % self.n_heads != 0:
+        if self.d_head is None and self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"ModelConfig.n_heads: got {self.n_heads}, which does not divide d_model={self.d_model}"
             )
@@ -190,7 +212,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.pos_encoding: rope needs an even head dim, got {self.head_dim}")
         if self.pos_encoding == "sinusoidal" and self.d_model % 2 != 0:
             raise ValueError(f"ModelConfig.pos_encoding: sinusoidal needs an even d_model, got {self.d_model}")
-        for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
+        for name in ("embed_dropout", "attn_dropout", "resid_dropout", "ff_dropout", "final_dropout"):
             _check_range(self, name, 0.0, 1.0, high_inclusive=False)
         if self.type_vocab_size < 0:
             raise ValueError(f"ModelConfig.type_vocab_size: got {self.type_vocab_size}, expected >= 0")
@@ -198,16 +220,34 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.norm_eps: got {self.norm_eps}, expected a small positive number")
         if not self.init_std > 0:
             raise ValueError(f"ModelConfig.init_std: got {self.init_std}, expected > 0")
+        self._check_t5_fields()
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(
                     f"ModelConfig.{name}: got {getattr(self, name)}, expected an id in [0, vocab_size={self.vocab_size})"
                 )
 
+    def _check_t5_fields(self) -> None:
+        # The encoder's half of the buckets must hold >= 1 exact and >= 1 logarithmic bucket, and the
+        # logarithmic range log(max_distance / exact) must be positive (exact = relative_buckets // 2 at most).
+        if self.relative_buckets < 4:
+            raise ValueError(f"ModelConfig.relative_buckets: got {self.relative_buckets}, expected an integer >= 4")
+        if self.relative_max_distance <= self.relative_buckets // 2:
+            raise ValueError(
+                f"ModelConfig.relative_max_distance: got {self.relative_max_distance}, expected more than "
+                f"relative_buckets // 2 = {self.relative_buckets // 2} (the exact buckets)"
+            )
+        if self.attn_scale is not None and not (self.attn_scale > 0 and math.isfinite(self.attn_scale)):
+            raise ValueError(f"ModelConfig.attn_scale: got {self.attn_scale}, expected None or a positive number")
+        if self.scale_decoder_output and self.arch != "encoder-decoder":
+            raise ValueError(
+                f"ModelConfig.scale_decoder_output: only an encoder-decoder's LM head reads it, got arch={self.arch!r}"
+            )
+
     @property
     def head_dim(self) -> int:
         """D: width of one attention head."""
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.d_head is None else self.d_head
 
     @property
     def kv_heads(self) -> int:
@@ -308,6 +348,38 @@ def tiny_seq2seq() -> ModelConfig:
     )
 
 
+def _t5(**fields) -> ModelConfig:
+    """T5 v1.0's layout (Raffel et al., 2020): pre-norm RMSNorm without bias (eps 1e-6), no biases,
+    ReLU MLP, relative position buckets, unscaled attention scores, and a head tied to the shared
+    embedding table that reads the decoder's output scaled by d_model^-0.5. Ids as T5's
+    SentencePiece vocabulary: pad 0 (also the decoder's start token), eos 1."""
+    layout = dict(
+        arch="encoder-decoder", pos_encoding="relative", relative_buckets=32, relative_max_distance=128,
+        norm="rmsnorm", norm_placement="pre", norm_eps=1e-6, bias=False, activation="relu", attn_scale=1.0,
+        tie_embeddings=True, scale_decoder_output=True, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+    )
+    return ModelConfig(**{**layout, **fields})
+
+
+def t5_small() -> ModelConfig:
+    """T5-Small as transformers' t5-small: 6 + 6 layers, 512 wide, 8 heads of 64, d_ff 2048, dropout 0.1.
+    T5 has no position table: max_seq_len 512 is the length it was trained on."""
+    return _t5(vocab_size=32128, d_model=512, n_layers=6, n_decoder_layers=6, n_heads=8, d_head=64, d_ff=2048,
+               max_seq_len=512, embed_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1, ff_dropout=0.1,
+               final_dropout=0.1)
+
+
+def tiny_t5() -> ModelConfig:
+    """A T5 small enough to pretrain (span corruption) on 2 CPU cores in minutes: 3 + 3 layers, 128 wide.
+
+    The tied head reads the decoder output unscaled (as transformers' T5 v1.1 with a tied table):
+    minillm initialises embeddings N(0, 0.02^2), not T5's N(0, 1), so the C^-0.5 scaling would start
+    every logit near 0.
+    """
+    return _t5(vocab_size=4096, d_model=128, n_layers=3, n_heads=4, d_ff=512, max_seq_len=128,
+               scale_decoder_output=False)
+
+
 PRESETS = {
     "tiny": tiny,
     "tiny-bert": tiny_bert,
@@ -316,6 +388,8 @@ PRESETS = {
     "bert-mini": bert_mini,
     "bert-base": bert_base,
     "gpt2-124m": gpt2_124m,
+    "t5-small": t5_small,
+    "tiny-t5": tiny_t5,
 }
 
 

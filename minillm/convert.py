@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: `from_hf` loads GPT-2 and BERT, `to_hf` hands a model back.
+"""Hugging Face checkpoints in and out: `from_hf` loads GPT-2, BERT and T5, `to_hf` hands a model back.
 
     model = from_hf(GPT2LMHeadModel(...))        # a transformers model object
     model = from_hf("path/to/bert-checkpoint")   # config.json + model.safetensors or pytorch_model.bin
@@ -12,6 +12,7 @@ What maps to what
     BertForMaskedLM                   MaskedLM(nsp=False)            "mlm"
     BertForSequenceClassification     SequenceClassifier             "classification"
     BertModel                         Encoder (the bare body)        "encoder"
+    T5ForConditionalGeneration        Seq2SeqLM                      "seq2seq"
 
     GPT-2 (HF body under transformer., ours under decoder.)
         wte, wpe                        embeddings.token, embeddings.position
@@ -36,6 +37,16 @@ What maps to what
         cls.seq_relationship                               nsp_head
         classifier                                         classifier
 
+    T5 (no prefix; ours under encoder. / decoder.)
+        shared (= encoder./decoder.embed_tokens)           encoder.embeddings.token (one table for both)
+        {encoder,decoder}.block.0.layer.0.SelfAttention.relative_attention_bias   {encoder,decoder}.relative_bias.table
+        *.block.i.layer.0.SelfAttention.q/k/v/o, layer_norm   blocks.i.attn.q/k/v/out_proj, blocks.i.attn_norm
+        decoder.block.i.layer.1.EncDecAttention.q/k/v/o, layer_norm   blocks.i.cross_attn.*, blocks.i.cross_norm
+        *.block.i.layer.-1.DenseReluDense.wi, wo (ReLU)      blocks.i.mlp.fc_in, fc_out
+        *.block.i.layer.-1.DenseReluDense.wi_0, wi_1, wo     blocks.i.mlp.fc_gate, fc_in, fc_out (gated GELU)
+        *.block.i.layer.-1.layer_norm, *.final_layer_norm    blocks.i.mlp_norm, final_norm
+        lm_head (tied to shared, or its own matrix)          lm_head
+
 The traps
     * GPT-2's linear layers are `Conv1D`: weight stored (in, out), the transpose of nn.Linear's
       (out, in). Every GPT-2 matrix is transposed on the way in and on the way out.
@@ -51,6 +62,12 @@ The traps
     * An untied BERT MLM head (tie_word_embeddings=False) in transformers 5 unties the bias too: the
       forward adds `cls.predictions.decoder.bias` and never reads `cls.predictions.bias`. The bias
       HF uses is loaded; the unused one is dropped (and written as a copy on export).
+    * T5's `tie_word_embeddings` changed meaning: in transformers 4, False meant "own lm_head matrix,
+      no d_model^-0.5 scaling" (v1.1); transformers 5 always ties the head to `shared` and keeps the
+      scaling as `scale_decoder_outputs`. A config that names scale_decoder_outputs is read the new
+      way; one that does not (an older config.json) the old way, its lm_head read from the weights.
+    * Old T5 checkpoints carry `decoder.block.0.layer.1.EncDecAttention.relative_attention_bias`, which
+      transformers never reads (cross-attention has no position bias); it is skipped by name.
 
 Strictness: every minillm parameter is filled, every HF weight is consumed, every shape is checked.
 Anything left over or missing is a ValueError that names the keys, so a silent mismatch cannot
@@ -59,6 +76,8 @@ default for `BertModel`): asking for the bare body means dropping heads, so weig
 `pooler.`, `cls.` and `classifier.` are discarded there and only there.
 
 Not supported
+    * T5: feed_forward_proj other than "relu" / "gated-gelu", other T5 heads (T5EncoderModel,
+      T5ForSequenceClassification...), and on export an untied lm_head (transformers 5 cannot hold one).
     * Other model families (GPT2ForSequenceClassification among them: its `score` layer has no
       bias, ours does), sharded `pytorch_model.bin` checkpoints, BERT as a decoder or with cross
       attention, BERT position_embedding_type other than "absolute", GPT-2's
@@ -92,7 +111,7 @@ import torch
 import torch.nn as nn
 
 from minillm.config import ModelConfig
-from minillm.model import CausalLM, Encoder, MaskedLM, SequenceClassifier
+from minillm.model import CausalLM, Encoder, MaskedLM, Seq2SeqLM, SequenceClassifier
 from minillm.tasks import build_model
 
 # =============================================================================================
@@ -106,17 +125,23 @@ ARCHITECTURE_TASKS = {
     "BertForMaskedLM": "mlm",
     "BertModel": "encoder",
     "BertForSequenceClassification": "classification",
+    "T5ForConditionalGeneration": "seq2seq",
 }
 FAMILY_TASKS = {"gpt2": ("causal-lm",), "bert": ("mlm-nsp", "mlm", "classification", "encoder")}
+FAMILY_TASKS["t5"] = ("seq2seq",)
 BASE_PREFIX = {"gpt2": "transformer.", "bert": "bert."}  # where HF puts the body inside a task model
+BASE_PREFIX["t5"] = ""  # T5's encoder., decoder. and shared. sit at the top of the state dict
 HEAD_PREFIXES = {"gpt2": ("lm_head.",), "bert": ("cls.", "classifier.")}
+HEAD_PREFIXES["t5"] = ("lm_head.",)
 BODY_NAME = {  # where each minillm task model keeps its body
     "causal-lm": "decoder.", "mlm": "encoder.", "mlm-nsp": "encoder.", "classification": "body.", "encoder": "",
 }
+BODY_NAME["seq2seq"] = ""  # two bodies, encoder. and decoder.: the T5 rules name them
 HEADS = {  # the modules each loading target has beside its body; "encoder", the bare body, has none
     "causal-lm": ("lm_head",), "mlm": ("mlm_head",), "mlm-nsp": ("pooler", "mlm_head", "nsp_head"),
     "classification": ("pooler", "classifier"), "encoder": (),
 }
+HEADS["seq2seq"] = ("lm_head",)
 
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 TO_HF_ACTIVATION = {
@@ -125,7 +150,8 @@ TO_HF_ACTIVATION = {
 }
 
 # Runtime settings a caller may change while loading: none of them changes a weight's shape or meaning.
-RUNTIME_FIELDS = ("attn_backend", "norm_backend", "embed_dropout", "attn_dropout", "resid_dropout")
+RUNTIME_FIELDS = ("attn_backend", "norm_backend", "embed_dropout", "attn_dropout", "resid_dropout", "ff_dropout",
+                  "final_dropout")
 
 # HF class defaults, for config.json files that leave fields out (older exports do).
 GPT2_DEFAULTS = {
@@ -142,6 +168,13 @@ BERT_DEFAULTS = {
     "initializer_range": 0.02, "layer_norm_eps": 1e-12, "position_embedding_type": "absolute",
     "is_decoder": False, "add_cross_attention": False, "classifier_dropout": None, "tie_word_embeddings": True,
     "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None,
+}
+T5_DEFAULTS = {
+    "vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_decoder_layers": None,
+    "num_heads": 8, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6, "initializer_factor": 1.0, "feed_forward_proj": "relu",
+    "is_encoder_decoder": True, "is_decoder": False, "tie_word_embeddings": True, "scale_decoder_outputs": None,
+    "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
 }
 
 
@@ -199,7 +232,7 @@ def _family(hf_config: dict, architecture: str | None) -> str:
                 f"architectures: {architecture!r} is not supported; supported are {sorted(ARCHITECTURE_TASKS)}"
             )
         return model_type
-    raise ValueError(f"model_type: got {model_type!r}, supported are {sorted(FAMILY_TASKS)} (GPT-2 and BERT)")
+    raise ValueError(f"model_type: got {model_type!r}, supported are {sorted(FAMILY_TASKS)} (GPT-2, BERT and T5)")
 
 
 def _choose_task(family: str, architecture: str | None, task: str | None) -> str:
@@ -279,12 +312,116 @@ def _bert_config(hf: dict, task: str) -> ModelConfig:
     )
 
 
+# T5 (Raffel et al., 2020) ------------------------------------------------------------------
+
+T5_FEED_FORWARD = {"relu": "relu", "gated-gelu": "gated_gelu_tanh"}  # HF's gated-gelu is gelu_new, the tanh GELU
+T5_MAX_SEQ_LEN = 512  # T5 has no position table; minillm's length check needs a bound: T5's training length
+
+
+def _t5_config(hf: dict, task: str) -> ModelConfig:
+    if hf["feed_forward_proj"] not in T5_FEED_FORWARD:
+        raise ValueError(f"feed_forward_proj: got {hf['feed_forward_proj']!r}, supported are {sorted(T5_FEED_FORWARD)}")
+    _require(hf, "is_encoder_decoder", True)
+    _require(hf, "is_decoder", False)
+    eos = hf["eos_token_id"]
+    if not isinstance(eos, int):
+        raise ValueError(f"eos_token_id: got {eos!r}; minillm stops generation on one id")
+    tied = hf["tie_word_embeddings"]
+    # transformers 5 names the scaling; in an older config, tie_word_embeddings=False meant "no scaling" (v1.1).
+    scaled = tied if hf["scale_decoder_outputs"] is None else hf["scale_decoder_outputs"]
+    dropout = hf["dropout_rate"]
+    return ModelConfig(
+        arch="encoder-decoder", vocab_size=hf["vocab_size"], d_model=hf["d_model"], n_layers=hf["num_layers"],
+        n_decoder_layers=hf["num_decoder_layers"] or hf["num_layers"], n_heads=hf["num_heads"], d_head=hf["d_kv"],
+        d_ff=hf["d_ff"], max_seq_len=T5_MAX_SEQ_LEN, pos_encoding="relative",
+        relative_buckets=hf["relative_attention_num_buckets"],
+        relative_max_distance=hf["relative_attention_max_distance"], norm="rmsnorm", norm_placement="pre",
+        norm_eps=hf["layer_norm_epsilon"], activation=T5_FEED_FORWARD[hf["feed_forward_proj"]], bias=False,
+        attn_scale=1.0, embed_dropout=dropout, attn_dropout=dropout, resid_dropout=dropout, ff_dropout=dropout,
+        final_dropout=dropout, tie_embeddings=tied, scale_decoder_output=scaled,
+        pad_token_id=hf["pad_token_id"],  # initializer_factor: T5's own init scheme, not needed to load weights
+        bos_token_id=hf["decoder_start_token_id"], eos_token_id=eos,  # minillm's decoder starts with bos
+    )
+
+
+def _t5_config_to_hf(config: ModelConfig, architecture: str) -> dict:
+    """T5's config.json for an exportable minillm Seq2SeqLM (see _check_t5_exportable)."""
+    _check_t5_exportable(config)
+    return {
+        "model_type": "t5", "architectures": [architecture], "vocab_size": config.vocab_size,
+        "d_model": config.d_model, "d_kv": config.head_dim, "d_ff": config.ff_dim, "num_layers": config.n_layers,
+        "num_decoder_layers": config.decoder_layers, "num_heads": config.n_heads,
+        "relative_attention_num_buckets": config.relative_buckets,
+        "relative_attention_max_distance": config.relative_max_distance, "dropout_rate": config.resid_dropout,
+        "layer_norm_epsilon": config.norm_eps,
+        "feed_forward_proj": {v: k for k, v in T5_FEED_FORWARD.items()}[config.activation],
+        "is_encoder_decoder": True, "tie_word_embeddings": True, "scale_decoder_outputs": config.scale_decoder_output,
+        "pad_token_id": config.pad_token_id, "eos_token_id": config.eos_token_id,
+        "decoder_start_token_id": config.bos_token_id,
+    }
+
+
+def _check_t5_exportable(config: ModelConfig) -> None:
+    """Raise ValueError naming the first config field that transformers' T5 cannot express."""
+    dropout = config.resid_dropout
+    requirements = [  # (field, exportable, what T5 needs)
+        ("arch", config.arch == "encoder-decoder", "'encoder-decoder'"),
+        ("pos_encoding", config.pos_encoding == "relative", "'relative' (T5's only positions)"),
+        ("norm", config.norm == "rmsnorm", "'rmsnorm' (T5's norm has no mean and no bias)"),
+        ("norm_placement", config.norm_placement == "pre", "'pre'"),
+        ("bias", not config.bias, "False (no T5 layer has a bias)"),
+        ("activation", config.activation in T5_FEED_FORWARD.values(), f"one of {sorted(T5_FEED_FORWARD.values())}"),
+        ("attn_scale", config.attn_scale == 1.0, "1.0 (T5 does not scale Q K^T)"),
+        ("n_kv_heads", config.kv_heads == config.n_heads, f"None or n_heads={config.n_heads} (no GQA)"),
+        ("type_vocab_size", config.type_vocab_size == 0, "0 (T5 has no segment embeddings)"),
+        ("tie_embeddings", config.tie_embeddings,
+         "True (transformers 5 ties T5's lm_head to the shared table whatever tie_word_embeddings says)"),
+    ]
+    requirements += [(name, getattr(config, name) == dropout, f"resid_dropout={dropout} (T5 has one dropout_rate)")
+                     for name in ("embed_dropout", "attn_dropout", "ff_dropout", "final_dropout")]
+    for field, ok, allowed in requirements:
+        if not ok:
+            raise ValueError(f"config.{field}: got {getattr(config, field)!r}; a T5 checkpoint needs {allowed}")
+
+
+def _t5_rules(config: ModelConfig) -> tuple[list[Rule], dict[str, str]]:
+    """Rules and tied aliases (alias -> key it must equal) of T5ForConditionalGeneration."""
+    rules = [Rule(("encoder.embeddings.token.weight",), "shared.weight")]  # the decoder's is the same module
+    aliases = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
+    gated = config.activation == "gated_gelu_tanh"
+    for stack, n_layers in (("encoder", config.n_layers), ("decoder", config.decoder_layers)):
+        rules.append(Rule((f"{stack}.relative_bias.table.weight",),
+                          f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"))
+        for i in range(n_layers):
+            ours, theirs = f"{stack}.blocks.{i}.", f"{stack}.block.{i}.layer."
+            sublayers = [("attn", "attn_norm", "0.SelfAttention")]
+            if stack == "decoder":
+                sublayers.append(("cross_attn", "cross_norm", "1.EncDecAttention"))
+            for attn, norm, hf_attn in sublayers:
+                rules += [Rule((f"{ours}{attn}.{p}_proj.weight",), f"{theirs}{hf_attn}.{p}.weight") for p in "qkv"]
+                rules.append(Rule((f"{ours}{attn}.out_proj.weight",), f"{theirs}{hf_attn}.o.weight"))
+                rules.append(Rule((f"{ours}{norm}.weight",), f"{theirs}{hf_attn.split('.')[0]}.layer_norm.weight"))
+            ff = f"{theirs}{len(sublayers)}."  # the feed-forward layer comes after the attention layers
+            mlp = (("fc_gate", "wi_0"), ("fc_in", "wi_1"), ("fc_out", "wo")) if gated else (("fc_in", "wi"), ("fc_out", "wo"))
+            rules += [Rule((f"{ours}mlp.{name}.weight",), f"{ff}DenseReluDense.{hf}.weight") for name, hf in mlp]
+            rules.append(Rule((f"{ours}mlp_norm.weight",), f"{ff}layer_norm.weight"))
+        rules.append(Rule((f"{stack}.final_norm.weight",), f"{stack}.final_layer_norm.weight"))
+    if config.tie_embeddings:
+        aliases["lm_head.weight"] = "shared.weight"
+    else:
+        rules.append(Rule(("lm_head.weight",), "lm_head.weight"))
+    return rules, aliases
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 def config_from_hf(hf_config: dict, task: str, **overrides) -> ModelConfig:
     """The ModelConfig equivalent to a Hugging Face config dict (as in config.json)."""
     family = hf_config.get("model_type")
-    defaults = {"gpt2": GPT2_DEFAULTS, "bert": BERT_DEFAULTS}[family]
+    defaults = {"gpt2": GPT2_DEFAULTS, "bert": BERT_DEFAULTS, "t5": T5_DEFAULTS}[family]
     hf = {**defaults, **{k: v for k, v in hf_config.items() if k in defaults or k in ("id2label", "num_labels")}}
-    config = (_gpt2_config if family == "gpt2" else _bert_config)(hf, task)
+    config = {"gpt2": _gpt2_config, "bert": _bert_config, "t5": _t5_config}[family](hf, task)
     unknown = sorted(set(overrides) - set(RUNTIME_FIELDS))
     if unknown:
         raise ValueError(f"from_hf: cannot override {unknown}; only runtime fields {RUNTIME_FIELDS} may be changed")
@@ -316,6 +453,12 @@ def _check_exportable(config: ModelConfig, family: str) -> None:
         ("n_kv_heads", config.kv_heads == config.n_heads, f"None or n_heads={config.n_heads} (no GQA)", "none"),
         ("classifier_pooling", config.classifier_pooling == "auto",
          "'auto' (transformers pools [CLS] for BERT and the last token for GPT-2)", "auto"),
+        # T5's settings, which GPT-2 and BERT have no field for.
+        ("attn_scale", config.attn_scale is None, "None (GPT-2 and BERT scale Q K^T by 1/sqrt(D))", "none"),
+        ("d_head", config.d_head in (None, config.d_model // config.n_heads),
+         f"None or d_model / n_heads = {config.d_model // config.n_heads}", "none"),
+        ("ff_dropout", config.ff_dropout == 0.0, "0.0 (no dropout inside the MLP)", "0"),
+        ("final_dropout", config.final_dropout == 0.0, "0.0 (no dropout after the final norm)", "0"),
     ]
     if family == "gpt2":
         requirements.append(("type_vocab_size", config.type_vocab_size == 0, "0 (GPT-2 has no segment embeddings)", "0"))
@@ -336,6 +479,8 @@ def _check_exportable(config: ModelConfig, family: str) -> None:
 
 def config_to_hf(config: ModelConfig, family: str, architecture: str) -> dict:
     """The Hugging Face config dict (config.json contents) for an exportable ModelConfig."""
+    if family == "t5":
+        return _t5_config_to_hf(config, architecture)
     _check_exportable(config, family)
     ids = {name: getattr(config, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
     common = {"model_type": family, "architectures": [architecture], "vocab_size": config.vocab_size,
@@ -443,12 +588,16 @@ def _rules(family: str, config: ModelConfig, task: str) -> tuple[list[Rule], dic
     never reads (HF key -> the key whose value they get on export)."""
     if family == "gpt2":
         return (*_gpt2_rules(config, BODY_NAME[task]), {})
+    if family == "t5":
+        return (*_t5_rules(config), {})
     return _bert_rules(config, BODY_NAME[task], task)
 
 
 def _is_buffer(key: str) -> bool:
-    """Non-weight tensors some checkpoints carry: GPT-2's causal-mask buffers, BERT's id buffers."""
-    return key.endswith((".attn.bias", ".attn.masked_bias", "embeddings.position_ids", "embeddings.token_type_ids"))
+    """Non-weight tensors some checkpoints carry: GPT-2's causal-mask buffers, BERT's id buffers, and
+    old T5 checkpoints' cross-attention bias table, which transformers never reads."""
+    return key.endswith((".attn.bias", ".attn.masked_bias", "embeddings.position_ids", "embeddings.token_type_ids",
+                         ".EncDecAttention.relative_attention_bias.weight"))
 
 
 def _canonical_keys(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
@@ -476,15 +625,15 @@ def _build(config: ModelConfig, task: str) -> nn.Module:
 
 
 def from_hf(source, task: str | None = None, **overrides) -> nn.Module:
-    """The minillm model equivalent to a Hugging Face GPT-2 or BERT model.
+    """The minillm model equivalent to a Hugging Face GPT-2, BERT or T5 model.
 
     source: a transformers model object, or a directory with config.json and model.safetensors
         (or model.safetensors.index.json + shards, or pytorch_model.bin).
     task: None = from the architecture (see the module docstring); or one of "causal-lm",
-        "mlm", "mlm-nsp", "classification", "encoder" to load the checkpoint as that model.
+        "mlm", "mlm-nsp", "classification", "encoder" to load the checkpoint as that model ("seq2seq" for T5).
     overrides: runtime fields only (attn_backend, norm_backend, dropouts), e.g. attn_backend="reference".
 
-    Returns a CausalLM, MaskedLM, SequenceClassifier or (task "encoder") the bare Encoder, in eval mode.
+    Returns a CausalLM, MaskedLM, SequenceClassifier, Seq2SeqLM or (task "encoder") the bare Encoder, in eval mode.
     """
     hf_config, state, architecture = _read_source(source)
     family = _family(hf_config, architecture)
@@ -562,8 +711,10 @@ def _export_target(model: nn.Module) -> tuple[str, str, str]:
                 f"config.arch: to_hf exports an 'encoder' SequenceClassifier (BERT), got {model.config.arch!r}"
             )
         return "bert", "BertForSequenceClassification", "classification"
+    if isinstance(model, Seq2SeqLM):
+        return "t5", "T5ForConditionalGeneration", "seq2seq"
     raise TypeError(
-        "model: to_hf exports CausalLM (GPT-2), MaskedLM and encoder SequenceClassifier (BERT); "
+        "model: to_hf exports CausalLM (GPT-2), MaskedLM and encoder SequenceClassifier (BERT), Seq2SeqLM (T5); "
         f"got {type(model).__name__}"
     )
 
@@ -598,12 +749,13 @@ def save_hf(model: nn.Module, out_dir: str | Path) -> Path:
 
 def to_hf(model: nn.Module, out_dir: str | Path | None = None):
     """The transformers model equivalent to a minillm model (GPT2LMHeadModel, BertForPreTraining,
-    BertForMaskedLM or BertForSequenceClassification), in the same train/eval mode. With out_dir,
+    BertForMaskedLM, BertForSequenceClassification or T5ForConditionalGeneration), in the same train/eval mode. With out_dir,
     also write a checkpoint directory (see `save_hf`)."""
     import transformers
 
     hf_config, state, aliases = hf_state_dict(model)
-    config_cls = {"gpt2": transformers.GPT2Config, "bert": transformers.BertConfig}[hf_config["model_type"]]
+    config_cls = {"gpt2": transformers.GPT2Config, "bert": transformers.BertConfig,
+                  "t5": transformers.T5Config}[hf_config["model_type"]]
     fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}
     hf_model = getattr(transformers, hf_config["architectures"][0])(config_cls(**fields))
     full = {**state, **{alias: state[target] for alias, target in aliases.items()}}

@@ -95,27 +95,25 @@ def attention(
     key: torch.Tensor,  # (B, Hkv, Tk, D)
     value: torch.Tensor,  # (B, Hkv, Tk, D)
     *,
-    attn_mask: torch.Tensor | None = None,  # bool, True = attend, broadcastable to (B, H, Tq, Tk)
+    attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
+    scale: float | None = None,  # multiplier of Q K^T; None = 1 / sqrt(D)
     backend: str = "auto",
 ) -> torch.Tensor:  # (B, H, Tq, D)
-    """softmax(Q K^T / sqrt(D) + mask) V with grouped-query heads, by the chosen backend."""
+    """softmax(Q K^T * scale + mask) V with grouped-query heads, by the chosen backend.
+
+    attn_mask: bool (True = attend) or additive float, broadcastable to (B, H, Tq, Tk)."""
     enable_gqa = query.shape[1] != key.shape[1]
     chosen = resolve_attention_backend(backend, query)
+    options = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if chosen == "reference":
-        return attention_reference(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=enable_gqa
-        )
+        return attention_reference(query, key, value, **options)
     if chosen == "sdpa":
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=enable_gqa
-        )
+        return F.scaled_dot_product_attention(query, key, value, **options)
     from minillm.kernels.attention import scaled_dot_product_attention
 
-    return scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=enable_gqa
-    )
+    return scaled_dot_product_attention(query, key, value, **options)
 
 
 def _use_triton_norm(x: torch.Tensor, backend: str) -> bool:

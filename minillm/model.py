@@ -3,14 +3,14 @@
 Read it top to bottom; each section uses only what came before it.
 
     1. Norms                 LayerNorm, RMSNorm
-    2. Positions             learned table, sinusoidal table, rotary (RoPE)
+    2. Positions             learned table, sinusoidal table, rotary (RoPE), T5's relative bias
     3. Embeddings            token + position + segment
     4. Attention             multi-head, grouped-query, self and cross, with a KV cache
-    5. MLP                   GELU / ReLU MLP and the gated SwiGLU variant
+    5. MLP                   GELU / ReLU MLP and the gated variants (SwiGLU, T5 v1.1's gated GELU)
     6. Block                 attention + MLP around residual connections, pre- or post-norm
     7. The stack             Encoder (bidirectional) and Decoder (causal, optional cross-attention)
     8. Heads                 LM head, MLM head, NSP head, pooler, classifier
-    9. Task models           CausalLM (GPT), MaskedLM (BERT), SequenceClassifier, Seq2SeqLM
+    9. Task models           CausalLM (GPT), MaskedLM (BERT), SequenceClassifier, Seq2SeqLM (T5)
    10. Initialisation
 
 Which model a task trains, and how, is `minillm.tasks`' business: `build_model(config, task)` is there.
@@ -122,6 +122,60 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket of each key-minus-query distance (Raffel et al., 2020, section 2.1).
+
+    Bidirectional (encoder): half the buckets for keys after the query, half for keys before it.
+    Causal (decoder self-attention): a query sees only keys at or before it, so all buckets go to
+    the past. Within the n buckets of one direction, with d = |distance| and e = n / 2:
+        bucket(d) = d                                                          for d < e
+        bucket(d) = min(n - 1, e + floor((n - e) * log(d / e) / log(max_distance / e)))  otherwise
+    Near distances are exact; far ones share logarithmically wider buckets, up to max_distance.
+    """
+    n = num_buckets
+    if bidirectional:
+        n //= 2
+        offset = (relative_position > 0).long() * n  # keys after the query use the upper half
+        distance = relative_position.abs()
+    else:
+        offset = torch.zeros_like(relative_position)
+        distance = (-relative_position).clamp(min=0)  # keys after the query are masked anyway
+    exact = n // 2
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (n - exact)).long()).clamp(max=n - 1)  # .long() truncates, i.e. floors (>= 0)
+    return offset + torch.where(distance < exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's relative positions: a learned scalar per (distance bucket, head), added to Q K^T.
+
+    One table per stack, computed once and shared by every block (Raffel et al., 2020): the
+    encoder's self-attention uses bidirectional buckets, the decoder's causal ones; cross-attention
+    has none. Unlike a position table it fixes no maximum length.
+    """
+
+    def __init__(self, config: ModelConfig, bidirectional: bool):
+        super().__init__()
+        self.table = nn.Embedding(config.relative_buckets, config.n_heads)  # (buckets, H)
+        self.bidirectional = bidirectional
+        self.num_buckets, self.max_distance = config.relative_buckets, config.relative_max_distance
+
+    def forward(
+        self, allowed: torch.Tensor | None, is_causal: bool, q_len: int, past_len: int, device: torch.device
+    ) -> torch.Tensor:  # (B or 1, H, Tq, Tk) float: bias where attention is allowed, -inf elsewhere
+        """The bias, with a bool mask from `self_attention_mask` (or its plain `is_causal`) folded in."""
+        k_len = past_len + q_len
+        q_pos = torch.arange(past_len, k_len, device=device)[:, None]  # (Tq, 1): queries follow the cache
+        k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+        buckets = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.num_buckets, self.max_distance)
+        bias = rearrange(self.table(buckets), "q k h -> 1 h q k")  # (1, H, Tq, Tk)
+        if is_causal:  # plain top-left causality, which the mask left to is_causal
+            allowed = (k_pos <= q_pos)[None, None]  # (1, 1, Tq, Tk)
+        return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+
+
 # =============================================================================================
 # 3. Embeddings
 # =============================================================================================
@@ -178,6 +232,9 @@ class LayerCache:
 class MultiHeadAttention(nn.Module):
     """Attention(Q, K, V) = softmax(Q K^T / sqrt(D) + mask) V, in H heads (Vaswani et al., 2017).
 
+    `config.attn_scale` replaces 1 / sqrt(D) (T5: 1). The mask is bool (True = attend) or additive
+    float (T5: the relative position bias, -inf where not allowed).
+
     Queries come from x. Keys and values come from x (self-attention) or from the encoder's output
     (cross-attention). With Hkv < H key/value heads, each key/value head serves H / Hkv query
     heads (grouped-query attention; Hkv = 1 is multi-query).
@@ -193,12 +250,13 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
         self.attn_dropout = config.attn_dropout
         self.resid_dropout = nn.Dropout(config.resid_dropout)
+        self.scale = config.attn_scale  # None: 1 / sqrt(D)
         self.backend = config.attn_backend
 
     def forward(
         self,
         x: torch.Tensor,  # (B, Tq, C)
-        attn_mask: torch.Tensor | None,  # bool (B, 1, Tq, Tk), True = attend
+        attn_mask: torch.Tensor | None,  # bool (B, 1, Tq, Tk), True = attend; or float (B, H, Tq, Tk), added
         is_causal: bool,  # True only when no mask is needed beyond plain top-left causality
         context: torch.Tensor | None = None,  # (B, Tk, C) encoder output, for cross-attention
         rotary: RotaryEmbedding | None = None,
@@ -217,11 +275,14 @@ class MultiHeadAttention(nn.Module):
             if past_kv is not None:  # append this step's keys/values to the cached ones
                 k = torch.cat((past_kv[0], k), dim=2)  # (B, Hkv, T_past + Tq, D)
                 v = torch.cat((past_kv[1], v), dim=2)
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)  # an fp32 bias table under autocast meets bf16 scores
         out = dispatch.attention(
             q, k, v,
             attn_mask=attn_mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=is_causal,
+            scale=self.scale,
             backend=self.backend,
         )  # (B, H, Tq, D)
         out = rearrange(out, "b h t d -> b t (h d)")  # (B, Tq, C): heads side by side again
@@ -272,7 +333,9 @@ def self_attention_mask(
 
 
 class MLP(nn.Module):
-    """MLP(x) = W_out act(W_in x + b_in) + b_out, with W_in: C -> F and W_out: F -> C."""
+    """MLP(x) = W_out act(W_in x + b_in) + b_out, with W_in: C -> F and W_out: F -> C.
+
+    `config.ff_dropout` drops hidden activations before W_out (T5); `resid_dropout` the output."""
 
     ACTIVATIONS = {
         "gelu": nn.GELU(),  # exact GELU, x * Phi(x): BERT
@@ -284,29 +347,39 @@ class MLP(nn.Module):
         super().__init__()
         self.fc_in = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
         self.act = self.ACTIVATIONS[config.activation]
+        self.hidden_dropout = nn.Dropout(config.ff_dropout)
         self.fc_out = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.resid_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc_out(self.act(self.fc_in(x))))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+        hidden = self.hidden_dropout(self.act(self.fc_in(x)))  # (B, T, C) -> (B, T, F)
+        return self.dropout(self.fc_out(hidden))  # (B, T, C)
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU (Shazeer, 2020): W_out (silu(W_gate x) * W_up x). The gate decides what passes."""
+    """W_out (act(W_gate x) * W_in x) (Shazeer, 2020): the gate decides what passes.
+
+    SwiGLU (Llama) gates with silu; T5 v1.1's gated GELU with the tanh GELU.
+    """
+
+    GATES = {"swiglu": nn.SiLU(), "gated_gelu_tanh": nn.GELU(approximate="tanh")}
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.fc_gate = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.gate_act = self.GATES[config.activation]
         self.fc_in = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.hidden_dropout = nn.Dropout(config.ff_dropout)
         self.fc_out = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.resid_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc_out(F.silu(self.fc_gate(x)) * self.fc_in(x)))
+        hidden = self.hidden_dropout(self.gate_act(self.fc_gate(x)) * self.fc_in(x))  # (B, T, F)
+        return self.dropout(self.fc_out(hidden))  # (B, T, C)
 
 
 def make_mlp(config: ModelConfig) -> nn.Module:
-    return GatedMLP(config) if config.activation == "swiglu" else MLP(config)
+    return GatedMLP(config) if config.activation in GatedMLP.GATES else MLP(config)
 
 
 # =============================================================================================
@@ -432,9 +505,14 @@ class TransformerStack(nn.Module):
             if config.pos_encoding == "rope"
             else None
         )
+        # T5: one relative bias for the whole stack, bidirectional in the encoder, causal in the decoder.
+        self.relative_bias = (
+            RelativePositionBias(config, bidirectional=not causal) if config.pos_encoding == "relative" else None
+        )
         self.blocks = nn.ModuleList(Block(config, causal=causal, cross=cross) for _ in range(n_layers))
         # Pre-norm leaves the residual stream un-normalised, so one last norm precedes the heads.
         self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
+        self.final_dropout = nn.Dropout(config.final_dropout)
 
     def forward(
         self,
@@ -462,6 +540,9 @@ class TransformerStack(nn.Module):
             )
         x = self.embeddings(input_ids, position_ids, token_type_ids)  # (B, T, C)
         self_mask, is_causal = self_attention_mask(key_keep, T, past_len, self.causal, input_ids.device, document_ids)
+        if self.relative_bias is not None:  # the mask becomes additive: bias where allowed, -inf elsewhere
+            self_mask = self.relative_bias(self_mask, is_causal, T, past_len, input_ids.device)  # (B or 1, H, T, Tk)
+            is_causal = False
         cross_mask = context_mask.bool()[:, None, None, :] if context_mask is not None else None  # (B, 1, 1, Tk)
         new_cache = []
         for i, block in enumerate(self.blocks):
@@ -470,7 +551,7 @@ class TransformerStack(nn.Module):
                 context=context, context_mask=cross_mask, cache=cache[i] if cache else None,
             )
             new_cache.append(layer_cache)
-        return self.final_norm(x), new_cache
+        return self.final_dropout(self.final_norm(x)), new_cache
 
 
 def default_position_ids(
@@ -844,7 +925,11 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
 
 class Seq2SeqLM(Model):
     """The original Transformer: an encoder reads the source; a decoder writes the target one
-    token at a time, attending to its own past (causal) and to the whole source (cross)."""
+    token at a time, attending to its own past (causal) and to the whole source (cross).
+
+    T5 is this model with T5's settings (config.t5_small): relative position bias, RMSNorm, no
+    biases, unscaled attention, and (v1.0) the decoder output scaled by C^-0.5 before the tied head.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -885,7 +970,9 @@ class Seq2SeqLM(Model):
         hidden, new_cache = self.decoder(
             decoder_input_ids, decoder_attention_mask, context=encoder_hidden, context_mask=attention_mask, cache=cache
         )
-        logits = self.lm_head(hidden)  # (B, Tt, V)
+        # T5 v1.0: the tied head is the N(0, 1) embedding table, so its input is scaled by C^-0.5.
+        head_input = hidden * self.config.d_model ** -0.5 if self.config.scale_decoder_output else hidden
+        logits = self.lm_head(head_input)  # (B, Tt, V)
         loss = None
         if labels is not None:
             _check_labels("labels", labels, tuple(decoder_input_ids.shape))

@@ -11,7 +11,7 @@ Each command of the CLI is one function here, so a notebook runs exactly what th
     result["metrics"]["val_loss"], result["unigram_entropy"], result["checkpoint"]
 
 ==================  ===========================================================================
-``RECIPES``         what ``minillm pretrain|finetune --model gpt|bert|seq2seq`` start from: a
+``RECIPES``         what ``minillm pretrain|finetune --model gpt|bert|seq2seq|t5`` start from: a
                     task and the defaults of the run (the only defaults besides the config
                     dataclasses' and the model presets)
 ``configs``         defaults, a TOML file and command-line overrides -> the run's three configs
@@ -79,7 +79,7 @@ class Recipe:
     """``minillm COMMAND --model FAMILY``: the task it trains and the defaults of the run."""
 
     command: str  # "pretrain" or "finetune"
-    family: str  # "gpt", "bert" or "seq2seq"
+    family: str  # "gpt", "bert", "seq2seq" or "t5"
     task: str
     model: dict
     data: dict
@@ -146,6 +146,13 @@ RECIPES = {
         {**FINETUNE, "max_steps": 2000, "lr": 2e-3, "warmup_steps": 100, "eval_every": 250, "probe_steps": 0,
          "early_stopping_metric": "val_loss"}, from_pretrained=True),
 }
+# T5 (Raffel et al., 2020): the same two tasks as seq2seq, on the tiny-t5 preset (relative position
+# bias, RMSNorm, no biases, ReLU MLP, tied head). Listed after seq2seq, which stays the recipe that
+# a bare --train.task=span-corruption or seq2seq picks.
+RECIPES[("pretrain", "t5")] = dataclasses.replace(RECIPES[("pretrain", "seq2seq")], family="t5",
+                                                  model={"preset": "tiny-t5"})
+RECIPES[("finetune", "t5")] = dataclasses.replace(RECIPES[("finetune", "seq2seq")], family="t5",
+                                                  model={"preset": "tiny-t5"})
 DEFAULT_FAMILY = {"pretrain": "gpt", "finetune": "bert"}
 
 
