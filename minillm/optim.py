@@ -17,8 +17,9 @@ Step horizon (max_steps > 0), the progress counts the steps after warmup:
     step >= warmup:   min_lr + (lr - min_lr) * f(p),  p = (step - warmup) / (max_steps - warmup)
 
 Time horizon (max_steps = 0, "time-fitted"): the horizon is the budget of max_minutes, so the
-decay ends with the run instead of being cut by it. With t the training time elapsed when the
-step starts (seconds, resumes included) and B = 60 * max_minutes:
+decay ends with the run instead of being cut by it. With t the training time at which the step
+is expected to end (seconds, resumes included: the Trainer adds the last step's duration to the
+time the step starts, so the step that ends the budget runs at min_lr) and B = 60 * max_minutes:
 
     lr(step, t) = min(warmup(step), min_lr + (lr - min_lr) * f(t / B))
     warmup(step) = lr * min(1, (step + 1) / warmup)
@@ -43,8 +44,8 @@ from minillm.train_config import TrainConfig
 
 def lr_at(step: int, config: TrainConfig, elapsed_s: float | None = None) -> float:
     """Learning rate of optimizer step `step` (0-based). A time-fitted config (max_steps=0) also
-    needs `elapsed_s`, the training time elapsed when the step starts; a step-horizon config
-    ignores it."""
+    needs `elapsed_s`, the training time the step is taken at (module docstring); a step-horizon
+    config ignores it."""
     if config.time_fitted:
         if elapsed_s is None or not elapsed_s >= 0:
             raise ValueError(f"lr_at: a time-fitted schedule (max_steps=0) needs elapsed_s >= 0 seconds, "

@@ -161,11 +161,13 @@ class Trainer:
         self.best_value, self.best_step, self.evals_since_best = None, None, 0
         self.should_stop, self.last_eval, self.last_saved_step = False, None, None
         self.train_seconds = 0.0  # training time of the whole run, resumes included (max_minutes counts it)
+        self.step_seconds = 0.0  # how long the last step took (a time-fitted schedule looks one step ahead)
         if resume_from:
             ckpt.load_weights(self.raw_model, resume_from)
             ckpt.restore_training_state(self, resume_from)
-            # older checkpoints did not save it: their time starts again from zero
-            self.train_seconds = float(ckpt.load_state(resume_from).get("train_seconds", 0.0))
+            state = ckpt.load_state(resume_from)  # older checkpoints lack these: their time starts again at 0
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+            self.step_seconds = float(state.get("step_seconds", 0.0))
 
         self.model = torch.compile(self.raw_model) if config.compile else self.raw_model
         if self.world > 1:
@@ -220,6 +222,8 @@ class Trainer:
         # Training time: what the checkpoint saved plus this session's clock. The clock is read at the
         # start of each step (the schedule) and at the stop check (the budget and the saved time), never
         # in between, so a fake clock that a test advances drives both exactly, resumes included.
+        # A time-fitted schedule gives a step the rate of the time it is expected to end (its start plus
+        # the last step's duration): the step that ends the budget runs at min_lr.
         session_start, seconds_before = self.clock(), self.train_seconds
         self.should_stop = False
         self.model.train()
@@ -230,8 +234,11 @@ class Trainer:
                 micro = [to_device(next(batches), self.device) for _ in range(c.grad_accum_steps)]
                 self.micro_batches += c.grad_accum_steps
                 # schedule
-                self.train_seconds = seconds_before + self.clock() - session_start
-                lr = apply_lr(self.optimizer, self.step, c, self.train_seconds)
+                step_start = self.train_seconds = seconds_before + self.clock() - session_start
+                step_end = step_start + self.step_seconds
+                if c.time_fitted and self.world > 1:  # one rate for every replica: the ranks' mean time
+                    step_end = distributed.all_sum(step_end, self.device) / self.world
+                lr = apply_lr(self.optimizer, self.step, c, step_end)
                 # accumulate
                 loss = distributed.all_sum(self._accumulate(micro), self.device)  # each rank holds its share
                 # step
@@ -251,6 +258,7 @@ class Trainer:
                 if self.eval_data is not None and ((c.eval_every and self.step % c.eval_every == 0) or last):
                     improved = self._evaluate_and_track()
                 self.train_seconds = seconds_before + self.clock() - session_start
+                self.step_seconds = self.train_seconds - step_start
                 reason = self._stop_reason(self.train_seconds)
                 # checkpoint
                 if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or improved or last or reason:
@@ -376,6 +384,7 @@ class Trainer:
         """Checkpoint the current step (rank 0 writes; every rank must call it under DDP)."""
         state = ckpt.training_state(self)  # a collective under DDP: every rank's RNG state
         state["train_seconds"] = self.train_seconds  # the schedule and the budget go on from here
+        state["step_seconds"] = self.step_seconds
         path = None
         if self.is_main:
             path = ckpt.save_checkpoint(self.out_dir, self.step, self.raw_model, state, self.configs, self.tokenizer,

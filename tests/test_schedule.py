@@ -161,21 +161,24 @@ def test_trainer_follows_the_clock_and_ends_at_min_lr(tmp_path):
     assert summary["train_seconds"] == 66.0
     lrs = [r["lr"] for r in train_rows(tmp_path / "run")]
     config = trainer.config
-    assert lrs == pytest.approx([lr_at(s, config, SECONDS_PER_STEP * s) for s in range(11)], rel=1e-12)
+    # step s starts at 6 s and is expected to end 6 s later (the last step's duration; none before step 0)
+    ends = [0.0] + [SECONDS_PER_STEP * (s + 1) for s in range(1, 11)]
+    assert lrs == pytest.approx([lr_at(s, config, t) for s, t in enumerate(ends)], rel=1e-12)
     assert lrs[:4] == pytest.approx([0.75e-3, 1.5e-3, 2.25e-3, 3e-3])  # warmup
-    assert lrs[4:8] == pytest.approx([3e-3] * 4)  # stable up to 45 s (step 7 starts at 42 s)
-    assert lrs[8] == pytest.approx(3e-4 + 2.7e-3 * 4 / 5)  # step 8 at 48 s: 3 of the 15 cooldown seconds
-    assert lrs[-1] == pytest.approx(config.min_lr) and summary["last_lr"] == lrs[-1]  # at 60 s: the end
+    assert lrs[4:7] == pytest.approx([3e-3] * 3)  # stable up to 45 s (step 6 ends at 42 s)
+    assert lrs[7] == pytest.approx(3e-4 + 2.7e-3 * 4 / 5)  # step 7 ends at 48 s: 3 of the 15 cooldown seconds
+    assert lrs[-1] == pytest.approx(config.min_lr) and summary["last_lr"] == lrs[-1]  # the step that ends the budget
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
 def test_resume_of_a_time_fitted_run_is_exact(tmp_path):
-    """Cut at step 5 (30 s, still stable), resume with the same clock: the same rates, losses and
-    weights as the uninterrupted run, which needs the checkpoint to carry the 30 s already trained."""
+    """Cut at step 8 (48 s, in the cooldown), resume with the same clock: the same rates, losses and
+    weights as the uninterrupted run, which needs the checkpoint to carry the 48 s already trained
+    and the last step's 6 s."""
     full, _ = fit(tmp_path, "full", FakeClock())
     clock = FakeClock()
-    _, summary = fit(tmp_path, "cut", clock, stop_at=5)
-    assert summary["stopped"] == "hook" and summary["train_seconds"] == 30.0
+    _, summary = fit(tmp_path, "cut", clock, stop_at=8)
+    assert summary["stopped"] == "hook" and summary["train_seconds"] == 48.0
     resumed, summary = fit(tmp_path, "cut", clock, resume=True)
     assert resumed.step == 11 and summary["stopped"] == "max_minutes"
     expected, got = train_rows(tmp_path / "full"), train_rows(tmp_path / "cut")
