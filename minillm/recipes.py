@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -557,7 +558,8 @@ def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, override
     byte). Its text is the validation split of the inputs, or all of the inputs when
     ``data.val_fraction`` is 0, which is what an ``inputs`` override means unless ``val_fraction``
     is overridden too: ``minillm evaluate --checkpoint RUN --data.inputs=FILE`` scores the whole
-    FILE. The shards are prepared in ``data.prepared_dir`` (override it to keep the run's own).
+    FILE. Other inputs than the saved ones are prepared in ``<prepared_dir>/evaluate-<hash of the
+    inputs>`` unless ``prepared_dir`` is overridden too, so the run's own shards stay as they are.
     Returns {"task", "split" ("test", "validation" or "all"), "scored" (what text, in words), metrics}."""
     for name, value, low in (("batch_size", batch_size, 1), ("max_batches", max_batches, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -574,6 +576,9 @@ def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, override
         data = DataConfig.from_dict({**configs.get("data", {}), **overrides})
         if task.scores_text and "inputs" in overrides and "val_fraction" not in overrides:
             data = dataclasses.replace(data, val_fraction=0.0)  # other text than the run's: score all of it
+        if "inputs" in overrides and "prepared_dir" not in overrides:  # leave the run's own shards as they are
+            key = hashlib.sha256("\n".join(data.inputs).encode()).hexdigest()[:12]
+            data = dataclasses.replace(data, prepared_dir=str(Path(data.prepared_dir) / f"evaluate-{key}"))
     _refuse_unused(task, data, sources or {}, tokenizer_from_corpus=False, tokenizer_given=True)
     if task.from_corpus:  # the checkpoint's tokenizer: shards are rebuilt only if they are missing
         prepare_data(dataclasses.replace(data, tokenizer=str(_checkpoint_dir(checkpoint))),
@@ -586,6 +591,7 @@ def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, override
         inputs = ", ".join(data.inputs)
         scored = (f"all of {inputs}" if split == "all" else
                   f"the validation split of {inputs} (val_fraction={data.val_fraction:g})")
+        scored += f", prepared in {data.prepared_dir}"
         if max_batches:
             scored += f", its first {max_batches} batches of {batch_size} windows"
         shards = TokenShards(data.prepared_dir, "train" if split == "all" else "val")

@@ -10,6 +10,7 @@ enough for one window gives the cross-entropy computed directly from the model's
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,9 +136,10 @@ def test_evaluate_scores_all_of_a_given_file(corpus, tmp_path):
     text = ["Une phrase en français, déjà évaluée.", "Another line, never seen."]
     other.write_text("\n".join(text), encoding="utf-8")
     said = []
-    result = recipes.evaluate(run, overrides={"inputs": [str(other)], "prepared_dir": str(tmp_path / "other")},
-                              echo=said.append)
-    assert result["split"] == "all" and result["scored"] == f"all of {other}"
+    manifest = (Path(data.prepared_dir) / "manifest.json").read_text()
+    result = recipes.evaluate(run, overrides={"inputs": [str(other)]}, echo=said.append)
+    assert result["split"] == "all" and result["scored"].startswith(f"all of {other}, prepared in {data.prepared_dir}")
+    assert (Path(data.prepared_dir) / "manifest.json").read_text() == manifest  # the run's own shards untouched
     assert result["scored_chars"] == sum(len(t) for t in text) + 2 and result["scored_documents"] == 2
     printed = "\n".join(said)
     assert f"scored all of {other}" in printed and "nats/char" in printed and "bits/byte" in printed
