@@ -296,7 +296,8 @@ def text_figures(metrics: dict) -> str:
     return (f"{metrics['nats_per_char']:.4f} nats/char, {metrics['bits_per_byte']:.4f} bits/byte "
             f"({metrics['text_loss']:.4f} nats/token over {metrics['scored_tokens']:,} tokens = "
             f"{metrics['scored_chars']:,} characters, {metrics['scored_bytes']:,} UTF-8 bytes, "
-            f"{metrics['scored_documents']:,} documents; each EOS counted as one character and one byte)")
+            f"{metrics['scored_documents']:,} document{'' if metrics['scored_documents'] == 1 else 's'}; each EOS "
+            f"counted as one character and one byte)")
 
 
 @register
