@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -49,9 +50,11 @@ from minillm.data import DataConfig, TokenShards, prepare_from_config
 from minillm.data.corpus import describe_duplicates
 from minillm.distributed import seed_everything
 from minillm.evaluation import evaluate as evaluate_model
+from minillm.evaluation import evaluate_text
 from minillm.generation import generate_text
 from minillm.model import MaskedLM
-from minillm.tasks import CORPUS_DATA_FIELDS, Task, TaskData, get_task
+from minillm.optim import schedule_summary
+from minillm.tasks import CORPUS_DATA_FIELDS, Task, TaskData, get_task, text_figures
 from minillm.tasks import unigram_entropy as _unigram_entropy
 from minillm.hf_tokenizer import load_tokenizer
 from minillm.tokenizer import Tokenizer
@@ -454,10 +457,14 @@ def train(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=prin
     metrics = task.final_metrics(trainer.raw_model, task_data, run.tokenizer, summary,
                                  lambda: _evaluate_split(trainer.raw_model, task, task_data, split, train.batch_size,
                                                          train.seed))
+    if task.scores_text and not getattr(task_data.validation, "document_mask", True):
+        metrics |= _held_out_text(trainer.raw_model, task_data.validation, run.tokenizer, train.batch_size)
     checkpoint = best if task.keep_best and best.exists() else ckpt.latest_checkpoint(trainer.out_dir)
     _say(echo, f"trained {summary['steps']} steps ({summary['stopped']}), {summary['tokens']:,} tokens in "
                f"{summary['elapsed_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; best "
                f"{summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}",
+         *([schedule_summary(run.train, summary["last_lr"], summary["train_seconds"])] if summary["last_lr"] is not None
+           else []),
          *task.report(metrics, task_data, split))
     samples = _show_samples(trainer.raw_model, run.tokenizer, task.sample_prompts[:num_samples], train.seed, echo)
     seconds = time.perf_counter() - started
@@ -478,6 +485,14 @@ def _evaluate_split(model, task: Task, task_data: TaskData, split: str, batch_si
     dataset = task_data.test if split == "test" else task_data.validation
     batches = eval_batches(dataset, task_data.collate, batch_size=batch_size, seed=seed, rank=0, world=1)
     return evaluate_model(model, task, batches, max_batches=max_batches)
+
+
+def _held_out_text(model, validation, tokenizer: Tokenizer, batch_size: int) -> dict:
+    """The per-character figures of the whole validation split (a CausalLMDataset's shards), every
+    token scored once (:func:`minillm.evaluation.evaluate_text`); its loss per token is "text_loss",
+    beside the trainer's last val_loss, which may cover only eval_batches batches of windows."""
+    text = evaluate_text(model, validation.shards, tokenizer, seq_len=validation.seq_len, batch_size=batch_size)
+    return {"text_loss": text["val_loss"], **{k: v for k, v in text.items() if k.startswith(("nats_", "bits_", "scored_"))}}
 
 
 def pretrain(model: ModelConfig, data: DataConfig, train_config: TrainConfig, **options) -> dict:
@@ -543,7 +558,16 @@ def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, override
     """Metrics of a checkpoint on held-out data: the test split of its task when it has one, else
     the validation split. The data is ``data``, or the DataConfig saved with the checkpoint with
     ``overrides`` ({field: value}) on top; an override the task would not read is refused
-    (``sources`` names where each came from)."""
+    (``sources`` names where each came from).
+
+    A causal LM (``Task.scores_text``) is scored on every token of its text, once, with the
+    per-character figures of :func:`minillm.evaluation.evaluate_text` (nats per character, bits per
+    byte). Its text is the validation split of the inputs, or all of the inputs when
+    ``data.val_fraction`` is 0, which is what an ``inputs`` override means unless ``val_fraction``
+    is overridden too: ``minillm evaluate --checkpoint RUN --data.inputs=FILE`` scores the whole
+    FILE. Other inputs than the saved ones are prepared in ``<prepared_dir>/evaluate-<hash of the
+    inputs>`` unless ``prepared_dir`` is overridden too, so the run's own shards stay as they are.
+    Returns {"task", "split" ("test", "validation" or "all"), "scored" (what text, in words), metrics}."""
     for name, value, low in (("batch_size", batch_size, 1), ("max_batches", max_batches, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
@@ -552,19 +576,41 @@ def evaluate(checkpoint: str | Path, *, data: DataConfig | None = None, override
         raise ValueError(f"evaluate: {checkpoint} has no tokenizer (none of {', '.join(ckpt.TOKENIZER_FILES)}) "
                          f"to read the data with")
     task = get_task(configs["task"], f"{checkpoint}: task")
+    overrides = overrides or {}
     if data is None:
         # A Hugging Face folder saved no data config: DataConfig's defaults (the embedded corpus,
         # the embedded classification task) with the overrides on top.
-        data = DataConfig.from_dict({**configs.get("data", {}), **(overrides or {})})
+        data = DataConfig.from_dict({**configs.get("data", {}), **overrides})
+        if task.scores_text and "inputs" in overrides and "val_fraction" not in overrides:
+            data = dataclasses.replace(data, val_fraction=0.0)  # other text than the run's: score all of it
+        if "inputs" in overrides and "prepared_dir" not in overrides:  # leave the run's own shards as they are
+            key = hashlib.sha256("\n".join(data.inputs).encode()).hexdigest()[:12]
+            data = dataclasses.replace(data, prepared_dir=str(Path(data.prepared_dir) / f"evaluate-{key}"))
     _refuse_unused(task, data, sources or {}, tokenizer_from_corpus=False, tokenizer_given=True)
     if task.from_corpus:  # the checkpoint's tokenizer: shards are rebuilt only if they are missing
         prepare_data(dataclasses.replace(data, tokenizer=str(_checkpoint_dir(checkpoint))),
                      progress=False)
     task.check(model.config, data)
+    model.to(distributed.pick_device(device, 0))
+    where = f"{_checkpoint_dir(checkpoint)} ({task.name})"
+    if task.scores_text and not data.document_mask:
+        split = "all" if data.val_fraction == 0 else "validation"
+        inputs = ", ".join(data.inputs)
+        scored = (f"all of {inputs}" if split == "all" else
+                  f"the validation split of {inputs} (val_fraction={data.val_fraction:g})")
+        scored += f", prepared in {data.prepared_dir}"
+        if max_batches:
+            scored += f", its first {max_batches} batches of {batch_size} windows"
+        shards = TokenShards(data.prepared_dir, "train" if split == "all" else "val")
+        metrics = evaluate_text(model, shards, tokenizer, seq_len=data.seq_len, batch_size=batch_size,
+                                max_batches=max_batches)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        _say(echo, f"{where}, scored {scored}: {shown}",
+             f"every token scored once: {text_figures({**metrics, 'text_loss': metrics['val_loss']})}")
+        return {"task": task.name, "split": split, "scored": scored, **metrics}
     task_data = task.datasets(data, tokenizer, model.config, samples=0)
     split = task_data.report_split
-    model.to(distributed.pick_device(device, 0))
     metrics = _evaluate_split(model, task, task_data, split, batch_size, data.seed, max_batches)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    _say(echo, f"{_checkpoint_dir(checkpoint)} ({task.name}), {split} split: {shown}")
-    return {"task": task.name, "split": split, **metrics}
+    _say(echo, f"{where}, {split} split: {shown}")
+    return {"task": task.name, "split": split, "scored": f"the {split} split", **metrics}

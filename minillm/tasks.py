@@ -106,6 +106,7 @@ class Task:
     sample_prompts: ClassVar[tuple[str, ...]] = ()  # shown after training, when the model generates
     loss_terms: ClassVar[tuple[str, ...]] = ("loss",)  # the summed terms forward() returns
     tally_keys: ClassVar[tuple[str, ...]] = ("correct", "predicted")  # what tally() counts
+    scores_text: ClassVar[bool] = False  # the loss is a likelihood of every token: per-character figures apply
 
     # ------------------------------------------------------------------ model
 
@@ -290,6 +291,15 @@ def _accuracy(tally: dict[str, torch.Tensor], correct: str = "correct", total: s
     return float(tally[correct] / tally[total].clamp(min=1))
 
 
+def text_figures(metrics: dict) -> str:
+    """The per-character figures of :func:`minillm.evaluation.evaluate_text` as one phrase."""
+    return (f"{metrics['nats_per_char']:.4f} nats/char, {metrics['bits_per_byte']:.4f} bits/byte "
+            f"({metrics['text_loss']:.4f} nats/token over {metrics['scored_tokens']:,} tokens = "
+            f"{metrics['scored_chars']:,} characters, {metrics['scored_bytes']:,} UTF-8 bytes, "
+            f"{metrics['scored_documents']:,} document{'' if metrics['scored_documents'] == 1 else 's'}; each EOS "
+            f"counted as one character and one byte)")
+
+
 @register
 class CausalLMTask(Task):
     """GPT: predict every next token of windows of the corpus."""
@@ -300,6 +310,7 @@ class CausalLMTask(Task):
     metrics = ("val_loss", "val_ppl", "token_accuracy")
     data_fields = frozenset({"causal_mode", "document_mask"})
     sample_prompts = TEXT_PROMPTS
+    scores_text = True
 
     def datasets(self, data, tokenizer, model, samples):
         train, val, summary, baselines = corpus_data(data, tokenizer)
@@ -324,8 +335,14 @@ class CausalLMTask(Task):
     def report(self, metrics, data, split):
         baseline = data.baselines["unigram_entropy"]
         verdict = "below" if metrics["val_loss"] < baseline else "NOT below"
-        return [f"{split} loss {metrics['val_loss']:.3f} nats (perplexity {metrics['val_ppl']:.1f}), {verdict} the "
-                f"unigram-entropy baseline {baseline:.3f} nats; next-token accuracy {metrics['token_accuracy']:.1%}"]
+        lines = [f"{split} loss {metrics['val_loss']:.3f} nats (perplexity {metrics['val_ppl']:.1f}), {verdict} the "
+                 f"unigram-entropy baseline {baseline:.3f} nats; next-token accuracy {metrics['token_accuracy']:.1%}"]
+        if "nats_per_char" in metrics:
+            lines.append(f"{split} text, every token scored once: {text_figures(metrics)}")
+        elif getattr(data.validation, "document_mask", False):
+            lines.append("no per-character figures: with document_mask the first token of each document is never "
+                         "predicted, so part of the text would go unscored")
+        return lines
 
 
 @register

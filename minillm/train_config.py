@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from minillm.config import check_field_types, config_from_dict
 from minillm.tasks import TASKS, get_task
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 FINETUNE_MODES = ("full", "lora", "bitfit", "freeze", "keep")
@@ -53,11 +53,15 @@ class TrainConfig:
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step. Global batch = batch_size * grad_accum_steps * world size."""
     max_steps: int = 1000
-    """Optimizer steps of the whole run (also the horizon of the learning-rate schedule)."""
+    """Optimizer steps of the whole run (also the horizon of the learning-rate schedule). 0: no
+    step limit, train until max_minutes (which must be set), and the schedule's horizon is that
+    time budget ("time-fitted", see :mod:`minillm.optim`): the decay ends when the budget does."""
     max_minutes: float | None = None
-    """Optional wall-clock budget; training stops (and checkpoints) at the first step past it. The
-    schedule's horizon stays max_steps, so a run the budget cuts short ends before its learning rate
-    has decayed: a warning then names the max_steps that fits the budget."""
+    """Optional budget of training time, in minutes of wall clock (evaluations and checkpoints
+    included), counted over the whole run: a resumed run carries on from the time its checkpoint
+    saved. Training stops (and checkpoints) at the first step that ends past it. With max_steps > 0
+    the schedule's horizon stays max_steps, so a run the budget cuts short ends before its learning
+    rate has decayed (a warning then says so); max_steps=0 fits the schedule to the budget instead."""
     lr: float = 6e-4
     """Peak learning rate, reached at the end of warmup (GPT-2 small's value)."""
     min_lr_ratio: float = 0.1
@@ -66,7 +70,12 @@ class TrainConfig:
     """Steps of linear warmup to lr (Adam's second moments are noisy at the start); a short run
     with warmup_steps >= max_steps simply never reaches the peak."""
     schedule: str = "cosine"
-    """Decay after warmup: "cosine", "linear" or "constant"."""
+    """Decay after warmup: "cosine", "linear", "constant" or "wsd" (warmup-stable-decay: the peak
+    lr until the last cooldown_fraction of the horizon, then linear to min_lr). The horizon is
+    max_steps, or the max_minutes budget when max_steps=0; formulas in :mod:`minillm.optim`."""
+    cooldown_fraction: float = 0.2
+    """schedule="wsd": the fraction of the horizon (of the steps, or of the minutes when time-fitted)
+    spent decaying to min_lr; 0.2 is the cooldown length Hägele et al. (2024) found to match cosine."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay on matrices (never on biases, norms or embeddings)."""
     beta1: float = 0.9
@@ -160,10 +169,10 @@ class TrainConfig:
                 fail(name, f"one of {allowed}")
         if not self.out_dir:
             fail("out_dir", "a directory path")
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "lora_rank"):
+        for name in ("batch_size", "grad_accum_steps", "lora_rank"):
             if getattr(self, name) < 1:
                 fail(name, "an integer >= 1")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+        for name in ("max_steps", "warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
                      "early_stopping_patience", "freeze_layers", "probe_steps", "num_workers"):
             if getattr(self, name) < 0:
                 fail(name, "an integer >= 0")
@@ -171,6 +180,11 @@ class TrainConfig:
             fail("log_every", "an integer >= 1")
         if self.max_minutes is not None and not (self.max_minutes > 0 and math.isfinite(self.max_minutes)):
             fail("max_minutes", "None or a positive number of minutes")
+        if self.max_steps == 0 and self.max_minutes is None:
+            fail("max_minutes", "a positive number of minutes when max_steps=0 (a run without a step limit "
+                                "trains until its time budget)")
+        if not 0.0 < self.cooldown_fraction <= 1.0:
+            fail("cooldown_fraction", "a number in (0, 1]")
         for name in ("lr", "probe_lr"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 fail(name, "a positive finite number")
@@ -219,7 +233,14 @@ class TrainConfig:
             unused["probe_lr"] = "probe_steps is 0"
         if self.schedule == "constant":
             unused["min_lr_ratio"] = "schedule is 'constant'"
+        if self.schedule != "wsd":
+            unused["cooldown_fraction"] = f"schedule is {self.schedule!r}, not 'wsd'"
         return unused
+
+    @property
+    def time_fitted(self) -> bool:
+        """True when the schedule's horizon is the max_minutes budget (max_steps=0), not max_steps."""
+        return self.max_steps == 0
 
     @property
     def min_lr(self) -> float:

@@ -91,11 +91,14 @@ class Trainer:
             weights (config.init_from) are in, before the fine-tuning mode and the optimizer are
             set up: where the recipes train a new head alone first (LP-FT's probe). The
             requires_grad flags it changes are put back as the model arrived.
+        clock: a function returning seconds, ``time.perf_counter`` by default; it measures the
+            training time that max_minutes budgets and a time-fitted schedule (max_steps=0) follows.
+            Tests pass a fake one to drive the schedule without waiting.
     """
 
     def __init__(self, model, config: TrainConfig, train_data, eval_data=None, *, collate_fn=None,
                  configs_to_save: dict | None = None, tokenizer=None, hooks: dict | None = None,
-                 before_training=None):
+                 before_training=None, clock=time.perf_counter):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
         unknown = sorted(set(hooks or {}) - set(HOOKS))
@@ -118,6 +121,7 @@ class Trainer:
             self.configs["peft"] = {"wrapper": type(wrapper).__name__,
                                     "peft_type": str(getattr(peft_type, "value", peft_type))}
         self.train_data, self.eval_data, self.collate_fn = train_data, eval_data, collate_fn
+        self.clock = clock
 
         self.log = None
         resume_from = ckpt.take_run_dir(self.out_dir, resume=config.resume, overwrite=config.overwrite,
@@ -156,9 +160,14 @@ class Trainer:
         self.step, self.micro_batches, self.tokens_seen = 0, 0, 0
         self.best_value, self.best_step, self.evals_since_best = None, None, 0
         self.should_stop, self.last_eval, self.last_saved_step = False, None, None
+        self.train_seconds = 0.0  # training time of the whole run, resumes included (max_minutes counts it)
+        self.step_seconds = 0.0  # how long the last step took (a time-fitted schedule looks one step ahead)
         if resume_from:
             ckpt.load_weights(self.raw_model, resume_from)
             ckpt.restore_training_state(self, resume_from)
+            state = ckpt.load_state(resume_from)  # older checkpoints lack these: their time starts again at 0
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+            self.step_seconds = float(state.get("step_seconds", 0.0))
 
         self.model = torch.compile(self.raw_model) if config.compile else self.raw_model
         if self.world > 1:
@@ -207,18 +216,29 @@ class Trainer:
         batches = train_batches(self.train_data, self.collate_fn, batch_size=c.batch_size, seed=c.seed,
                                 rank=self.rank, world=self.world, start=self.micro_batches, num_workers=c.num_workers,
                                 pin_memory=self.device.type == "cuda")
-        bar = tqdm(total=c.max_steps, initial=self.step, disable=not (self.is_main and c.progress),
+        bar = tqdm(total=c.max_steps or None, initial=self.step, disable=not (self.is_main and c.progress),
                    dynamic_ncols=True, desc=c.task)
         start, start_tokens, stop_reason = time.perf_counter(), self.tokens_seen, "max_steps"
+        # Training time: what the checkpoint saved plus this session's clock. The clock is read at the
+        # start of each step (the schedule) and at the stop check (the budget and the saved time), never
+        # in between, so a fake clock that a test advances drives both exactly, resumes included.
+        # A time-fitted schedule gives a step the rate of the time it is expected to end (its start plus
+        # the last step's duration): the step that ends the budget runs at min_lr.
+        session_start, seconds_before = self.clock(), self.train_seconds
         self.should_stop = False
         self.model.train()
+        lr = None
         try:
-            while self.step < c.max_steps:
+            while c.time_fitted or self.step < c.max_steps:
                 # fetch: every micro-batch of this step, so their target counts are known up front
                 micro = [to_device(next(batches), self.device) for _ in range(c.grad_accum_steps)]
                 self.micro_batches += c.grad_accum_steps
                 # schedule
-                lr = apply_lr(self.optimizer, self.step, c)
+                step_start = self.train_seconds = seconds_before + self.clock() - session_start
+                step_end = step_start + self.step_seconds
+                if c.time_fitted and self.world > 1:  # one rate for every replica: the ranks' mean time
+                    step_end = distributed.all_sum(step_end, self.device) / self.world
+                lr = apply_lr(self.optimizer, self.step, c, step_end)
                 # accumulate
                 loss = distributed.all_sum(self._accumulate(micro), self.device)  # each rank holds its share
                 # step
@@ -237,7 +257,9 @@ class Trainer:
                 improved = False
                 if self.eval_data is not None and ((c.eval_every and self.step % c.eval_every == 0) or last):
                     improved = self._evaluate_and_track()
-                reason = self._stop_reason(elapsed)
+                self.train_seconds = seconds_before + self.clock() - session_start
+                self.step_seconds = self.train_seconds - step_start
+                reason = self._stop_reason(self.train_seconds)
                 # checkpoint
                 if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or improved or last or reason:
                     self.save(best=improved)
@@ -264,6 +286,7 @@ class Trainer:
             "train_loss": next((r["loss"] for r in reversed(self.log.records) if r["kind"] == "train"), None),
             "best_metric": c.early_stopping_metric, "best_value": self.best_value, "best_step": self.best_step,
             "final": self.last_eval, "trainable_parameters": self.trainable["trainable"],
+            "train_seconds": self.train_seconds, "last_lr": lr,
         }
 
     def _accumulate(self, micro: list[dict]) -> float:
@@ -306,15 +329,16 @@ class Trainer:
             f"grad_clip > 0, or bf16/fp32 instead of fp16."
         )
 
-    def _stop_reason(self, elapsed: float) -> str | None:
-        """Why training stops after this step, or None. Every rank stops when one of them does."""
+    def _stop_reason(self, train_seconds: float) -> str | None:
+        """Why training stops after this step (``train_seconds`` of training time, resumes included),
+        or None. Every rank stops when one of them does."""
         c = self.config
         reason = None
         if self.should_stop:
             reason = "hook"
         if c.early_stopping_patience and self.evals_since_best >= c.early_stopping_patience:
             reason = "early_stopping"
-        if c.max_minutes is not None and elapsed > 60 * c.max_minutes:
+        if c.max_minutes is not None and train_seconds > 60 * c.max_minutes:
             reason = "max_minutes"
         if distributed.any_rank(reason is not None, self.device):
             return reason or "another rank stopped"
@@ -359,6 +383,8 @@ class Trainer:
     def save(self, best: bool = False) -> Path | None:
         """Checkpoint the current step (rank 0 writes; every rank must call it under DDP)."""
         state = ckpt.training_state(self)  # a collective under DDP: every rank's RNG state
+        state["train_seconds"] = self.train_seconds  # the schedule and the budget go on from here
+        state["step_seconds"] = self.step_seconds
         path = None
         if self.is_main:
             path = ckpt.save_checkpoint(self.out_dir, self.step, self.raw_model, state, self.configs, self.tokenizer,
