@@ -11,14 +11,17 @@
 The folder holds
     config.json              the transformers config, with model_type ("gpt2" or "bert") and architecture
     model.safetensors        the weights, renamed and reshaped by minillm.convert (tied copies left out)
-    generation_config.json   GPT only: bos/eos/pad ids, so generate() stops and pads as minillm does
+    generation_config.json   GPT and T5: bos/eos/pad ids (T5: the decoder's start), so generate()
+                             starts, stops and pads as minillm does
     tokenizer.json, tokenizer_config.json, special_tokens_map.json
                              the run's tokenizer, giving exactly minillm's token ids and text
-                             (minillm.hf_tokenizer); BERT's tokenizer frames text as [CLS] ... [SEP]
+                             (minillm.hf_tokenizer); BERT's tokenizer frames text as [CLS] ... [SEP],
+                             T5's ends a source with EOS
 
 What exports (minillm.convert says why the rest cannot): a causal LM as GPT2LMHeadModel, an MLM
 (with or without NSP) as BertForMaskedLM / BertForPreTraining, an encoder classifier as
-BertForSequenceClassification; learned positions, LayerNorm, biases, one key/value head per head.
+BertForSequenceClassification (learned positions, LayerNorm, biases, one key/value head per head);
+a T5 (relative position bias, RMS norm, no biases) as T5ForConditionalGeneration.
 A LoRA fine-tune is exported with its updates merged into the weights.
 
 The folder is written beside its final place and renamed into it, so a failed export leaves no
@@ -42,15 +45,15 @@ EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "t
                 "tokenizer_config.json", "special_tokens_map.json")
 
 
-def generation_config(model_config) -> dict:
-    """What transformers' generate() reads beside config.json for a GPT: where text starts, ends
-    and is padded. Greedy, as `model.generate` and `minillm generate --greedy`."""
-    return {
-        "bos_token_id": model_config.bos_token_id,
-        "eos_token_id": model_config.eos_token_id,
-        "pad_token_id": model_config.pad_token_id,
-        "do_sample": False,
-    }
+def generation_config(model_config, family: str) -> dict:
+    """What transformers' generate() reads beside config.json: where text starts, ends and is
+    padded (and, for T5, the token the decoder starts from: minillm's BOS). Greedy, as
+    `model.generate` and `minillm generate --greedy`."""
+    ids = {"bos_token_id": model_config.bos_token_id, "eos_token_id": model_config.eos_token_id,
+           "pad_token_id": model_config.pad_token_id, "do_sample": False}
+    if family == "t5":
+        ids["decoder_start_token_id"] = model_config.bos_token_id
+    return ids
 
 
 def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -75,9 +78,10 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwri
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         save_hf(model, staging)
-        if family == "gpt2":
-            (staging / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2) + "\n")
-        export_tokenizer(tokenizer, staging, template="bert" if family == "bert" else "gpt",
+        if family in ("gpt2", "t5"):
+            (staging / "generation_config.json").write_text(
+                json.dumps(generation_config(model.config, family), indent=2) + "\n")
+        export_tokenizer(tokenizer, staging, template={"gpt2": "gpt", "bert": "bert", "t5": "t5"}[family],
                          model_max_length=model.config.max_seq_len)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()

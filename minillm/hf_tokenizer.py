@@ -48,7 +48,8 @@ decoding           decoder ``Metaspace`` ("▁" to spaces, the first piece's lea
 =================  ===========================================================================
 
 Templates: ``"bert"`` adds ``[CLS] A [SEP]`` and ``[CLS] A [SEP] B [SEP]`` (token types 0 then 1),
-as minillm's MLM, NSP and classification data do; ``"gpt"`` adds nothing, as minillm's generation
+as minillm's MLM, NSP and classification data do; ``"t5"`` ends a source with ``[EOS]``, as minillm's
+seq2seq data and generation do; ``"gpt"`` adds nothing, as minillm's generation
 feeds the prompt's ids alone.
 
 Supported: minillm's own tokenizers (BPE or unigram), and any sentencepiece model with the same
@@ -89,7 +90,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from minillm.files import write_atomic
 from minillm.tokenizer import WORD_START, Tokenizer, _fields, _piece_types
 
-TEMPLATES = ("bert", "gpt")
+TEMPLATES = ("bert", "gpt", "t5")
 
 # sentencepiece_model.proto: field numbers and proto2 defaults of the settings the export reads.
 _MODEL_PIECES, _MODEL_TRAINER, _MODEL_NORMALIZER, _MODEL_DENORMALIZER = 1, 2, 3, 5
@@ -226,7 +227,7 @@ def _build_tokenizer_json(tokenizer: Tokenizer, template: str) -> tokenizers.Tok
     # before ByteFallback: a leading <0x20> byte piece keeps its space, as in sentencepiece. Not for
     # "gpt": generation pipelines decode the new tokens alone and append them to the prompt, so
     # the first new piece ("▁cat") must keep its space (see the module docstring).
-    prepend = "always" if normalizer["add_dummy_prefix"] and template == "bert" else "never"
+    prepend = "always" if normalizer["add_dummy_prefix"] and template in ("bert", "t5") else "never"
     hf.decoder = decoders.Sequence([decoders.Metaspace(WORD_START, prepend_scheme=prepend), decoders.ByteFallback(), decoders.Fuse()])
 
     # Already in the model's vocabulary, so their ids stay sentencepiece's. BERT's mask eats the
@@ -242,6 +243,12 @@ def _build_tokenizer_json(tokenizer: Tokenizer, template: str) -> tokenizers.Tok
             single=f"{pieces[cls]}:0 $A:0 {pieces[sep]}:0",
             pair=f"{pieces[cls]}:0 $A:0 {pieces[sep]}:0 $B:1 {pieces[sep]}:1",
             special_tokens=[(pieces[cls], cls), (pieces[sep], sep)],
+        )
+    elif template == "t5":  # a source ends with EOS, as minillm's seq2seq data and generation end it
+        eos = tokenizer.require("eos")
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"$A:0 {pieces[eos]}:0", pair=f"$A:0 {pieces[eos]}:0 $B:1 {pieces[eos]}:1",
+            special_tokens=[(pieces[eos], eos)],
         )
     else:
         hf.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
@@ -259,7 +266,8 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, templa
     Args:
         tokenizer: a minillm sentencepiece tokenizer.
         out_dir: the folder (created if needed); files are written atomically.
-        template: ``"bert"`` (``[CLS] A [SEP]``, pairs ``[CLS] A [SEP] B [SEP]``) or ``"gpt"`` (nothing added).
+        template: ``"bert"`` (``[CLS] A [SEP]``, pairs ``[CLS] A [SEP] B [SEP]``), ``"gpt"`` (nothing
+            added) or ``"t5"`` (``A [EOS]``: an encoder-decoder's source; decoding as ``"bert"``).
         model_max_length: the model's context length, recorded for truncation.
     """
     if not isinstance(tokenizer, Tokenizer):
@@ -277,7 +285,7 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, templa
     sentinels = [tokenizer.id_to_piece(i) for i in tokenizer._sentinel_ids]
     if sentinels:
         special_map["additional_special_tokens"] = sentinels
-    if template == "gpt" and "eos_token" not in special_map:
+    if template in ("gpt", "t5") and "eos_token" not in special_map:
         raise ValueError("export_tokenizer: template 'gpt' needs an EOS token to stop generation; this tokenizer has none")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -285,7 +293,7 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, *, templa
         "clean_up_tokenization_spaces": False,  # its clean-up would change the decoded text
         # gpt: "[MASK]" in text is characters, as minillm encodes it. bert: the text "[MASK]" is the
         # mask token, Hugging Face's convention, which pipeline("fill-mask") and minillm generate need.
-        "split_special_tokens": template == "gpt",
+        "split_special_tokens": template != "bert",
         "padding_side": "left" if template == "gpt" else "right",  # left: batched generation
         "model_input_names": ["input_ids", "attention_mask"] + (["token_type_ids"] if template == "bert" else []),
         "add_bos_token": False,

@@ -223,3 +223,29 @@ def test_a_lora_fine_tune_exports_merged(bert_export, tokenizer, tmp_path):
     assert torch.allclose(theirs(ids).logits, ours(ids).logits, atol=1e-5)
     unmerged, _, _ = load_model(tmp_path / "lora", merge_lora=False)
     assert torch.allclose(unmerged(ids).logits, ours(ids).logits, atol=1e-5)
+
+
+def test_a_t5_exports_and_generates_as_minillm(tokenizer, tmp_path):
+    """A tiny T5 (relative position bias, RMS norm): transformers' generate on the exported folder,
+    with its own tokenizer (the source ends with EOS), gives minillm's greedy output text."""
+    model = small("tiny-t5", tokenizer, "seq2seq")
+    save_model(tmp_path / "ckpt", model, tokenizer=tokenizer)
+    folder = export(tmp_path / "ckpt", tmp_path / "hf")
+    assert json.loads((folder / "generation_config.json").read_text())["decoder_start_token_id"] == model.config.bos_token_id
+    sources = ["the red cat sat", "café 東京 a line"]
+    theirs = in_fresh_process(f"""
+        import json
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(folder)!r})
+        model = AutoModelForSeq2SeqLM.from_pretrained({str(folder)!r}).eval()
+        out = []
+        for s in {sources!r}:
+            ids = tok(s, return_tensors="pt")
+            gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
+            out.append({{"ids": ids["input_ids"][0].tolist(), "text": tok.decode(gen[0], skip_special_tokens=True)}})
+        print(json.dumps(out))
+    """)
+    eos = tokenizer.require("eos")
+    assert [t["ids"] for t in theirs] == [tokenizer.encode(s) + [eos] for s in sources]
+    ours = generate_text(model, tokenizer, sources, max_new_tokens=8, greedy=True)
+    assert [t["text"] for t in theirs] == [g.text for g in ours]

@@ -176,7 +176,7 @@ def test_export_refuses_what_it_cannot_express(tmp_path):
     assert not any(tmp_path.iterdir())
     tok = Tokenizer.train(corpus(50), tmp_path / "t", vocab_size=340)
     with pytest.raises(ValueError, match="template must be one of"):
-        export_tokenizer(tok, tmp_path / "x", template="t5", model_max_length=8)
+        export_tokenizer(tok, tmp_path / "x", template="xlnet", model_max_length=8)
     with pytest.raises(ValueError, match="model_max_length"):
         export_tokenizer(tok, tmp_path / "x", template="gpt", model_max_length=0)
 
