@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: `from_hf` loads GPT-2 and BERT, `to_hf` hands a model back.
+"""Hugging Face checkpoints in and out: `from_hf` loads GPT-2, BERT and XLNet, `to_hf` hands a model back.
 
     model = from_hf(GPT2LMHeadModel(...))        # a transformers model object
     model = from_hf("path/to/bert-checkpoint")   # config.json + model.safetensors or pytorch_model.bin
@@ -12,6 +12,11 @@ What maps to what
     BertForMaskedLM                   MaskedLM(nsp=False)            "mlm"
     BertForSequenceClassification     SequenceClassifier             "classification"
     BertModel                         Encoder (the bare body)        "encoder"
+    XLNetLMHeadModel                  XLNetLM                        "permutation-lm"
+    XLNetForSequenceClassification    XLNetClassifier                "classification"
+
+    XLNet's names and the rest of its rules: section 7 below (its own functions, xlnet_from_hf /
+    xlnet_to_hf, which from_hf and to_hf call for model_type "xlnet").
 
     GPT-2 (HF body under transformer., ours under decoder.)
         wte, wpe                        embeddings.token, embeddings.position
@@ -59,6 +64,8 @@ default for `BertModel`): asking for the bare body means dropping heads, so weig
 `pooler.`, `cls.` and `classifier.` are discarded there and only there.
 
 Not supported
+    * XLNet's segment recurrence (mems), attn_type="uni", bi_data, clamp_len, same_length, and
+      sequence summaries other than "last" with a tanh projection; `minillm export` of an XLNet.
     * Other model families (GPT2ForSequenceClassification among them: its `score` layer has no
       bias, ours does), sharded `pytorch_model.bin` checkpoints, BERT as a decoder or with cross
       attention, BERT position_embedding_type other than "absolute", GPT-2's
@@ -630,7 +637,7 @@ def to_hf(model: nn.Module, out_dir: str | Path | None = None):
 # =============================================================================================
 #
 #   HF (body under transformer.)             minillm (body under body.)
-#   word_embedding, mask_emb (1, 1, C)        token, mask_emb (C,)
+#   word_embedding, mask_emb (1, 1, C)        embeddings, mask_emb (C,)
 #   layer.i.rel_attn.q / k / v / r (C, H, D)  blocks.i.attn.q_proj / k_proj / v_proj / r_proj, (H D, C)
 #   layer.i.rel_attn.o (C, H, D)              blocks.i.attn.out_proj, (C, H D)
 #   layer.i.rel_attn.r_w_bias / r_r_bias / r_s_bias / seg_embed, layer_norm   the same names; norm
@@ -693,7 +700,7 @@ def _xlnet_rules(config: ModelConfig, task: str) -> list[tuple[str, str, str]]:
     """(minillm name, HF key, how the tensor changes): "same", "proj" (HF (C, H, D) -> (H D, C)),
     "out" (HF (C, H, D) -> (C, H D)) or "row" (HF (1, 1, C) -> (C,))."""
     t = "transformer."
-    rules = [("body.token.weight", f"{t}word_embedding.weight", "same"), ("body.mask_emb", f"{t}mask_emb", "row")]
+    rules = [("body.embeddings.weight", f"{t}word_embedding.weight", "same"), ("body.mask_emb", f"{t}mask_emb", "row")]
     for i in range(config.n_layers):
         ours, theirs = f"body.blocks.{i}.", f"{t}layer.{i}."
         rules += [(f"{ours}attn.{p}_proj.weight", f"{theirs}rel_attn.{p}", "proj") for p in "qkvr"]
@@ -754,7 +761,7 @@ def xlnet_from_hf(source, task: str | None = None, **overrides) -> nn.Module:
     ours = {name: _xlnet_to_ours(state.pop(theirs), how) for name, theirs, how in rules}
     if task == "permutation-lm" and config.tie_embeddings and "lm_loss.weight" in state:
         tied = state.pop("lm_loss.weight")
-        if not torch.equal(tied, ours["body.token.weight"]):
+        if not torch.equal(tied, ours["body.embeddings.weight"]):
             raise ValueError("from_hf: lm_loss.weight should be tied to transformer.word_embedding.weight but holds "
                              "different values")
     if state:

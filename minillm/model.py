@@ -1124,7 +1124,7 @@ class XLNetModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.token = nn.Embedding(config.vocab_size, config.d_model)
+        self.embeddings = nn.Embedding(config.vocab_size, config.d_model)  # tokens only: positions are relative
         self.mask_emb = nn.Parameter(torch.zeros(config.d_model))  # g's input: "a token goes here"
         self.blocks = nn.ModuleList(XLNetBlock(config) for _ in range(config.n_layers))
         self.dropout = nn.Dropout(config.embed_dropout)
@@ -1143,7 +1143,7 @@ class XLNetModel(nn.Module):
         other_segment = None
         if token_type_ids is not None:
             other_segment = token_type_ids[:, :, None] != token_type_ids[:, None, :]  # (B, T, T)
-        h = self.dropout(self.token(input_ids))  # (B, T, C)
+        h = self.dropout(self.embeddings(input_ids))  # (B, T, C)
         g = None
         if target_mapping is not None:
             target_mapping = target_mapping.to(h.dtype)
@@ -1181,7 +1181,7 @@ class XLNetLM(Model):
         self.body = XLNetModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=True)  # bias: its own, as XLNet
         if config.tie_embeddings:
-            self.lm_head.weight = self.body.token.weight
+            self.lm_head.weight = self.body.embeddings.weight
         _init_xlnet(self, config)
 
     def forward(

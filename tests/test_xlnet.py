@@ -6,6 +6,7 @@ attention biases, seg_embed and mask_emb included), converted with `minillm.conv
 fp32 with the same perm_mask and target_mapping. Tolerance 1e-4 (observed ~1e-6).
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -123,7 +124,7 @@ def test_untied_lm_head_round_trips():
     hf = make(transformers.XLNetLMHeadModel, tie_word_embeddings=False)
     ours = from_hf(hf)
     assert not ours.config.tie_embeddings
-    assert ours.lm_head.weight.data_ptr() != ours.body.token.weight.data_ptr()
+    assert ours.lm_head.weight.data_ptr() != ours.body.embeddings.weight.data_ptr()
     ids = permutation_inputs()[0]
     with torch.no_grad():
         assert (ours(ids).logits - hf(ids).logits).abs().max().item() < TOL
@@ -221,3 +222,121 @@ def test_config_refuses_other_layouts():
         model(torch.ones(2, 5, dtype=torch.long), target_mapping=torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="labels"):
         model(torch.ones(2, 5, dtype=torch.long), target_mapping=torch.zeros(2, 3, 5), labels=torch.zeros(2, 5).long())
+
+
+# ---------------------------------------------------------------------------------------------
+# Permutation language modelling: masks, batches, the task, the recipes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_permutation_masks_follow_the_order():
+    import numpy as np
+
+    from minillm.data.permutation import permutation_masks
+
+    rng = np.random.default_rng(0)
+    order = np.stack([rng.permutation(7) for _ in range(2)])  # (B, T)
+    perm_mask, target_mapping = permutation_masks(order, 3)
+    for b in range(2):
+        rank = {int(pos): t for t, pos in enumerate(order[b])}
+        for i in range(7):
+            for j in range(7):
+                target_i = rank[i] >= 4
+                # a target sees what precedes it in the order; the context sees the context
+                hidden = rank[j] >= rank[i] if target_i else rank[j] >= 4
+                assert perm_mask[b, i, j] == float(hidden), (b, i, j)
+        assert [int(row.argmax()) for row in target_mapping[b]] == list(order[b, 4:])
+        assert (target_mapping[b].sum(1) == 1).all()
+    with pytest.raises(ValueError, match="num_predict"):
+        permutation_masks(order, 0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import random
+
+    from minillm.data.config import DataConfig
+    from minillm.data.prepare import prepare_from_config
+
+    root = tmp_path_factory.mktemp("xlnet")
+    rng = random.Random(0)
+    words = "one two three four five six seven eight nine ten alpha beta gamma delta the of and to in".split()
+    path = root / "docs.jsonl"
+    path.write_text("\n".join(
+        json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 200)))}) for _ in range(120)
+    ))
+    data = DataConfig(inputs=[str(path)], prepared_dir=str(root / "prepared"), vocab_size=320, seq_len=32,
+                      val_fraction=0.1)
+    tokenizer, _ = prepare_from_config(data, progress=False)
+    return root, data, tokenizer
+
+
+def test_permutation_lm_task_batches_train_the_model(corpus):
+    from minillm import get_task
+    from minillm.evaluation import evaluate
+
+    _, data, tokenizer = corpus
+    task = get_task("permutation-lm")
+    config = preset("tiny-xlnet", vocab_size=tokenizer.vocab_size, d_model=32, n_heads=2, n_layers=2)
+    task.check(config, data)
+    split = task.datasets(data, tokenizer, config, samples=64)
+    assert split.report_split == "validation" and "unigram_entropy" in split.baselines
+    loader = torch.utils.data.DataLoader(split.train, batch_size=4, collate_fn=split.collate)
+    batch = next(iter(loader))
+    P = round(32 / 6)
+    assert batch["perm_mask"].shape == (4, 32, 32) and batch["target_mapping"].shape == (4, P, 32)
+    positions = batch["target_mapping"].argmax(-1)  # (B, P)
+    assert torch.equal(batch["labels"], batch["input_ids"].gather(1, positions))
+    again = split.collate([split.train[i] for i in range(4)])  # orders are a function of the index
+    assert all(torch.equal(again[k], batch[k]) for k in batch)
+
+    torch.manual_seed(0)
+    model = task.build_model(config)
+    assert isinstance(model, XLNetLM)
+    out, terms = task.forward(model, batch)
+    assert out.logits.shape == (4, P, tokenizer.vocab_size)
+    assert int(task.target_counts(batch)["loss"]) == 4 * P
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = terms["loss"].item() / (4 * P)
+    for _ in range(15):
+        optimizer.zero_grad()
+        task.forward(model, batch)[1]["loss"].backward()
+        optimizer.step()
+    assert task.forward(model, batch)[1]["loss"].item() / (4 * P) < first - 0.5  # it learns this batch
+    metrics = evaluate(model, task, loader, max_batches=2)
+    assert set(metrics) == set(task.metrics)
+    with pytest.raises(ValueError, match="ModelConfig.arch: task 'permutation-lm'"):
+        task.check(preset("tiny-bert"), data)
+
+
+def test_xlnet_recipes_and_classifier_from_the_pretrained_body(tmp_path):
+    from minillm import get_task
+    from minillm.checkpoint import init_from, save_model
+    from minillm.recipes import RECIPES
+    from minillm.tasks import task_of
+
+    assert RECIPES[("pretrain", "xlnet")].task == "permutation-lm"
+    assert RECIPES[("finetune", "xlnet")].task == "classification"
+    assert RECIPES[("pretrain", "xlnet")].arch == RECIPES[("finetune", "xlnet")].arch == "xlnet"
+    config = preset("tiny-xlnet", vocab_size=64, d_model=32, n_heads=2, n_layers=2)
+    torch.manual_seed(0)
+    pretrained = XLNetLM(config)
+    save_model(tmp_path / "lm", pretrained)
+    classifier = get_task("classification").build_model(dataclasses.replace(config, num_labels=3))
+    assert isinstance(classifier, XLNetClassifier) and task_of(classifier) == "classification"
+    get_task("classification").check_model(classifier)
+    result = init_from(classifier, tmp_path / "lm")
+    assert sorted(result["fresh"]) == ["classifier.bias", "classifier.weight", "summary.bias", "summary.weight"]
+    for name, tensor in pretrained.body.state_dict().items():
+        assert torch.equal(classifier.body.state_dict()[name], tensor), name
+    ids = torch.randint(7, 64, (2, 9))
+    out = classifier(ids, attention_mask=torch.ones(2, 9, dtype=torch.long), labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
+    # LP-FT's probe freezes the embeddings and every block: the head alone trains
+    from minillm.lora import apply_finetune_mode
+    from minillm.train_config import TrainConfig
+
+    apply_finetune_mode(classifier, TrainConfig(task="classification", finetune_mode="freeze", freeze_layers=2))
+    trainable = sorted(name for name, p in classifier.named_parameters() if p.requires_grad)
+    assert trainable == ["body.mask_emb", "classifier.bias", "classifier.weight", "summary.bias", "summary.weight"]
+
