@@ -942,9 +942,9 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
 #   * two streams per layer. The content stream h_i sees its own token (h_i may look at itself),
 #     as in any encoder; the query stream g_i knows only the *position* i it must predict, starts
 #     from one learned vector (mask_emb), and reads the content stream of the positions before it
-#     in the order, never its own token: otherwise predicting it would be copying it (eq. 4-5).
+#     in the order, never its own token: otherwise predicting it would be copying it (section 2.3).
 #
-# Positions are relative (Transformer-XL, eq. in section 3.3 of Dai et al.): the score of query i
+# Positions are relative (Transformer-XL, terms (a)-(d) of section 3.3 of Dai et al.): query i's score
 # on key j is
 #     (q_i + u)^T k_j            content                (u = r_w_bias)
 #   + (q_i + v)^T W_r R_{i-j}    relative position      (v = r_r_bias, R: sinusoids of i - j)
