@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-ARCHITECTURES = ("encoder", "decoder", "encoder-decoder")
+ARCHITECTURES = ("encoder", "decoder", "encoder-decoder", "xlnet")
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "relative")
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
@@ -96,7 +96,8 @@ class ModelConfig:
     """Everything that defines a minillm Transformer. Field names follow common usage."""
 
     arch: str = "decoder"
-    """"encoder" (BERT), "decoder" (GPT) or "encoder-decoder" (the original Transformer)."""
+    """"encoder" (BERT), "decoder" (GPT), "encoder-decoder" (the original Transformer) or "xlnet"
+    (XLNet: relative positions and two-stream attention; see `_check_xlnet` for what it fixes)."""
     vocab_size: int = 8192
     """Number of token ids; must match the tokenizer."""
     d_model: int = 128
@@ -226,6 +227,8 @@ class ModelConfig:
                 raise ValueError(
                     f"ModelConfig.{name}: got {getattr(self, name)}, expected an id in [0, vocab_size={self.vocab_size})"
                 )
+        if self.arch == "xlnet":
+            _check_xlnet(self)
 
     def _check_t5_fields(self) -> None:
         # The encoder's half of the buckets must hold >= 1 exact and >= 1 logarithmic bucket, and the
@@ -271,6 +274,31 @@ class ModelConfig:
     def from_dict(cls, values: dict) -> "ModelConfig":
         """Build from a plain dict (a TOML table, a saved config); unknown keys are an error."""
         return config_from_dict(cls, values)
+
+
+XLNET_FIXED = {  # field: (the value XLNet's layout needs, why)
+    "pos_encoding": ("sinusoidal", "XLNet's positions are sinusoids of the relative distance i - j"),
+    "norm": ("layernorm", "XLNet normalises with LayerNorm"),
+    "norm_placement": ("post", "XLNet is post-norm, as BERT"),
+    "bias": (True, "XLNet's norms and MLP have biases (its attention projections never do)"),
+    "type_vocab_size": (2, "XLNet's segment encoding is relative: one vector for 'same segment', one for 'other'"),
+}
+
+
+def _check_xlnet(config: ModelConfig) -> None:
+    """XLNet is one layout: refuse the fields that would describe another, naming them."""
+    for name, (needed, why) in XLNET_FIXED.items():
+        if getattr(config, name) != needed:
+            raise ValueError(f"ModelConfig.{name}: arch='xlnet' needs {needed!r} ({why}), got {getattr(config, name)!r}")
+    if config.kv_heads != config.n_heads:
+        raise ValueError(f"ModelConfig.n_kv_heads: arch='xlnet' needs one key/value head per query head, "
+                         f"got {config.n_kv_heads}")
+    if config.activation == "swiglu":
+        raise ValueError("ModelConfig.activation: arch='xlnet' has a plain MLP; got 'swiglu', expected gelu, "
+                         "gelu_tanh or relu")
+    if config.classifier_pooling not in ("auto", "last"):
+        raise ValueError(f"ModelConfig.classifier_pooling: arch='xlnet' summarises the last token (its [CLS] comes "
+                         f"last); got {config.classifier_pooling!r}, expected 'auto' or 'last'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,10 +408,21 @@ def tiny_t5() -> ModelConfig:
                scale_decoder_output=False)
 
 
+def tiny_xlnet() -> ModelConfig:
+    """An XLNet small enough to pretrain (permutation LM) on 2 CPU cores in minutes: the tiny BERT's
+    sizes, XLNet's layout (relative sinusoidal positions, post-norm, GELU, relative segments)."""
+    return ModelConfig(
+        arch="xlnet", vocab_size=4096, d_model=128, n_layers=4, n_heads=4, max_seq_len=128,
+        pos_encoding="sinusoidal", norm="layernorm", norm_placement="post", norm_eps=1e-12,
+        activation="gelu", type_vocab_size=2,
+    )
+
+
 PRESETS = {
     "tiny": tiny,
     "tiny-bert": tiny_bert,
     "tiny-seq2seq": tiny_seq2seq,
+    "tiny-xlnet": tiny_xlnet,
     "bert-tiny": bert_tiny,
     "bert-mini": bert_mini,
     "bert-base": bert_base,

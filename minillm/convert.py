@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: `from_hf` loads GPT-2, BERT and T5, `to_hf` hands a model back.
+"""Hugging Face checkpoints in and out: `from_hf` loads GPT-2, BERT, T5 and XLNet, `to_hf` hands a model back.
 
     model = from_hf(GPT2LMHeadModel(...))        # a transformers model object
     model = from_hf("path/to/bert-checkpoint")   # config.json + model.safetensors or pytorch_model.bin
@@ -13,6 +13,11 @@ What maps to what
     BertForSequenceClassification     SequenceClassifier             "classification"
     BertModel                         Encoder (the bare body)        "encoder"
     T5ForConditionalGeneration        Seq2SeqLM                      "seq2seq"
+    XLNetLMHeadModel                  XLNetLM                        "permutation-lm"
+    XLNetForSequenceClassification    XLNetClassifier                "classification"
+
+    XLNet's names and the rest of its rules: section 7 below (its own functions, xlnet_from_hf /
+    xlnet_to_hf, which from_hf and to_hf call for model_type "xlnet").
 
     GPT-2 (HF body under transformer., ours under decoder.)
         wte, wpe                        embeddings.token, embeddings.position
@@ -78,6 +83,8 @@ default for `BertModel`): asking for the bare body means dropping heads, so weig
 Not supported
     * T5: feed_forward_proj other than "relu" / "gated-gelu", other T5 heads (T5EncoderModel,
       T5ForSequenceClassification...), and on export an untied lm_head (transformers 5 cannot hold one).
+    * XLNet's segment recurrence (mems), attn_type="uni", bi_data, clamp_len, same_length, and
+      sequence summaries other than "last" with a tanh projection; `minillm export` of an XLNet.
     * Other model families (GPT2ForSequenceClassification among them: its `score` layer has no
       bias, ours does), sharded `pytorch_model.bin` checkpoints, BERT as a decoder or with cross
       attention, BERT position_embedding_type other than "absolute", GPT-2's
@@ -624,6 +631,14 @@ def _build(config: ModelConfig, task: str) -> nn.Module:
     return build_model(config, task) if HEADS[task] else Encoder(config)  # no head: the bare body
 
 
+def _is_xlnet_source(source) -> bool:
+    """Whether `source` (a transformers object or a directory) holds an XLNet: see section 7."""
+    if isinstance(source, (str, Path)):
+        config_path = Path(source) / "config.json"
+        return config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == "xlnet"
+    return getattr(getattr(source, "config", None), "model_type", None) == "xlnet"
+
+
 def from_hf(source, task: str | None = None, **overrides) -> nn.Module:
     """The minillm model equivalent to a Hugging Face GPT-2, BERT or T5 model.
 
@@ -635,6 +650,8 @@ def from_hf(source, task: str | None = None, **overrides) -> nn.Module:
 
     Returns a CausalLM, MaskedLM, SequenceClassifier, Seq2SeqLM or (task "encoder") the bare Encoder, in eval mode.
     """
+    if _is_xlnet_source(source):
+        return xlnet_from_hf(source, task, **overrides)
     hf_config, state, architecture = _read_source(source)
     family = _family(hf_config, architecture)
     task = _choose_task(family, architecture, task)
@@ -753,6 +770,8 @@ def to_hf(model: nn.Module, out_dir: str | Path | None = None):
     also write a checkpoint directory (see `save_hf`)."""
     import transformers
 
+    if getattr(getattr(model, "config", None), "arch", None) == "xlnet":
+        return xlnet_to_hf(model, out_dir)
     hf_config, state, aliases = hf_state_dict(model)
     config_cls = {"gpt2": transformers.GPT2Config, "bert": transformers.BertConfig,
                   "t5": transformers.T5Config}[hf_config["model_type"]]
@@ -762,4 +781,207 @@ def to_hf(model: nn.Module, out_dir: str | Path | None = None):
     hf_model.load_state_dict(full, strict=True)  # strict: every HF weight is given, nothing extra
     if out_dir is not None:
         save_hf(model, out_dir)
+    return hf_model.train(model.training)
+
+
+# =============================================================================================
+# 7. XLNet: XLNetLMHeadModel and XLNetForSequenceClassification
+# =============================================================================================
+#
+#   HF (body under transformer.)             minillm (body under body.)
+#   word_embedding, mask_emb (1, 1, C)        embeddings, mask_emb (C,)
+#   layer.i.rel_attn.q / k / v / r (C, H, D)  blocks.i.attn.q_proj / k_proj / v_proj / r_proj, (H D, C)
+#   layer.i.rel_attn.o (C, H, D)              blocks.i.attn.out_proj, (C, H D)
+#   layer.i.rel_attn.r_w_bias / r_r_bias / r_s_bias / seg_embed, layer_norm   the same names; norm
+#   layer.i.ff.layer_1 / layer_2 / layer_norm blocks.i.mlp.fc_in / fc_out, blocks.i.mlp_norm
+#   lm_loss (weight tied to word_embedding)   lm_head (its bias is its own)
+#   sequence_summary.summary, logits_proj     summary, classifier
+#
+# Read but without effect on one forward pass, so accepted: mem_len, reuse_len, use_mems_eval /
+# use_mems_train (the memory handed to a *next* call, which minillm does not offer). XLNet has no
+# position table, hence no length limit; the model gets max_seq_len=512 (its pretraining length),
+# which `max_seq_len=` changes.
+
+XLNET_ARCHITECTURES = {"XLNetLMHeadModel": "permutation-lm", "XLNetForSequenceClassification": "classification"}
+XLNET_DEFAULTS = {
+    "vocab_size": 32000, "d_model": 1024, "n_layer": 24, "n_head": 16, "d_inner": 4096, "d_head": 64,
+    "ff_activation": "gelu", "attn_type": "bi", "initializer_range": 0.02, "layer_norm_eps": 1e-12, "dropout": 0.1,
+    "bi_data": False, "clamp_len": -1, "same_length": False, "summary_type": "last", "summary_use_proj": True,
+    "summary_activation": "tanh", "summary_last_dropout": 0.1, "summary_first_dropout": 0.0,
+    "summary_proj_to_labels": False, "tie_word_embeddings": True, "pad_token_id": 5, "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+XLNET_MAX_SEQ_LEN = 512
+
+
+def _xlnet_config(hf_config: dict, task: str, **overrides) -> ModelConfig:
+    hf = {**XLNET_DEFAULTS, **{k: v for k, v in hf_config.items() if k in XLNET_DEFAULTS or k in ("id2label", "num_labels")}}
+    _require(hf, "attn_type", "bi")
+    _require(hf, "bi_data", False)
+    _require(hf, "same_length", False)
+    if hf["clamp_len"] > 0:
+        raise ValueError(f"clamp_len: got {hf['clamp_len']}; minillm supports only -1 (no clamping of distances)")
+    if hf["d_head"] * hf["n_head"] != hf["d_model"]:
+        raise ValueError(f"d_head: got {hf['d_head']}; minillm needs d_model / n_head = {hf['d_model'] // hf['n_head']}")
+    if task == "classification":
+        _require(hf, "summary_type", "last")
+        _require(hf, "summary_use_proj", True)
+        _require(hf, "summary_activation", "tanh")
+        _require(hf, "summary_proj_to_labels", False)
+        _require(hf, "summary_first_dropout", 0.0)
+        if hf["summary_last_dropout"] != hf["dropout"]:
+            raise ValueError(f"summary_last_dropout: got {hf['summary_last_dropout']}; minillm's summary uses the "
+                             f"residual dropout, dropout={hf['dropout']}")
+    num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+    unknown = sorted(set(overrides) - set(RUNTIME_FIELDS) - {"max_seq_len"})
+    if unknown:
+        raise ValueError(f"from_hf: cannot override {unknown}; only runtime fields {RUNTIME_FIELDS} and "
+                         f"max_seq_len may be changed")
+    config = ModelConfig(
+        arch="xlnet", vocab_size=hf["vocab_size"], d_model=hf["d_model"], n_layers=hf["n_layer"], n_heads=hf["n_head"],
+        d_ff=hf["d_inner"], max_seq_len=XLNET_MAX_SEQ_LEN, pos_encoding="sinusoidal", norm="layernorm",
+        norm_placement="post", norm_eps=hf["layer_norm_eps"], activation=_activation(hf, "ff_activation"),
+        embed_dropout=hf["dropout"], attn_dropout=hf["dropout"], resid_dropout=hf["dropout"],
+        tie_embeddings=hf["tie_word_embeddings"], type_vocab_size=2, bias=True, init_std=hf["initializer_range"],
+        num_labels=num_labels, **_special_ids(hf),
+    )
+    return dataclasses.replace(config, **overrides)
+
+
+def _xlnet_rules(config: ModelConfig, task: str) -> list[tuple[str, str, str]]:
+    """(minillm name, HF key, how the tensor changes): "same", "proj" (HF (C, H, D) -> (H D, C)),
+    "out" (HF (C, H, D) -> (C, H D)) or "row" (HF (1, 1, C) -> (C,))."""
+    t = "transformer."
+    rules = [("body.embeddings.weight", f"{t}word_embedding.weight", "same"), ("body.mask_emb", f"{t}mask_emb", "row")]
+    for i in range(config.n_layers):
+        ours, theirs = f"body.blocks.{i}.", f"{t}layer.{i}."
+        rules += [(f"{ours}attn.{p}_proj.weight", f"{theirs}rel_attn.{p}", "proj") for p in "qkvr"]
+        rules.append((f"{ours}attn.out_proj.weight", f"{theirs}rel_attn.o", "out"))
+        rules += [(f"{ours}attn.{name}", f"{theirs}rel_attn.{name}", "same")
+                  for name in ("r_w_bias", "r_r_bias", "r_s_bias", "seg_embed")]
+        for ours_name, theirs_name in (("attn.norm", "rel_attn.layer_norm"), ("mlp.fc_in", "ff.layer_1"),
+                                       ("mlp.fc_out", "ff.layer_2"), ("mlp_norm", "ff.layer_norm")):
+            rules += [(f"{ours}{ours_name}.{p}", f"{theirs}{theirs_name}.{p}", "same") for p in ("weight", "bias")]
+    if task == "permutation-lm":
+        rules.append(("lm_head.bias", "lm_loss.bias", "same"))
+        if not config.tie_embeddings:
+            rules.append(("lm_head.weight", "lm_loss.weight", "same"))
+    else:
+        rules += [(f"{ours}.{p}", f"{theirs}.{p}", "same") for ours, theirs in
+                  (("summary", "sequence_summary.summary"), ("classifier", "logits_proj")) for p in ("weight", "bias")]
+    return rules
+
+
+def _xlnet_to_ours(tensor: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "proj":  # x W: (C, H, D) as (C, H D), transposed to nn.Linear's (out, in)
+        return tensor.reshape(tensor.shape[0], -1).t()
+    if how == "out":  # attn_vec (H D) -> C: already (out, in) once flattened
+        return tensor.reshape(tensor.shape[0], -1)
+    return tensor.reshape(-1) if how == "row" else tensor
+
+
+def _xlnet_to_theirs(tensor: torch.Tensor, how: str, config: ModelConfig) -> torch.Tensor:
+    H, D = config.n_heads, config.head_dim
+    if how == "proj":
+        return tensor.t().reshape(-1, H, D)
+    if how == "out":
+        return tensor.reshape(-1, H, D)
+    return tensor.reshape(1, 1, -1) if how == "row" else tensor
+
+
+def xlnet_from_hf(source, task: str | None = None, **overrides) -> nn.Module:
+    """The minillm XLNetLM (task "permutation-lm") or XLNetClassifier ("classification") equal to a
+    transformers XLNetLMHeadModel or XLNetForSequenceClassification (object or directory), in eval
+    mode. overrides: runtime fields and max_seq_len. `from_hf` calls this for model_type "xlnet"."""
+    from minillm.model import XLNetClassifier, XLNetLM
+
+    hf_config, state, architecture = _read_source(source)
+    if hf_config.get("model_type") != "xlnet":
+        raise ValueError(f"model_type: got {hf_config.get('model_type')!r}, expected 'xlnet'")
+    if task is None:
+        if architecture not in XLNET_ARCHITECTURES:
+            raise ValueError(f"architectures: got {architecture!r}; supported XLNet architectures are "
+                             f"{sorted(XLNET_ARCHITECTURES)} (or pass task= 'permutation-lm' / 'classification')")
+        task = XLNET_ARCHITECTURES[architecture]
+    if task not in XLNET_ARCHITECTURES.values():
+        raise ValueError(f"task: got {task!r}; an xlnet checkpoint loads as one of {tuple(XLNET_ARCHITECTURES.values())}")
+    config = _xlnet_config(hf_config, task, **overrides)
+    rules = _xlnet_rules(config, task)
+    missing = [theirs for _, theirs, _ in rules if theirs not in state]
+    if missing:
+        raise ValueError(f"from_hf: the checkpoint lacks {len(missing)} weight(s) an XLNet {task} model needs: {missing}")
+    ours = {name: _xlnet_to_ours(state.pop(theirs), how) for name, theirs, how in rules}
+    if task == "permutation-lm" and config.tie_embeddings and "lm_loss.weight" in state:
+        tied = state.pop("lm_loss.weight")
+        if not torch.equal(tied, ours["body.embeddings.weight"]):
+            raise ValueError("from_hf: lm_loss.weight should be tied to transformer.word_embedding.weight but holds "
+                             "different values")
+    if state:
+        raise ValueError(f"from_hf: {len(state)} checkpoint weight(s) have no place in a minillm XLNet {task} model: "
+                         f"{sorted(state)}")
+    model = (XLNetLM if task == "permutation-lm" else XLNetClassifier)(config)
+    load_parameters(model, ours, context="from_hf")
+    return model.eval()
+
+
+def xlnet_config_to_hf(config: ModelConfig, architecture: str) -> dict:
+    """The XLNetConfig fields (config.json) for an XLNet ModelConfig; ValueError naming a field
+    transformers' XLNet cannot express."""
+    if config.activation not in TO_HF_ACTIVATION["bert"]:
+        raise ValueError(f"config.activation: got {config.activation!r}; XLNet needs one of "
+                         f"{sorted(TO_HF_ACTIVATION['bert'])}")
+    for name in ("embed_dropout", "attn_dropout"):
+        if getattr(config, name) != config.resid_dropout:
+            raise ValueError(f"config.{name}: got {getattr(config, name)}; transformers' XLNet has one dropout for "
+                             f"all, so it must equal resid_dropout={config.resid_dropout}")
+    hf = {
+        "model_type": "xlnet", "architectures": [architecture], "vocab_size": config.vocab_size,
+        "d_model": config.d_model, "n_layer": config.n_layers, "n_head": config.n_heads, "d_head": config.head_dim,
+        "d_inner": config.ff_dim, "ff_activation": TO_HF_ACTIVATION["bert"][config.activation],
+        "layer_norm_eps": config.norm_eps, "dropout": config.resid_dropout, "summary_last_dropout": config.resid_dropout,
+        "initializer_range": config.init_std, "tie_word_embeddings": config.tie_embeddings, "mem_len": None,
+        "attn_type": "bi", "bi_data": False, "clamp_len": -1, "same_length": False, "summary_type": "last",
+        "summary_use_proj": True, "summary_activation": "tanh",
+        **{name: getattr(config, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")},
+    }
+    if architecture == "XLNetForSequenceClassification":
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+    return hf
+
+
+def xlnet_hf_state_dict(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(HF config dict, HF state dict with the tied lm_loss.weight included) for an XLNet model."""
+    from minillm.model import XLNetLM
+
+    task = "permutation-lm" if isinstance(model, XLNetLM) else "classification"
+    architecture = {v: k for k, v in XLNET_ARCHITECTURES.items()}[task]
+    hf_config = xlnet_config_to_hf(model.config, architecture)
+    params = dict(model.named_parameters())
+    state = {theirs: _xlnet_to_theirs(params[ours].detach(), how, model.config).contiguous()
+             for ours, theirs, how in _xlnet_rules(model.config, task)}
+    if task == "permutation-lm" and model.config.tie_embeddings:
+        state["lm_loss.weight"] = state["transformer.word_embedding.weight"]
+    return hf_config, state
+
+
+def xlnet_to_hf(model: nn.Module, out_dir: str | Path | None = None):
+    """The transformers XLNetLMHeadModel or XLNetForSequenceClassification equal to a minillm
+    XLNetLM or XLNetClassifier, in the same train/eval mode; with out_dir, also written there
+    (config.json and model.safetensors, without the tied copy). `to_hf` calls this for XLNet models."""
+    import transformers
+
+    hf_config, state = xlnet_hf_state_dict(model)
+    fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}
+    hf_model = getattr(transformers, hf_config["architectures"][0])(transformers.XLNetConfig(**fields))
+    hf_model.load_state_dict(state, strict=True)
+    if out_dir is not None:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        untied = {k: v.to("cpu").clone() for k, v in state.items()
+                  if not (k == "lm_loss.weight" and model.config.tie_embeddings)}
+        save_file(untied, out / "model.safetensors", metadata={"format": "pt"})
     return hf_model.train(model.training)

@@ -1,4 +1,4 @@
-"""The Transformer in plain PyTorch: BERT (encoder), GPT (decoder) and the original encoder-decoder.
+"""The Transformer in plain PyTorch: BERT (encoder), GPT (decoder), the original encoder-decoder, and XLNet.
 
 Read it top to bottom; each section uses only what came before it.
 
@@ -12,6 +12,7 @@ Read it top to bottom; each section uses only what came before it.
     8. Heads                 LM head, MLM head, NSP head, pooler, classifier
     9. Task models           CausalLM (GPT), MaskedLM (BERT), SequenceClassifier, Seq2SeqLM (T5)
    10. Initialisation
+   11. XLNet                relative positions, two-stream attention, XLNetLM, XLNetClassifier
 
 Which model a task trains, and how, is `minillm.tasks`' business: `build_model(config, task)` is there.
 
@@ -1012,3 +1013,318 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=config.init_std)
     # Tied output layers share the embedding table, which was initialised last: nothing to redo.
 
+
+
+# =============================================================================================
+# 11. XLNet: relative positions, two-stream attention, permutation language modelling
+# =============================================================================================
+#
+# XLNet (Yang et al., 2019) trains a Transformer-XL body (Dai et al., 2019) to predict tokens in a
+# random factorisation order z: token z_t is predicted from the tokens z_<t, wherever they sit. Two
+# things make that work without changing the input order:
+#
+#   * masks instead of reordering: `perm_mask[b, i, j] = 1` means position i may not see the
+#     content of position j (j comes at or after i in the order); `target_mapping[b, p, t] = 1`
+#     says that prediction p is for position t. These are transformers' arguments and meanings.
+#   * two streams per layer. The content stream h_i sees its own token (h_i may look at itself),
+#     as in any encoder; the query stream g_i knows only the *position* i it must predict, starts
+#     from one learned vector (mask_emb), and reads the content stream of the positions before it
+#     in the order, never its own token: otherwise predicting it would be copying it (section 2.3).
+#
+# Positions are relative (Transformer-XL, terms (a)-(d) of section 3.3 of Dai et al.): query i's score
+# on key j is
+#     (q_i + u)^T k_j            content                (u = r_w_bias)
+#   + (q_i + v)^T W_r R_{i-j}    relative position      (v = r_r_bias, R: sinusoids of i - j)
+#   + (q_i + b)^T s_ij           segment                (b = r_s_bias, s_ij = seg_embed[i, j in
+#                                                         different segments]: XLNet's relative
+#                                                         segment encoding, section 2.5)
+# all divided by sqrt(D). Only the difference i - j and "same segment or not" enter, so padding
+# and segment numbering do not change a real token's output.
+#
+# Not supported: segment recurrence (mems, Transformer-XL's cache of the previous segment),
+# bidirectional data input (bi_data), clamp_len, one-directional attention (attn_type="uni").
+
+
+def relative_sinusoids(q_len: int, k_len: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """R: sinusoids of the relative distances k_len, k_len - 1, ..., -q_len + 1, shape (k_len + q_len, C).
+
+    Row r holds distance d = k_len - r; query i and key j are d = i - j apart, row k_len - i + j.
+    The features are [sin(d w_0), ..., sin(d w_{C/2-1}), cos(d w_0), ...], w_k = 10000^(-2k/C): the
+    sines in one half and the cosines in the other (section 2's table interleaves them).
+    """
+    distances = torch.arange(k_len, -q_len, -1, device=device, dtype=torch.float32)  # (Tk + Tq,)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)  # (C/2,)
+    angles = distances[:, None] * inv_freq[None]  # (Tk + Tq, C/2)
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)  # (Tk + Tq, C)
+
+
+def rel_shift(position_scores: torch.Tensor, k_len: int) -> torch.Tensor:
+    """Score of query i against relative-position row r (B, H, Tq, Tk + Tq) -> against key j (B, H, Tq, Tk).
+
+    Query i meets key j at distance i - j, which is row r = k_len - i + j of `relative_sinusoids`;
+    this picks that row for every (i, j). Transformer-XL does the same with a pad-and-reshape trick
+    that shifts row i left by i; an index is slower but says what happens.
+    """
+    q_len = position_scores.shape[2]
+    i = torch.arange(q_len, device=position_scores.device)[:, None]  # (Tq, 1)
+    j = torch.arange(k_len, device=position_scores.device)[None, :]  # (1, Tk)
+    rows = (k_len - i + j).expand(*position_scores.shape[:2], q_len, k_len)  # (B, H, Tq, Tk)
+    return position_scores.gather(3, rows)
+
+
+class XLNetAttention(nn.Module):
+    """Relative multi-head attention of one layer, run for both streams with the same weights.
+
+    Keys and values always come from the content stream h; queries come from h (content stream) or
+    from g (query stream). Post-norm: norm(x + W_o attention(x)), as BERT.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        width = config.n_heads * config.head_dim
+        # Transformer-XL's projections have no bias; the three biases below take their place.
+        self.q_proj = nn.Linear(config.d_model, width, bias=False)
+        self.k_proj = nn.Linear(config.d_model, width, bias=False)
+        self.v_proj = nn.Linear(config.d_model, width, bias=False)
+        self.r_proj = nn.Linear(config.d_model, width, bias=False)  # W_r: sinusoids -> position keys
+        self.out_proj = nn.Linear(width, config.d_model, bias=False)
+        self.r_w_bias = nn.Parameter(torch.zeros(config.n_heads, config.head_dim))  # u: content bias
+        self.r_r_bias = nn.Parameter(torch.zeros(config.n_heads, config.head_dim))  # v: position bias
+        self.r_s_bias = nn.Parameter(torch.zeros(config.n_heads, config.head_dim))  # b: segment bias
+        self.seg_embed = nn.Parameter(torch.zeros(2, config.n_heads, config.head_dim))  # s: same / different
+        self.norm = LayerNorm(config.d_model, config.norm_eps, backend=config.norm_backend)
+        self.attn_dropout = nn.Dropout(config.attn_dropout)
+        self.resid_dropout = nn.Dropout(config.resid_dropout)
+
+    def attend(
+        self,
+        q: torch.Tensor,  # (B, Tq, H, D) queries
+        k: torch.Tensor,  # (B, Tk, H, D) content keys
+        v: torch.Tensor,  # (B, Tk, H, D) values
+        r: torch.Tensor,  # (Tk + Tq, H, D) position keys W_r R
+        other_segment: torch.Tensor | None,  # (B, Tq, Tk) bool: i and j lie in different segments
+        allowed: torch.Tensor | None,  # (B, Tq, Tk) bool: True = i may attend to j
+    ) -> torch.Tensor:
+        content = torch.einsum("bihd,bjhd->bhij", q + self.r_w_bias, k)  # (B, H, Tq, Tk)
+        position = rel_shift(torch.einsum("bihd,rhd->bhir", q + self.r_r_bias, r), k.shape[1])  # (B, H, Tq, Tk)
+        scores = content + position
+        if other_segment is not None:
+            segment = torch.einsum("bihd,shd->bhis", q + self.r_s_bias, self.seg_embed)  # (B, H, Tq, 2)
+            scores = scores + torch.where(other_segment[:, None], segment[..., 1:], segment[..., :1])
+        scores = scores / math.sqrt(self.head_dim)
+        if allowed is not None:
+            # -1e30 rather than -inf, as XLNet: a query that may see nothing (the first of an order in
+            # the query stream) averages all values uniformly instead of returning NaN.
+            scores = scores.masked_fill(~allowed[:, None], -1e30)
+        weights = self.attn_dropout(torch.softmax(scores.float(), dim=-1).to(v.dtype))  # (B, H, Tq, Tk)
+        return torch.einsum("bhij,bjhd->bihd", weights, v)  # (B, Tq, H, D)
+
+    def forward(
+        self,
+        h: torch.Tensor,  # (B, T, C) content stream
+        g: torch.Tensor | None,  # (B, P, C) query stream, one row per prediction, or None
+        r: torch.Tensor,  # (2T, C) relative sinusoids
+        other_segment: torch.Tensor | None,  # (B, T, T) bool
+        allowed_h: torch.Tensor | None,  # (B, T, T) bool: the content stream also sees itself
+        allowed_g: torch.Tensor | None,  # (B, T, T) bool: the query stream sees what came before
+        target_mapping: torch.Tensor | None,  # (B, P, T): prediction p is for position t
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def heads(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+            return rearrange(proj(x), "... t (h d) -> ... t h d", h=self.n_heads)  # (B, T, H, D)
+
+        k, v, pos = heads(h, self.k_proj), heads(h, self.v_proj), heads(r, self.r_proj)  # pos: (2T, H, D)
+        out_h = self.attend(heads(h, self.q_proj), k, v, pos, other_segment, allowed_h)  # (B, T, H, D)
+        new_h = self.norm(h + self.resid_dropout(self.out_proj(rearrange(out_h, "b t h d -> b t (h d)"))))
+        if g is None:
+            return new_h, None
+        q_g = heads(g, self.q_proj)  # (B, P, H, D)
+        # Put each prediction's query at the position it predicts, attend, and read it back: the
+        # masks are per position, so this reuses them unchanged.
+        q_at_position = torch.einsum("bphd,bpt->bthd", q_g, target_mapping)  # (B, T, H, D)
+        out_g = self.attend(q_at_position, k, v, pos, other_segment, allowed_g)  # (B, T, H, D)
+        out_g = torch.einsum("bthd,bpt->bphd", out_g, target_mapping)  # (B, P, H, D)
+        new_g = self.norm(g + self.resid_dropout(self.out_proj(rearrange(out_g, "b p h d -> b p (h d)"))))
+        return new_h, new_g
+
+
+class XLNetBlock(nn.Module):
+    """Relative attention, then the MLP, each post-norm; the same weights for both streams."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn = XLNetAttention(config)
+        self.mlp = MLP(config)
+        self.mlp_norm = LayerNorm(config.d_model, config.norm_eps, backend=config.norm_backend)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_norm(x + self.mlp(x))  # (B, T, C)
+
+    def forward(self, h, g, r, other_segment, allowed_h, allowed_g, target_mapping):
+        h, g = self.attn(h, g, r, other_segment, allowed_h, allowed_g, target_mapping)
+        return self.feed_forward(h), (self.feed_forward(g) if g is not None else None)
+
+
+def xlnet_masks(
+    perm_mask: torch.Tensor | None, attention_mask: torch.Tensor | None, T: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(content-stream mask, query-stream mask), each (B, T, T) bool, True = may attend; None = all.
+
+    The query stream of position i may see key j unless j is padding or perm_mask[i, j] = 1 (j
+    does not come before i in the order). The content stream sees the same plus itself.
+    """
+    if perm_mask is None and attention_mask is None:
+        return None, None
+    blocked = torch.zeros(1, T, T, dtype=torch.bool, device=device)
+    if perm_mask is not None:
+        blocked = blocked | perm_mask.bool()  # (B, T, T)
+    if attention_mask is not None:
+        blocked = blocked | ~attention_mask.bool()[:, None, :]  # (B, T, T): padding keys
+    allowed_g = ~blocked
+    allowed_h = allowed_g | torch.eye(T, dtype=torch.bool, device=device)
+    return allowed_h, allowed_g
+
+
+def check_xlnet_inputs(input_ids, attention_mask, token_type_ids, perm_mask, target_mapping, config) -> None:
+    """Shapes and ranges of XLNet's inputs, each error naming its argument."""
+    check_model_inputs(config, input_ids, attention_mask, None, 0)  # ids and attention_mask
+    B, T = input_ids.shape
+    if token_type_ids is not None:
+        # Only "same segment or not" is read, so any integer segment ids serve (XLNet's tokenizer
+        # gives [CLS] segment 2 and padding 4).
+        if tuple(token_type_ids.shape) != (B, T) or token_type_ids.is_floating_point():
+            raise ValueError(f"token_type_ids: expected integer ids of shape {(B, T)}, got {tuple(token_type_ids.shape)}")
+    if perm_mask is not None and tuple(perm_mask.shape) != (B, T, T):
+        raise ValueError(f"perm_mask: expected shape (B, T, T) = {(B, T, T)} (1 = may not attend), "
+                         f"got {tuple(perm_mask.shape)}")
+    if target_mapping is not None and (target_mapping.dim() != 3 or tuple(target_mapping.shape[::2]) != (B, T)):
+        raise ValueError(f"target_mapping: expected shape (B, P, T) with B={B}, T={T} (one-hot rows), "
+                         f"got {tuple(target_mapping.shape)}")
+
+
+class XLNetModel(nn.Module):
+    """XLNet's body: token embeddings, relative sinusoids, n two-stream blocks.
+
+    Returns the content stream (B, T, C) and, with a target mapping, the query stream (B, P, C).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.d_model)  # tokens only: positions are relative
+        self.mask_emb = nn.Parameter(torch.zeros(config.d_model))  # g's input: "a token goes here"
+        self.blocks = nn.ModuleList(XLNetBlock(config) for _ in range(config.n_layers))
+        self.dropout = nn.Dropout(config.embed_dropout)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T), 1 = token, 0 = pad
+        token_type_ids: torch.Tensor | None = None,  # (B, T) segment ids
+        perm_mask: torch.Tensor | None = None,  # (B, T, T), 1 = i may not see j
+        target_mapping: torch.Tensor | None = None,  # (B, P, T), one-hot: prediction p is for t
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        check_xlnet_inputs(input_ids, attention_mask, token_type_ids, perm_mask, target_mapping, self.config)
+        B, T = input_ids.shape
+        allowed_h, allowed_g = xlnet_masks(perm_mask, attention_mask, T, input_ids.device)
+        other_segment = None
+        if token_type_ids is not None:
+            other_segment = token_type_ids[:, :, None] != token_type_ids[:, None, :]  # (B, T, T)
+        h = self.dropout(self.embeddings(input_ids))  # (B, T, C)
+        g = None
+        if target_mapping is not None:
+            target_mapping = target_mapping.to(h.dtype)
+            g = self.dropout(self.mask_emb.expand(B, target_mapping.shape[1], -1))  # (B, P, C)
+        r = self.dropout(relative_sinusoids(T, T, self.config.d_model, input_ids.device).to(h.dtype))  # (2T, C)
+        for block in self.blocks:
+            h, g = block(h, g, r, other_segment, allowed_h, allowed_g, target_mapping)
+        return h, g
+
+
+def _init_xlnet(model: nn.Module, config: ModelConfig) -> None:
+    """GPT-2/BERT initialisation, plus N(0, init_std) for the parameters that are not layers."""
+    init_weights(model, config)
+    for module in model.modules():
+        if isinstance(module, XLNetAttention):
+            for param in (module.r_w_bias, module.r_r_bias, module.r_s_bias, module.seg_embed):
+                nn.init.normal_(param, mean=0.0, std=config.init_std)
+        elif isinstance(module, XLNetModel):
+            nn.init.normal_(module.mask_emb, mean=0.0, std=config.init_std)
+
+
+class XLNetLM(Model):
+    """XLNet with its language-model head: logits for the positions a target mapping names.
+
+    With `target_mapping` (B, P, T) the logits (B, P, V) come from the query stream: prediction p
+    sees only what `perm_mask` lets it see, not its own token. Without, they come from the content
+    stream (B, T, V), which sees every unmasked token, its own included.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "xlnet":
+            raise ValueError(f"config.arch: XLNetLM needs 'xlnet', got {config.arch!r}")
+        self.config = config
+        self.body = XLNetModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=True)  # bias: its own, as XLNet
+        if config.tie_embeddings:
+            self.lm_head.weight = self.body.embeddings.weight
+        _init_xlnet(self, config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T)
+        token_type_ids: torch.Tensor | None = None,  # (B, T)
+        perm_mask: torch.Tensor | None = None,  # (B, T, T)
+        target_mapping: torch.Tensor | None = None,  # (B, P, T)
+        labels: torch.Tensor | None = None,  # (B, P) with a target mapping, else (B, T)
+        loss_reduction: str = "mean",
+    ) -> ModelOutput:
+        h, g = self.body(input_ids, attention_mask, token_type_ids, perm_mask, target_mapping)
+        hidden = g if g is not None else h  # (B, P, C) or (B, T, C)
+        logits = self.lm_head(hidden)  # (B, P, V) or (B, T, V)
+        loss = None
+        if labels is not None:
+            _check_labels("labels", labels, tuple(logits.shape[:2]))
+            loss = token_loss(logits, labels, loss_reduction)
+        return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
+
+
+class XLNetClassifier(Model):
+    """XLNet for sequence classification: summary = tanh(W h_last + b), then a linear layer.
+
+    h_last is the last real token's content stream (XLNet puts [CLS] last and pads on the left,
+    where that is column T - 1, the column transformers' "last" summary reads).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "xlnet":
+            raise ValueError(f"config.arch: XLNetClassifier needs 'xlnet', got {config.arch!r}")
+        self.config = config
+        self.body = XLNetModel(config)
+        self.summary = nn.Linear(config.d_model, config.d_model)
+        self.dropout = nn.Dropout(config.resid_dropout)
+        self.classifier = nn.Linear(config.d_model, config.num_labels)
+        _init_xlnet(self, config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,  # (B,) class ids, or floats when num_labels == 1
+        loss_reduction: str = "mean",
+    ) -> ModelOutput:
+        h, _ = self.body(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+        summary = self.dropout(torch.tanh(self.summary(last_token(h, attention_mask))))  # (B, C)
+        logits = self.classifier(summary)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            _check_labels("labels", labels, (input_ids.shape[0],))
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction=loss_reduction)
+            else:
+                loss = token_loss(logits, labels, loss_reduction)
+        return ModelOutput(logits=logits, loss=loss, hidden_states=h)

@@ -11,7 +11,7 @@ Each command of the CLI is one function here, so a notebook runs exactly what th
     result["metrics"]["val_loss"], result["unigram_entropy"], result["checkpoint"]
 
 ==================  ===========================================================================
-``RECIPES``         what ``minillm pretrain|finetune --model gpt|bert|seq2seq|t5`` start from: a
+``RECIPES``         what ``minillm pretrain|finetune --model gpt|bert|seq2seq|t5|xlnet`` start from: a
                     task and the defaults of the run (the only defaults besides the config
                     dataclasses' and the model presets)
 ``configs``         defaults, a TOML file and command-line overrides -> the run's three configs
@@ -82,7 +82,7 @@ class Recipe:
     """``minillm COMMAND --model FAMILY``: the task it trains and the defaults of the run."""
 
     command: str  # "pretrain" or "finetune"
-    family: str  # "gpt", "bert", "seq2seq" or "t5"
+    family: str  # "gpt", "bert", "seq2seq", "t5" or "xlnet"
     task: str
     model: dict
     data: dict
@@ -134,6 +134,10 @@ RECIPES = {
     ("pretrain", "seq2seq"): Recipe(
         "pretrain", "seq2seq", "span-corruption", {"preset": "tiny-seq2seq"}, CORPUS,
         {**SHORT_RUN, "max_steps": 600, "lr": 1e-3, "warmup_steps": 30, "eval_batches": 20}),
+    # XLNet: the tiny BERT's budget and learning rate; each window predicts 1 token in 6 (K = 6).
+    ("pretrain", "xlnet"): Recipe(
+        "pretrain", "xlnet", "permutation-lm", {"preset": "tiny-xlnet"}, CORPUS,
+        {**SHORT_RUN, "max_steps": 1000, "lr": 1e-3, "warmup_steps": 50, "eval_batches": 20, "weight_decay": 0.01}),
     # Docstrings average ~55 tokens: 64 keeps most of each and halves the padded batch. The
     # classifier reads the mean of the hidden states: from scratch, a [CLS] summary is slow to learn.
     ("finetune", "bert"): Recipe(
@@ -141,6 +145,10 @@ RECIPES = {
         {**CORPUS, "train_file": "default", "seq_len": 64}, FINETUNE, from_pretrained=True),
     ("finetune", "gpt"): Recipe(
         "finetune", "gpt", "classification", {"preset": "tiny", "classifier_pooling": "mean"},
+        {**CORPUS, "train_file": "default", "seq_len": 64}, FINETUNE, from_pretrained=True),
+    # XLNet reads the last real token through its tanh summary, as transformers' XLNet classifier.
+    ("finetune", "xlnet"): Recipe(
+        "finetune", "xlnet", "classification", {"preset": "tiny-xlnet"},
         {**CORPUS, "train_file": "default", "seq_len": 64}, FINETUNE, from_pretrained=True),
     # The embedded seq2seq task (docstring first lines, said backwards) unless --data.train_file says;
     # from scratch the encoder-decoder needs ~2000 steps at 2e-3 to learn where each word goes.

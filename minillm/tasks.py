@@ -18,8 +18,10 @@ causal-lm          CausalLM (decoder)          windows of the prepared corpus
 mlm                MaskedLM (encoder)          masked ``[CLS] piece [SEP]`` sequences
 mlm-nsp            MaskedLM with an NSP head   masked sentence pairs (BERT's pretraining)
 span-corruption    Seq2SeqLM                   T5 span corruption of the corpus
+permutation-lm     XLNetLM                     windows of the corpus, one random order each
 seq2seq            Seq2SeqLM                   (source, target) pairs from files
 classification     SequenceClassifier          labelled texts, encoder or decoder body
+                   (XLNetClassifier for xlnet)
 =================  ==========================  ============================================
 
 Adding a task is one class here with ``@register``; nothing else compares task names.
@@ -47,6 +49,8 @@ from minillm.data import (
     MLMCollator,
     MLMDataset,
     NSPDataset,
+    PermutationLMCollator,
+    PermutationLMDataset,
     Seq2SeqCollator,
     Seq2SeqPairDataset,
     SpanCorruptionDataset,
@@ -58,7 +62,7 @@ from minillm.data import (
 from minillm.generation import generate_seq2seq
 from minillm.lora import unwrap_model
 from minillm.metrics import IGNORE_INDEX, classification_metrics, confusion_matrix, perplexity, text_scores
-from minillm.model import CausalLM, MaskedLM, Model, Seq2SeqLM, SequenceClassifier
+from minillm.model import CausalLM, MaskedLM, Model, Seq2SeqLM, SequenceClassifier, XLNetClassifier, XLNetLM
 from minillm.tokenizer import Tokenizer
 
 # DataConfig fields every task reads, and those read when the corpus is (pretraining tasks
@@ -226,6 +230,8 @@ def task_of(model: Model) -> str:
         return "mlm-nsp" if model.nsp_head is not None else "mlm"
     if isinstance(model, Seq2SeqLM):
         return "seq2seq"
+    if isinstance(model, XLNetClassifier):
+        return "classification"
     for name, task in TASKS.items():
         if type(model) is task.model_class:
             return name
@@ -445,6 +451,41 @@ class MaskedLMNextSentenceTask(MaskedLMTask):
                 f"{data.baselines['unigram_entropy']:.3f} nats"]
 
 
+@register
+class PermutationLMTask(Task):
+    """XLNet's pretraining: in a random order of each window, predict the last 1 in K tokens (K = 6)
+    from the ones before them in that order, wherever they sit (see minillm.data.permutation)."""
+
+    name = "permutation-lm"
+    model_class = XLNetLM
+    architectures = ("xlnet",)
+    metrics = ("val_loss", "val_ppl", "token_accuracy")
+    predict_one_in: ClassVar[int] = 6  # K: XLNet-Large's partial prediction (section 2.3, appendix A.3)
+
+    def datasets(self, data, tokenizer, model, samples):
+        train, val, summary, baselines = corpus_data(data, tokenizer)
+        # random windows and orders are a function of their index: `samples` of them never repeat one
+        windows = CausalLMDataset(train, data.seq_len, "random", data.seed, max(train.n_tokens // data.seq_len, samples))
+        return TaskData(
+            PermutationLMDataset(windows, data.seed),
+            PermutationLMDataset(CausalLMDataset(val, data.seq_len, "sequential", data.seed), data.seed + 1),
+            None, PermutationLMCollator(self.predict_one_in), summary, baselines,
+        )
+
+    def tally(self, out, batch):
+        return _token_hits(out.logits, batch["labels"])
+
+    def scores(self, losses, tally):
+        return {**super().scores(losses, tally), "token_accuracy": _accuracy(tally)}
+
+    def report(self, metrics, data, split):
+        baseline = data.baselines["unigram_entropy"]
+        verdict = "below" if metrics["val_loss"] < baseline else "NOT below"
+        return [f"{split} loss {metrics['val_loss']:.3f} nats on the predicted tokens (the last 1 in "
+                f"{self.predict_one_in} of each order), {verdict} the unigram-entropy baseline {baseline:.3f} nats; "
+                f"accuracy {metrics['token_accuracy']:.1%}"]
+
+
 class _EncoderDecoderTask(Task):
     """What span corruption and supervised seq2seq share: the model, its loss and token accuracy."""
 
@@ -561,13 +602,21 @@ class ClassificationTask(Task):
 
     name = "classification"
     model_class = SequenceClassifier
-    architectures = ("encoder", "decoder")
+    architectures = ("encoder", "decoder", "xlnet")
     metrics = ("val_loss", "accuracy", "macro_f1", "f1", "mcc")
     from_corpus = False
     new_head = True
     keep_best = True
     data_fields = frozenset({"train_file", "validation_file", "test_file", "text_field", "label_field",
                              "text_pair_field", "glue_task", "train_examples"})
+
+    def build_model(self, config):
+        return XLNetClassifier(config) if config.arch == "xlnet" else SequenceClassifier(config)
+
+    def check_model(self, model):
+        if isinstance(unwrap_model(model), XLNetClassifier):
+            return
+        super().check_model(model)
 
     def data_fields_read(self, data, tokenizer_from_corpus):
         fields = super().data_fields_read(data, tokenizer_from_corpus)

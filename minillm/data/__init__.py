@@ -28,6 +28,7 @@ Read in this order:
 ``mlm``                BERT masking (80/10/10, whole-word)
 ``nsp``                BERT sentence pairs
 ``seq2seq``            T5 span corruption and source/target pairs
+``permutation``        XLNet windows with a factorisation order, perm_mask and target_mapping
 ``classification``     labelled texts / pairs, label maps, GLUE layouts
 ``config``             DataConfig
 ``pipeline``           the train / validation / test examples of a classification config
@@ -35,13 +36,15 @@ Read in this order:
 
 Every collator returns a dict of torch tensors whose keys the models accept directly
 (``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``, ``next_sentence_label``,
-``decoder_input_ids``, and ``position_ids``/``document_ids`` of document-aware causal batches).
+``decoder_input_ids``, and ``position_ids``/``document_ids`` of document-aware causal batches;
+XLNet's ``perm_mask`` and ``target_mapping``).
 
 The prepare function is not re-exported here: ``minillm.data.prepare`` must stay the module
 (``from minillm.data.prepare import prepare``).
 """
 
 from minillm.data.causal import CausalLMCollator, CausalLMDataset
+from minillm.data.permutation import PermutationLMCollator, PermutationLMDataset, permutation_masks
 from minillm.data.classification import (
     GLUE_TASKS,
     ClassificationCollator,
@@ -82,4 +85,5 @@ __all__ = [
     "stdlib_classification_task", "stdlib_seq2seq_task", "MLMCollator", "MLMDataset", "NSPCollator", "NSPDataset", "PrepareResult",
     "prepare_from_config", "classification_examples", "Seq2SeqCollator",
     "Seq2SeqPairDataset", "SpanCorruptionDataset", "read_seq2seq_pairs", "span_corruption", "TokenShards",
+    "PermutationLMCollator", "PermutationLMDataset", "permutation_masks",
 ]
