@@ -7,11 +7,11 @@ Start reading at `minillm/model.py`.
 """
 
 from minillm.config import ModelConfig, preset, PRESETS
-from minillm.model import CausalLM, MaskedLM, ModelOutput, Seq2SeqLM, SequenceClassifier
+from minillm.model import CausalLM, MaskedLM, ModelOutput, Seq2SeqLM, SequenceClassifier, XLNetClassifier, XLNetLM
 from minillm.tasks import TASKS, build_model, get_task
 
 __all__ = [
     "ModelConfig", "preset", "PRESETS", "build_model", "TASKS", "get_task",
-    "CausalLM", "MaskedLM", "SequenceClassifier", "Seq2SeqLM", "ModelOutput",
+    "CausalLM", "MaskedLM", "SequenceClassifier", "Seq2SeqLM", "XLNetLM", "XLNetClassifier", "ModelOutput",
 ]
 __version__ = "0.1.0"

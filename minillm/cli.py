@@ -242,16 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
                "Prepare the corpus, train the tokenizer and the model, report the validation loss next to the "
                "corpus's unigram entropy, print samples, save checkpoint, metrics and plot under runs/.",
                "gpt: tiny preset, causal LM (the default); bert: tiny-bert, MLM + NSP; seq2seq: tiny-seq2seq, span "
-               "corruption. Without --model, the task of --config/--train.task picks the recipe")
+               "corruption; t5: tiny-t5, span corruption; xlnet: tiny-xlnet, permutation LM. Without --model, the "
+               "task of --config/--train.task picks the recipe")
     configured("finetune", "fine-tune on labelled data (default: classify stdlib docstrings from runs/pretrain-bert)",
-               "bert/gpt: sequence classification; the default data is the embedded stdlib-package task "
+               "bert/gpt/xlnet: sequence classification; the default data is the embedded stdlib-package task "
                "(--data.train_file=default), or --data.train_file=train.csv --data.validation_file=dev.csv "
-               "[--data.test_file=test.csv]; reports accuracy next to the majority-class baseline. seq2seq: "
+               "[--data.test_file=test.csv]; reports accuracy next to the majority-class baseline. seq2seq/t5: "
                "(source, target) pairs from --data.train_file/--data.validation_file[/--data.test_file], "
                "columns --data.text_field and --data.target_field; reports BLEU and chrF next to copying the source. "
                "Starts from --train.init_from (default runs/pretrain-MODEL when it holds a checkpoint, else from "
                "scratch; --train.init_from=none forces scratch).",
-               "bert (the default), gpt, seq2seq: which pretrained family and task (see above)")
+               "bert (the default), gpt, xlnet: classification; seq2seq, t5: pairs. Which pretrained family and "
+               "task (see above)")
     configured("prepare", "tokenise a corpus into shards (the data step of pretrain)",
                "Train (or load) the tokenizer and write token shards to data.prepared_dir, with progress.",
                "whose data defaults to use (the same for every family today)")
