@@ -670,8 +670,11 @@ def _resolved(values: dict) -> dict:
 
 
 def architecture_mismatch(saved: dict, config: ModelConfig, ignore: tuple[str, ...] = ()) -> list[str]:
-    """'field: checkpoint X, model Y' for every weight-defining field that differs."""
-    saved, current = _resolved(saved), _resolved(config.to_dict())
+    """'field: checkpoint X, model Y' for every weight-defining field that differs. A field the
+    saved config lacks was written by an older minillm, before the field existed: it had the
+    field's default behaviour (no relative bias, no T5 dropouts...), so it counts as the default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    saved, current = _resolved({**defaults, **saved}), _resolved(config.to_dict())
     return [
         f"{key}: checkpoint {saved.get(key)!r}, model {value!r}"
         for key, value in current.items()

@@ -305,3 +305,24 @@ def test_init_from_a_hugging_face_directory_in_the_trainer(tmp_path):
     assert torch.equal(body.embeddings.token_type.weight, mlm.encoder.embeddings.token_type.weight)
     with pytest.raises(ValueError, match="different architecture: n_layers: checkpoint 2, model 3"):
         ckpt.init_from(model_for("classification", n_layers=3, **fields), hf_dir)
+
+
+def test_a_checkpoint_from_before_the_t5_fields_loads(tmp_path):
+    """A config.json written before ModelConfig had T5's fields (attn_scale, d_head, ...) is the
+    model those fields' defaults describe: it loads, and its weights fit."""
+    import json
+
+    from minillm import build_model, preset
+    from minillm.checkpoint import load_model, load_weights, save_model
+
+    model = build_model(preset("tiny", n_layers=1, vocab_size=64), "causal-lm").eval()
+    save_model(tmp_path / "old", model)
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for field in ("attn_scale", "d_head", "ff_dropout", "final_dropout", "relative_buckets",
+                  "relative_max_distance", "scale_decoder_output"):
+        del config["model"][field]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded, _, _ = load_model(tmp_path / "old")
+    ids = torch.randint(0, 64, (1, 7))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    load_weights(build_model(preset("tiny", n_layers=1, vocab_size=64), "causal-lm"), tmp_path / "old")
