@@ -413,7 +413,8 @@ def prepare_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool
     return resume_from
 
 
-def _check_writable(out: Path) -> None:
+def check_out_dir_path(out: Path) -> None:
+    """RunDirError when out_dir is a file or sits under a file. Only looks."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"TrainConfig.out_dir: {out} is a file, not a directory", errno.ENOTDIR)
     if not out.exists():
@@ -421,6 +422,10 @@ def _check_writable(out: Path) -> None:
         if above is not None and not above.is_dir():
             raise RunDirError(f"TrainConfig.out_dir: {out} is under {above}, which is a file, not a directory",
                               errno.ENOTDIR)
+
+
+def _check_writable(out: Path) -> None:
+    check_out_dir_path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()  # a file created and removed: can this run write here?

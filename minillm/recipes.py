@@ -33,7 +33,6 @@ callers can silence it.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import time
@@ -338,10 +337,7 @@ def _check_run_can_start(train: TrainConfig) -> None:
     (nothing is created or moved): a run that cannot start fails before its data is prepared."""
     distributed.pick_dtype(train.precision, distributed.pick_device(train.device, local_rank=0))
     out = Path(train.out_dir)
-    existing = next(path for path in (out, *out.parents) if path.exists())
-    if not existing.is_dir():
-        where = f"{out} is a file" if existing == out else f"{out} is under {existing}, which is a file"
-        raise ckpt.RunDirError(f"TrainConfig.out_dir: {where}, not a directory", errno.ENOTDIR)
+    ckpt.check_out_dir_path(out)
     ckpt.run_to_resume(out, train.resume, train.overwrite)
 
 
