@@ -589,6 +589,8 @@ def training_state(trainer) -> dict:
         torch.distributed.all_gather_object(rngs, rng_state())
     return {
         "step": trainer.step, "tokens_seen": trainer.tokens_seen,
+        # training time, resumes included: the time budget and a time-fitted schedule go on from here
+        "train_seconds": trainer.train_seconds, "step_seconds": trainer.step_seconds,
         "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": rngs,
         "best_value": trainer.best_value, "best_step": trainer.best_step, "evals_since_best": trainer.evals_since_best,
         "data": {"micro_batches": trainer.micro_batches, "world": trainer.world, "batch_size": trainer.config.batch_size},
@@ -601,6 +603,9 @@ def restore_training_state(trainer, checkpoint: Path) -> None:
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
+    # older checkpoints lack these: their training time starts again at 0
+    trainer.train_seconds = float(state.get("train_seconds", 0.0))
+    trainer.step_seconds = float(state.get("step_seconds", 0.0))
     trainer.micro_batches = state["data"]["micro_batches"]
     trainer.best_value, trainer.best_step = state["best_value"], state["best_step"]
     trainer.evals_since_best = state["evals_since_best"]

@@ -165,9 +165,6 @@ class Trainer:
         if resume_from:
             ckpt.load_weights(self.raw_model, resume_from)
             ckpt.restore_training_state(self, resume_from)
-            state = ckpt.load_state(resume_from)  # older checkpoints lack these: their time starts again at 0
-            self.train_seconds = float(state.get("train_seconds", 0.0))
-            self.step_seconds = float(state.get("step_seconds", 0.0))
 
         self.model = torch.compile(self.raw_model) if config.compile else self.raw_model
         if self.world > 1:
@@ -383,8 +380,6 @@ class Trainer:
     def save(self, best: bool = False) -> Path | None:
         """Checkpoint the current step (rank 0 writes; every rank must call it under DDP)."""
         state = ckpt.training_state(self)  # a collective under DDP: every rank's RNG state
-        state["train_seconds"] = self.train_seconds  # the schedule and the budget go on from here
-        state["step_seconds"] = self.step_seconds
         path = None
         if self.is_main:
             path = ckpt.save_checkpoint(self.out_dir, self.step, self.raw_model, state, self.configs, self.tokenizer,
