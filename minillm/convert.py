@@ -736,10 +736,17 @@ def _export_target(model: nn.Module) -> tuple[str, str, str]:
     )
 
 
+def hf_config_of(model: nn.Module) -> dict:
+    """The HF config dict (config.json) of a minillm model, without touching its weights; the
+    ValueError/TypeError naming what transformers cannot express otherwise."""
+    family, architecture, _ = _export_target(model)
+    return config_to_hf(model.config, family, architecture)
+
+
 def hf_state_dict(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
     """(HF config dict, HF state dict without tied copies, tied aliases) for a minillm model."""
-    family, architecture, task = _export_target(model)
-    hf_config = config_to_hf(model.config, family, architecture)
+    family, _, task = _export_target(model)
+    hf_config = hf_config_of(model)
     rules, aliases, unused = _rules(family, model.config, task)
     params = dict(model.named_parameters())
     state = {}

@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 from minillm.checkpoint import load_model
-from minillm.convert import hf_state_dict, save_hf
+from minillm.convert import hf_config_of, save_hf
 from minillm.hf_tokenizer import export_tokenizer
 
 
@@ -71,8 +71,7 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwri
     model, configs, tokenizer = load_model(checkpoint, merge_lora=True)
     if tokenizer is None:
         raise ValueError(f"--checkpoint: {checkpoint} has no tokenizer; transformers needs one to read and write text")
-    hf_config, _, _ = hf_state_dict(model)  # refuses, naming the field, what transformers cannot express
-    family = hf_config["model_type"]
+    family = hf_config_of(model)["model_type"]  # refuses, naming the field, what transformers cannot express
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
