@@ -88,7 +88,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 
 from minillm.files import write_atomic
-from minillm.tokenizer import WORD_START, Tokenizer, _fields, _piece_types
+from minillm.tokenizer import WORD_START, Tokenizer, TokenizerInterface, _fields, _piece_types
 
 TEMPLATES = ("bert", "gpt", "t5")
 
@@ -339,7 +339,7 @@ def _special_pieces(config: dict, kind: str) -> dict[str, str | None]:
             for name in _SPECIAL_NAMES}
 
 
-class HFTokenizer:
+class HFTokenizer(TokenizerInterface):
     """A Hugging Face tokenizer folder, read with the ``tokenizers`` library alone, behind minillm's
     ``Tokenizer`` interface.
 
@@ -362,6 +362,8 @@ class HFTokenizer:
     ``<sentinel_k>`` (T5), else, as for a foreign sentencepiece model, the top ids of the vocabulary
     (ambiguous: a documented limit). ``splits_on_spaces`` is False: minillm's word cache is never used.
     """
+
+    KIND = "this Hugging Face tokenizer"
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, files: dict[str, bytes], config: dict, path: Path | None = None):
         self.tokenizer = tokenizer
@@ -510,13 +512,6 @@ class HFTokenizer:
         return digest.hexdigest()
 
     @property
-    def sentinel_ids(self) -> list[int]:
-        """Span-corruption sentinel ids, ``sentinel_ids[0]`` first (see the class docstring)."""
-        if self._sentinel_ids:
-            return list(self._sentinel_ids)
-        return list(range(self.vocab_size - 1, max(self.vocab_size - 101, 0), -1))
-
-    @property
     def splits_on_spaces(self) -> bool:
         """Always False: documents are encoded whole (minillm's word cache assumes sentencepiece)."""
         return False
@@ -553,17 +548,6 @@ class HFTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.tokenizer.id_to_token(int(i))
-
-    def is_word_start(self, i: int) -> bool:
-        """True when piece ``i`` starts a new word (see ``word_start``)."""
-        return bool(self.word_start[i])
-
-    def require(self, name: str) -> int:
-        """The id of special token ``name`` ("pad", "cls", ...), or a ValueError naming it."""
-        value = getattr(self, f"{name}_id")
-        if value is None:
-            raise ValueError(f"{self.path or 'this Hugging Face tokenizer'} has no {name.upper()} token; it is needed here")
-        return value
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, path={str(self.path)!r})"

@@ -161,11 +161,43 @@ def _piece_types(model_proto: bytes) -> list[int]:
     ]
 
 
-class Tokenizer:
+class TokenizerInterface:
+    """What minillm asks of a tokenizer, and the parts both kinds share. `Tokenizer` (sentencepiece,
+    below) and `minillm.hf_tokenizer.HFTokenizer` (a Hugging Face folder) implement it: ids
+    ``pad_id unk_id cls_id sep_id mask_id bos_id eos_id newline_id`` (None when absent), the tables
+    ``special``, ``standalone``, ``word_start``, ``vocab_size``, ``encode(_batch)``, ``decode(_batch)``,
+    ``id_to_piece``, ``splits_on_spaces``, ``space_ids``, ``fingerprint``, ``save`` and ``path``."""
+
+    KIND = "this tokenizer"  # how an error names a tokenizer that has no path
+    _sentinel_ids: list[int]
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """Span-corruption sentinel ids, ``sentinel_ids[0]`` first: the pieces named as sentinels, else
+        the top 100 ids of the vocabulary (see the module docstring)."""
+        if self._sentinel_ids:
+            return list(self._sentinel_ids)
+        return list(range(self.vocab_size - 1, max(self.vocab_size - 101, 0), -1))
+
+    def is_word_start(self, i: int) -> bool:
+        """True when piece ``i`` starts a new word (see ``word_start``)."""
+        return bool(self.word_start[i])
+
+    def require(self, name: str) -> int:
+        """The id of special token ``name`` ("pad", "cls", ...), or a ValueError naming it."""
+        value = getattr(self, f"{name}_id")
+        if value is None:
+            raise ValueError(f"{self.path or self.KIND} has no {name.upper()} token; it is needed here")
+        return value
+
+
+class Tokenizer(TokenizerInterface):
     """A sentencepiece model plus the special-token ids and word-start tables minillm needs.
 
     Build one with :meth:`train` or :meth:`load`; the constructor takes the serialised model.
     """
+
+    KIND = "this sentencepiece model"
 
     def __init__(self, model_proto: bytes, path: Path | None = None):
         self.model_proto = model_proto
@@ -364,13 +396,6 @@ class Tokenizer:
         """SHA-256 hex digest of the serialised model: equal exactly when two tokenizers are the same model."""
         return hashlib.sha256(self.model_proto).hexdigest()
 
-    @property
-    def sentinel_ids(self) -> list[int]:
-        """Span-corruption sentinel ids, ``sentinel_ids[0]`` first (see module docstring)."""
-        if self._sentinel_ids:
-            return list(self._sentinel_ids)
-        return list(range(self.vocab_size - 1, max(self.vocab_size - 101, 0), -1))
-
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no specials added)."""
         return self.sp.encode(text)
@@ -419,18 +444,6 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
-
-    def is_word_start(self, i: int) -> bool:
-        """True when piece ``i`` starts a new word (see ``word_start``)."""
-        return bool(self.word_start[i])
-
-    def require(self, name: str) -> int:
-        """The id of special token ``name`` ("pad", "cls", ...), or a ValueError naming it."""
-        value = getattr(self, f"{name}_id")
-        if value is None:
-            where = self.path or "this sentencepiece model"
-            raise ValueError(f"{where} has no {name.upper()} token; it is needed here")
-        return value
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, path={str(self.path)!r})"
