@@ -122,3 +122,20 @@ def test_a_text_seen_before_is_dropped(tmp_path):
     assert describe_duplicates({"files": 0, "documents": 0}) == "no duplicate dropped"
     in_memory = Corpus([Document("x", "text"), Document("y", " "), Document("z", "text"), Document("w", " ")])
     assert [d.id for d in in_memory] == ["x", "y", "w"] and in_memory.duplicate_documents == 1  # blanks pass
+
+
+def test_auto_split_makes_a_single_file_paragraphs_and_keeps_several_files_whole(tmp_path):
+    book = tmp_path / "input.txt"
+    book.write_text("Chapter one.\nIt begins.\n\nChapter two.\n\n\nThe end.\n", encoding="utf-8")
+    single = Corpus([book])
+    assert single.text_split == "blank_lines"
+    assert [d.text for d in single] == ["Chapter one.\nIt begins.", "Chapter two.", "The end."]
+    assert Corpus([book], split="blank_lines").fingerprint() == single.fingerprint()  # the same shards
+    assert [d.text for d in Corpus([book], split="file")] == [book.read_text()]
+    other = tmp_path / "other.txt"
+    other.write_text("A second file.\n\nWith two paragraphs.\n", encoding="utf-8")
+    several = Corpus([book, other])
+    assert several.text_split == "file"
+    assert [d.text for d in several] == [book.read_text(), other.read_text()]
+    with pytest.raises(ValueError, match="split must be one of"):
+        list(read_text_file(book, split="auto"))  # auto depends on the other inputs: Corpus resolves it

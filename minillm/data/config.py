@@ -27,8 +27,9 @@ class DataConfig:
     """``auto`` (by suffix), ``text``, ``jsonl``, ``csv`` or ``tsv``."""
     text_field: str = "text"
     """JSONL field / CSV-TSV column holding the text."""
-    text_split: str = "file"
-    """Plain text: ``file`` (one document per file), ``blank_lines`` or ``lines``."""
+    text_split: str = "auto"
+    """Plain text: ``file`` (one document per file), ``blank_lines`` (a document per paragraph),
+    ``lines``, or ``auto``: ``file`` for several files, ``blank_lines`` for a single file."""
     encoding_errors: str = "strict"
     """``strict``: invalid UTF-8 is an error naming file and byte offset; ``replace``: U+FFFD."""
     prepared_dir: str = "data/prepared"

@@ -6,9 +6,12 @@ boundaries.
 
 Input formats (``format="auto"`` picks by suffix):
 
-* ``text`` (any other suffix): ``split="file"`` makes the whole file one document (default),
+* ``text`` (any other suffix): ``split="file"`` makes the whole file one document,
   ``"blank_lines"`` starts a new document at every run of blank lines, ``"lines"`` makes every
-  non-blank line a document.
+  non-blank line a document. ``"auto"`` (default) is ``"file"`` when the inputs name several
+  files, and ``"blank_lines"`` for a single text file (an ``input.txt`` of a whole book: as one
+  document it could not be split into training and validation documents). The split it resolves
+  to is ``Corpus.text_split``.
 * ``jsonl`` (``.jsonl``, ``.ndjson``): one JSON object per line; ``field`` names the text.
 * ``csv`` / ``tsv`` (``.csv``, ``.tsv``): a header row; ``field`` names the text column.
 
@@ -42,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORMATS = ("auto", "text", "jsonl", "csv", "tsv")
-TEXT_SPLITS = ("file", "blank_lines", "lines")
+TEXT_SPLITS = ("auto", "file", "blank_lines", "lines")
 ERRORS = ("strict", "replace")
 # Part of every Corpus.fingerprint: bumped when the same inputs start to give other documents
 # (2: duplicates dropped), so prepared shards and tokenizers cached under the old one are rebuilt.
@@ -75,10 +78,19 @@ def read_utf8(path: str | os.PathLike, errors: str = "strict") -> str:
         ) from None
 
 
+def resolve_text_split(split: str, n_files: int) -> str:
+    """What ``split="auto"`` means for inputs of ``n_files`` files: ``blank_lines`` for a single
+    file, ``file`` otherwise; any other split is itself."""
+    if split != "auto":
+        return split
+    return "blank_lines" if n_files == 1 else "file"
+
+
 def read_text_file(path: str | os.PathLike, split: str = "file", errors: str = "strict") -> Iterator[Document]:
-    """Documents of a plain-text file (see the module docstring for ``split``)."""
-    if split not in TEXT_SPLITS:
-        raise ValueError(f"split must be one of {TEXT_SPLITS}, got {split!r}")
+    """Documents of a plain-text file (see the module docstring for ``split``; not ``"auto"``,
+    which depends on the other inputs: see :func:`resolve_text_split`)."""
+    if split not in TEXT_SPLITS or split == "auto":
+        raise ValueError(f"split must be one of {TEXT_SPLITS[1:]}, got {split!r}")
     text = read_utf8(path, errors)
     if split == "file":
         if text.strip():
@@ -237,7 +249,7 @@ class Corpus:
         inputs: Iterable[str | os.PathLike | Document],
         format: str = "auto",
         field: str = "text",
-        split: str = "file",
+        split: str = "auto",
         errors: str = "strict",
     ):
         if format not in FORMATS:
@@ -249,6 +261,7 @@ class Corpus:
         items = [inputs] if isinstance(inputs, (str, os.PathLike, Document)) else list(inputs)
         self.format, self.field, self.split, self.errors = format, field, split, errors
         self.documents: list[Document] | None = None
+        self.text_split = resolve_text_split(split, 0)
         self.files: list[Path] = []
         self.duplicate_files: list[Path] = []
         self.duplicate_documents: int | None = None
@@ -266,6 +279,7 @@ class Corpus:
                 resolved = path.resolve()
                 (self.duplicate_files if resolved in seen else self.files).append(path)
                 seen.add(resolved)
+        self.text_split = resolve_text_split(split, len(self.files))
 
     def __iter__(self) -> Iterator[Document]:
         """Every document whose text no earlier document had; blank documents pass as they are."""
@@ -300,13 +314,13 @@ class Corpus:
             return read_jsonl(path, self.field, self.errors)
         if fmt in ("csv", "tsv"):
             return read_csv(path, self.field, self.errors)
-        return read_text_file(path, self.split, self.errors)
+        return read_text_file(path, self.text_split, self.errors)
 
     def fingerprint(self) -> str:
         """SHA-256 over ``READ_VERSION``, the reader settings and every input's bytes (files) or
         text (memory)."""
         h = hashlib.sha256()
-        h.update(json.dumps([READ_VERSION, self.format, self.field, self.split, self.errors]).encode())
+        h.update(json.dumps([READ_VERSION, self.format, self.field, self.text_split, self.errors]).encode())
         if self.documents is not None:
             for doc in self.documents:
                 for part in (doc.id, doc.text):

@@ -358,7 +358,8 @@ def _tokenise_and_publish(
     if n_val >= n_docs:
         raise ValueError(
             f"prepare: val_fraction={val_fraction} leaves no training document ({n_docs} documents in "
-            f"{corpus.describe()}); lower val_fraction or add documents"
+            f"{corpus.describe()}, text_split={corpus.text_split!r}); lower val_fraction, add documents or "
+            f"choose another data.text_split"
         )
     repeats: dict[str, int] = {}
     keys = []
@@ -404,6 +405,7 @@ def _tokenise_and_publish(
     manifest = {
         **expected,
         "inputs": corpus.describe(),
+        "text_split": corpus.text_split,
         "vocab_size": tok.vocab_size,
         "dtype": dtype.name,
         "eos_id": eos,
