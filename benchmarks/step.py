@@ -74,20 +74,24 @@ class MinimalGPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * layers) if name.endswith(("proj.weight", "fc_out.weight")) else 0.02
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(idx)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def fused_adamw(params, lr: float) -> torch.optim.AdamW:
+def fused_adamw(params, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.1) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel where this torch has one for the device, else foreach."""
+    params = list(params)
     try:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.1, foreach=True)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True)
 
 
 # ---------------------------------------------------------------------------------------------

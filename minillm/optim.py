@@ -157,15 +157,20 @@ def schedule_cut(config: TrainConfig, step: int, lr: float) -> str | None:
             f"or max_steps={step}, or raise max_minutes")
 
 
-def schedule_summary(config: TrainConfig, last_lr: float, elapsed_s: float) -> str:
+def schedule_summary(config: TrainConfig, last_lr: float, elapsed_s: float, steps: int | None = None) -> str:
     """One line for the report: the schedule's horizon and how far its decay got by the last step
-    (run at ``last_lr``, after ``elapsed_s`` seconds of training)."""
+    (step ``steps``, run at ``last_lr``, after ``elapsed_s`` seconds of training). A run that ended
+    within its warmup says so: its low last rate is the ramp's, not a finished decay."""
     if config.time_fitted:
         horizon = f"time-fitted to max_minutes={config.max_minutes:g} ({elapsed_s / 60:.2f} min trained)"
     else:
         horizon = f"over max_steps={config.max_steps}"
     if config.schedule == "constant" or config.lr == config.min_lr:
         return f"learning rate: {config.schedule} {horizon}, last step at lr {last_lr:.3g}"
+    if steps is not None and steps < config.warmup_steps:
+        return (f"learning rate: {config.schedule} {horizon}; the run ended in its warmup (step {steps} of "
+                f"warmup_steps={config.warmup_steps}) at lr {last_lr:.3g}: NOT decayed, the peak {config.lr:.3g} "
+                f"was never reached")
     done = (config.lr - last_lr) / (config.lr - config.min_lr)
     return (f"learning rate: {config.schedule} {horizon}; the last step ran at lr {last_lr:.3g} (peak {config.lr:.3g}, "
             f"min_lr {config.min_lr:.3g}): {'ended decayed' if done >= 0.95 else 'NOT decayed'}, {done:.0%} of the "

@@ -115,7 +115,9 @@ def pretrain_dir(family: str) -> str:
 CORPUS = {"inputs": ["default"], "vocab_size": 4096, "seq_len": 128, "val_fraction": 0.05,
           "prepared_dir": "runs/data/default"}
 # The main job's budget: ~5 minutes on 2 CPU cores, preparation included. max_minutes caps the
-# training loop on slower machines; the learning-rate schedule's horizon is max_steps.
+# training loop on slower machines; the learning-rate schedule's horizon is max_steps, except in the
+# GPT pretraining recipe, whose horizon is the time itself (max_steps=0: "time-fitted", see
+# minillm.optim): its schedule ends decayed at max_minutes on any machine, for any --train.max_minutes.
 SHORT_RUN = {"batch_size": 16, "max_minutes": 4.5, "eval_every": 100, "checkpoint_every": 0, "log_every": 10}
 # Fine-tuning: about 3 epochs of the stdlib task's 6,355 training docstrings; probe_steps: LP-FT
 # from a pretrained checkpoint (README, "Does pretraining pay?"); MCC picks the best checkpoint,
@@ -126,7 +128,8 @@ FINETUNE = {**SHORT_RUN, "batch_size": 32, "max_steps": 600, "lr": 1e-3, "warmup
 RECIPES = {
     ("pretrain", "gpt"): Recipe(
         "pretrain", "gpt", "causal-lm", {"preset": "tiny"}, CORPUS,
-        {**SHORT_RUN, "max_steps": 600, "lr": 2e-3, "warmup_steps": 30, "eval_batches": 0, "weight_decay": 0.1}),
+        {**SHORT_RUN, "max_steps": 0, "max_minutes": 4.0, "lr": 2e-3, "warmup_steps": 30, "eval_batches": 0,
+         "weight_decay": 0.1}),
     ("pretrain", "bert"): Recipe(
         "pretrain", "bert", "mlm-nsp", {"preset": "tiny-bert"}, CORPUS,
         {**SHORT_RUN, "max_steps": 1000, "lr": 1e-3, "warmup_steps": 50, "eval_batches": 20, "weight_decay": 0.01}),
@@ -467,7 +470,7 @@ def train(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=prin
     _say(echo, f"trained {summary['steps']} steps ({summary['stopped']}), {summary['tokens']:,} tokens in "
                f"{summary['elapsed_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; best "
                f"{summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}",
-         *([schedule_summary(run.train, summary["last_lr"], summary["train_seconds"])] if summary["last_lr"] is not None
+         *([schedule_summary(run.train, summary["last_lr"], summary["train_seconds"], summary["steps"])] if summary["last_lr"] is not None
            else []),
          *task.report(metrics, task_data, split))
     samples = _show_samples(trainer.raw_model, run.tokenizer, task.sample_prompts[:num_samples], train.seed, echo)

@@ -188,3 +188,10 @@ def test_resume_of_a_time_fitted_run_is_exact(tmp_path):
     assert not math.isclose(expected[0]["loss"], expected[-1]["loss"])  # the losses did move
     for name, value in full.raw_model.state_dict().items():
         assert torch.equal(value, resumed.raw_model.state_dict()[name]), name
+
+
+def test_a_run_that_ends_in_its_warmup_is_not_called_decayed():
+    config = TrainConfig(out_dir="unused", max_steps=600, warmup_steps=30, lr=2e-3)
+    line = schedule_summary(config, last_lr=lr_at(0, config), elapsed_s=5.0, steps=1)
+    assert "ended in its warmup (step 1 of warmup_steps=30)" in line and "NOT decayed" in line
+    assert "ended decayed" not in line
