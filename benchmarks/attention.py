@@ -139,7 +139,7 @@ def run_one(name, fn, ctx, s: Shape, mode: str, device, time_ms, label: str) -> 
                 torch.cuda.reset_peak_memory_stats()
             ms = time_ms(call)
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is newer than torch 2.4
         return Row(**row, ms=None, tflops=None, peak_mem_mib=None, status="oom")
     except RuntimeError as e:  # an SDPA backend that does not support this device/shape/dtype
         return Row(**row, ms=None, tflops=None, peak_mem_mib=None, status=f"unsupported: {str(e).splitlines()[0][:80]}")

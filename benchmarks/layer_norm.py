@@ -81,7 +81,7 @@ def providers(op, n, device, include_ours=None):
         import torch._functorch.config as functorch_config
 
         functorch_config.donated_buffer = False
-    except ImportError:  # older torch: no donation to turn off
+    except (ImportError, AttributeError):  # older torch (2.4): no donation to turn off
         pass
     out = {"torch": eager, "torch.compile": torch.compile(eager, dynamic=False)}
     if device.type == "cuda" if include_ours is None else include_ours:

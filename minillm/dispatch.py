@@ -138,7 +138,9 @@ def attention(
     enable_gqa = query.shape[1] != key.shape[1]
     chosen = resolve_attention_backend(backend, query, key, attn_mask=attn_mask, dropout_p=dropout_p,
                                        is_causal=is_causal)
-    options = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    options = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    if enable_gqa:  # passed only when needed: torch 2.4's SDPA has no enable_gqa argument
+        options["enable_gqa"] = True
     if chosen == "reference":
         return attention_reference(query, key, value, **options)
     if chosen == "sdpa":

@@ -5,6 +5,7 @@ The dry run is the same code as the GPU run with tiny shapes; running it here is
 suite working between GPU windows. Its figures are CPU figures and are checked only for presence.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -107,6 +108,15 @@ def test_a_backend_that_cannot_run_is_recorded_not_fatal(suite):
     plan = dataclasses.replace(suite.Plan.make(dry=True), train_backends=(("flash", "torch"),))
     section = suite.training(plan, suite.Clock(420.0), 1.0)
     assert section["runs"][0]["status"].startswith("unsupported: ValueError: ModelConfig.attn_backend")
+
+    def refuses(q, k, v, causal):
+        raise ValueError("head dim 96 is not compiled here")
+
+    bench = suite._load_benchmark("attention")
+    shape = bench.Shape(1, 2, 16, 16, True, "fp32")
+    row = suite._attention_row(bench, "other", refuses, contextlib.nullcontext, shape, "fwd", plan, suite._timer(plan))
+    assert row["status"] == "unsupported: ValueError: head dim 96 is not compiled here" and row["ms"] is None
+    assert row["seq"] == 16 and row["provider"] == "other"
 
 
 def test_dry_needs_the_interpreter_set_before_triton(suite, monkeypatch, capsys):
