@@ -700,11 +700,11 @@ def run(args) -> int:
     plan = Plan.make(args.dry)
     if plan.dry:  # tiny shapes: threads only contend (several times slower on a small shared CPU)
         torch.set_num_threads(1)
+    if not plan.dry and not torch.cuda.is_available():
+        raise SystemExit("gpu_suite: no CUDA device here; run with --dry for the CPU check of the same code")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(args.budget_s)
-    if not args.dry and not torch.cuda.is_available():
-        raise SystemExit("gpu_suite: no CUDA device here; run with --dry for the CPU check of the same code")
     result = {"dry": plan.dry, "device_type": plan.device.type,
               "note": ("DRY RUN on CPU through Triton's interpreter with tiny shapes: no figure here is a GPU "
                        "figure" if plan.dry else "measured on the GPU named in environment"),

@@ -119,6 +119,12 @@ def test_a_backend_that_cannot_run_is_recorded_not_fatal(suite):
     assert row["seq"] == 16 and row["provider"] == "other"
 
 
+def test_charts_are_skipped_with_the_reason_without_matplotlib(suite, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    charts = suite.charts({"dry": True, "environment": {"device": "CPU"}}, tmp_path)
+    assert charts["files"] == [] and charts["skipped"].startswith("matplotlib not installed")
+
+
 def test_dry_needs_the_interpreter_set_before_triton(suite, monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(SystemExit):
