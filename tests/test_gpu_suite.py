@@ -104,6 +104,18 @@ def test_the_budget_skips_what_would_not_fit_and_says_so(suite, capsys):
     assert clock.fits("training", "a run", 90.0) and not clock.fits("training", "a longer run", 96.0)
 
 
+def test_a_spent_budget_skips_every_shape_of_every_section_and_lists_them(suite):
+    plan = suite.Plan.make(dry=True)
+    clock = suite.Clock(budget_s=1e-9)
+    assert suite.attention(plan, clock, suite._timer(plan))["rows"] == []
+    assert suite.norms(plan, clock, suite._timer(plan), 1.0)["rows"] == []
+    assert suite.training(plan, clock, 1.0)["runs"] == []
+    whats = [s["what"] for s in clock.skipped]
+    assert whats == ([f"attention seq=16 D=16 causal={c}" for c in (False, True)]
+                     + [f"{op} N=256" for op in suite.NORM_OPS]
+                     + [f"training attn_backend={a} norm_backend={n}" for a, n in plan.train_backends])
+
+
 def test_a_backend_that_cannot_run_is_recorded_not_fatal(suite):
     plan = dataclasses.replace(suite.Plan.make(dry=True), train_backends=(("flash", "torch"),))
     section = suite.training(plan, suite.Clock(420.0), 1.0)
