@@ -73,13 +73,16 @@ def flops(s: Shape, mode: str) -> float:
     return f / 2 if s.causal else f
 
 
-def providers(device: torch.device) -> dict:
-    """name -> (function(q, k, v, causal), context manager factory)."""
+def providers(device: torch.device, include_ours: bool | None = None) -> dict:
+    """name -> (function(q, k, v, causal), context manager factory).
+
+    include_ours: time minillm's kernel (default: on CUDA only; benchmarks/gpu_suite.py --dry
+    asks for it on CPU, where it runs in Triton's interpreter)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sdpa = lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     out = {}
-    if device.type == "cuda":
+    if device.type == "cuda" if include_ours is None else include_ours:
         out["minillm"] = (lambda q, k, v, causal: scaled_dot_product_attention(q, k, v, is_causal=causal), nullcontext)
     backends = [("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
                 ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-math", SDPBackend.MATH)]
@@ -136,7 +139,7 @@ def run_one(name, fn, ctx, s: Shape, mode: str, device, time_ms, label: str) -> 
                 torch.cuda.reset_peak_memory_stats()
             ms = time_ms(call)
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is newer than torch 2.4
         return Row(**row, ms=None, tflops=None, peak_mem_mib=None, status="oom")
     except RuntimeError as e:  # an SDPA backend that does not support this device/shape/dtype
         return Row(**row, ms=None, tflops=None, peak_mem_mib=None, status=f"unsupported: {str(e).splitlines()[0][:80]}")

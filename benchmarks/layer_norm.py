@@ -66,8 +66,9 @@ def copy_bandwidth(device, reps):
     return 2 * nbytes / bench(lambda: dst.copy_(src), device, reps) / 1e9
 
 
-def providers(op, n, device):
-    """name -> f(x, w, b) for this op and row length."""
+def providers(op, n, device, include_ours=None):
+    """name -> f(x, w, b) for this op and row length. include_ours: time minillm's kernels
+    (default: on CUDA only; benchmarks/gpu_suite.py --dry asks for them under the interpreter)."""
     if op == "layer_norm":
         def eager(x, w, b):
             return F.layer_norm(x, (n,), w, b)
@@ -80,10 +81,10 @@ def providers(op, n, device):
         import torch._functorch.config as functorch_config
 
         functorch_config.donated_buffer = False
-    except ImportError:  # older torch: no donation to turn off
+    except (ImportError, AttributeError):  # older torch (2.4): no donation to turn off
         pass
     out = {"torch": eager, "torch.compile": torch.compile(eager, dynamic=False)}
-    if device.type == "cuda":
+    if device.type == "cuda" if include_ours is None else include_ours:
         from minillm.kernels import norms as ours
 
         if op == "layer_norm":

@@ -22,6 +22,8 @@ Norms (kernels/norms.py):
     layer_norm_reference, rms_norm_reference, add_layer_norm_reference, add_rms_norm_reference
 Custom ops (kernels/ops.py, torch only): `ops`, registering torch.ops.minillm.attention_forward,
 attention_backward, norm_forward and norm_backward, which torch.compile traces without a break.
+Checks (kernels/tolerance.py, torch only; `import minillm.kernels.tolerance`): the three-way
+tolerance rule the kernel tests and benchmarks/gpu_suite.py judge the kernels by.
 
 Design: lazy attributes. `import minillm.kernels` works without Triton, and so does `ops`; a
 name above is imported from its kernel file when first touched (module `__getattr__`, PEP 562),

@@ -40,6 +40,7 @@ from minillm.tasks import get_task
 
 BENCHMARKS = ("attention", "layer_norm", "data", "train")  # `bench all`: the speed benchmarks
 EXPERIMENTS = ("finetune",)  # minutes to an hour: run by name only (pretrained vs scratch)
+SUITES = {"gpu": "gpu_suite"}  # by name only: `bench gpu` runs benchmarks/gpu_suite.py (needs --out)
 
 
 class UsageError(Exception):
@@ -174,7 +175,7 @@ def cmd_bench(args, overrides) -> int:
     folder = _benchmarks_folder()
     names = BENCHMARKS if args.name == "all" else (args.name,)
     for name in names:
-        script = folder / f"{name}.py"
+        script = folder / f"{SUITES.get(name, name)}.py"
         if not script.is_file():
             raise UsageError(f"bench: {script} not found")
         command = [sys.executable, str(script), *args.args]
@@ -309,9 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
                        description="Runs benchmarks/NAME.py with the remaining arguments (their own --help).")
-    p.add_argument("name", choices=(*BENCHMARKS, *EXPERIMENTS, "all"), metavar="NAME",
-                   help=f"a benchmark ({', '.join(BENCHMARKS)}; all: each of them in turn) or an experiment "
-                        f"({', '.join(EXPERIMENTS)}: minutes to an hour)")
+    p.add_argument("name", choices=(*BENCHMARKS, *EXPERIMENTS, *SUITES, "all"), metavar="NAME",
+                   help=f"a benchmark ({', '.join(BENCHMARKS)}; all: each of them in turn), an experiment "
+                        f"({', '.join(EXPERIMENTS)}: minutes to an hour) or gpu (benchmarks/gpu_suite.py: "
+                        f"GPU correctness and speed evidence in one run; --out DIR, --dry on CPU)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script (see its --help)")
     return parser
 

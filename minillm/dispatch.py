@@ -9,15 +9,22 @@ attention backends
     sdpa       torch.nn.functional.scaled_dot_product_attention (flash / efficient / cuDNN / math)
     triton     minillm's fused FlashAttention-2 kernel (CUDA tensors; CPU tensors only when the
                Triton interpreter is on, which is how the tests run it)
-    auto       sdpa, everywhere. Triton is chosen only where a GPU benchmark has shown it faster than
-               SDPA, and no such measurement exists yet (see benchmarks/attention.py).
+    auto       triton on CUDA for the shapes where a committed GPU measurement (docs/measured/, written
+               by benchmarks/gpu_suite.py) shows it at least as fast as SDPA on this GPU generation;
+               sdpa everywhere else, and everywhere on CPU. The rule, the shape key and the files it
+               reads are in minillm/measured.py. Inside torch.compile auto is sdpa (the measurements
+               are of eager calls). No GPU measurement is committed yet, so today auto is sdpa
+               everywhere.
 
 norm backends
     torch      torch.nn.functional.layer_norm / rms_norm
     triton     minillm's fused norm kernels (same device rule as attention)
-    auto       triton on CUDA when Triton is installed (torch inside torch.compile, which fuses norms
-               with their neighbours), torch elsewhere. On CUDA without Triton that is torch, with no error and no
-               warning: auto means "the best available here", not "Triton".
+    auto       triton on CUDA where Triton is installed and a committed GPU measurement shows it at least
+               as fast as torch for this op, dtype and hidden size on this GPU generation (same rule
+               and files as attention, minillm/measured.py); torch elsewhere: on CPU, inside
+               torch.compile (which fuses norms with their neighbours), on CUDA without Triton (no
+               error, no warning: auto means "the best measured here", not "Triton"), and today
+               everywhere, since no GPU measurement is committed yet.
 
 The `triton` backends call minillm's public kernel functions (kernels/attention.py's
 scaled_dot_product_attention, kernels/norms.py's layer_norm and rms_norm), which check their
@@ -44,6 +51,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from minillm import measured
 from minillm.attention import attention_reference
 
 _ATTENTION_INSTEAD = "attn_backend='auto', 'sdpa' or 'reference'"
@@ -79,10 +87,33 @@ def _require_triton(x: torch.Tensor, what: str, instead: str) -> None:
         )
 
 
-def resolve_attention_backend(backend: str, query: torch.Tensor) -> str:
-    """Map "auto" to a concrete backend for this tensor; check the others can run here."""
-    if backend == "auto":
+def _mode(x: torch.Tensor) -> str:
+    """"fwd+bwd" when autograd will run this op's backward, else "fwd" (a key of minillm/measured.py)."""
+    return "fwd+bwd" if torch.is_grad_enabled() and x.requires_grad else "fwd"
+
+
+def _auto_attention(query, key, attn_mask, dropout_p, is_causal) -> str:
+    """sdpa, or triton where minillm/measured.py's committed measurements show it winning."""
+    if not query.is_cuda or attn_mask is not None or dropout_p > 0.0 or not triton_available():
         return "sdpa"
+    if torch.compiler.is_compiling():
+        return "sdpa"  # the measurements are of eager calls; the compiler traces SDPA natively
+    if key is not None and (key.shape[1] != query.shape[1] or key.shape[2] != query.shape[2]):
+        return "sdpa"  # grouped-query heads or Lq != Lk: not what the suite measures
+    wins = measured.committed().attention_wins(
+        measured.capability(query.device.index or 0), measured.dtype_name(query.dtype), query.shape[-1],
+        is_causal, _mode(query), query.shape[2])
+    return "triton" if wins else "sdpa"
+
+
+def resolve_attention_backend(backend: str, query: torch.Tensor, key: torch.Tensor | None = None, *,
+                              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                              is_causal: bool = False) -> str:
+    """Map "auto" to a concrete backend for these inputs; check the others can run here.
+
+    key=None means self-attention (key shaped like query)."""
+    if backend == "auto":
+        return _auto_attention(query, key, attn_mask, dropout_p, is_causal)
     if backend == "triton":
         _require_triton(query, "attn_backend", _ATTENTION_INSTEAD)
     elif backend not in ("reference", "sdpa"):
@@ -105,8 +136,11 @@ def attention(
 
     attn_mask: bool (True = attend) or additive float, broadcastable to (B, H, Tq, Tk)."""
     enable_gqa = query.shape[1] != key.shape[1]
-    chosen = resolve_attention_backend(backend, query)
-    options = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    chosen = resolve_attention_backend(backend, query, key, attn_mask=attn_mask, dropout_p=dropout_p,
+                                       is_causal=is_causal)
+    options = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    if enable_gqa:  # passed only when needed: torch 2.4's SDPA has no enable_gqa argument
+        options["enable_gqa"] = True
     if chosen == "reference":
         return attention_reference(query, key, value, **options)
     if chosen == "sdpa":
@@ -116,11 +150,14 @@ def attention(
     return scaled_dot_product_attention(query, key, value, **options)
 
 
-def _use_triton_norm(x: torch.Tensor, backend: str) -> bool:
+def _use_triton_norm(x: torch.Tensor, backend: str, op: str = "layer_norm") -> bool:
     if backend == "auto":
         # Under torch.compile, Inductor fuses torch's norm with its neighbours; our kernel would be
         # an opaque custom op that it cannot fuse.
-        return x.is_cuda and not torch.compiler.is_compiling() and triton_available()
+        if not x.is_cuda or torch.compiler.is_compiling() or not triton_available():
+            return False
+        return measured.committed().norm_wins(measured.capability(x.device.index or 0),
+                                              op, measured.dtype_name(x.dtype), _mode(x), x.shape[-1])
     if backend == "triton":
         _require_triton(x, "norm_backend", _NORM_INSTEAD)
         return True
@@ -142,7 +179,7 @@ def layer_norm(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: str = "auto") -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
-    if _use_triton_norm(x, backend):
+    if _use_triton_norm(x, backend, "rms_norm"):
         from minillm.kernels.norms import rms_norm as triton_rms_norm
 
         return triton_rms_norm(x, (x.shape[-1],), weight, eps)

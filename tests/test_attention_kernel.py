@@ -1,8 +1,8 @@
 """The fused attention kernel in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py).
 
-Three-way rule: the kernel's error against a float64 oracle must be at most
-2x (forward) / 3x (dQ, dK, dV) PyTorch's own error at the kernel's dtype, plus a small floor
-per dtype. "PyTorch's own" is the explicit reference (softmax(QK^T * scale) V, which is torch's
+Three-way rule (minillm/kernels/tolerance.py, shared with benchmarks/gpu_suite.py): the kernel's
+error against a float64 oracle must be at most 2x (forward) / 3x (dQ, dK, dV) PyTorch's own
+error at the kernel's dtype, plus a small floor per dtype. "PyTorch's own" is the explicit reference (softmax(QK^T * scale) V, which is torch's
 math SDPA backend written out) evaluated in that dtype. Shapes are small and awkward: the
 interpreter runs programs one by one, so we vary shapes instead of growing them.
 """
@@ -14,10 +14,12 @@ import torch
 
 from minillm.kernels import attention as A
 
+from minillm.kernels.tolerance import ATTENTION_FLOOR as FLOOR
+from minillm.kernels.tolerance import attention_three_way as three_way
+from minillm.kernels.tolerance import max_abs_error as _max_err
+from minillm.kernels.tolerance import outputs_and_grads as _grads
+
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
-# Floors absorb the interpreter's truncating fp32->bf16/fp16 casts (about 1 ulp) where
-# PyTorch's own error happens to be tiny; the multiple of PyTorch's error does the real work.
-FLOOR = {F16: 2e-3, BF16: 1.6e-2, F32: 2e-6}
 
 
 def _inputs(B, H, H_kv, Lq, Lk, D, dtype, seed=0):
@@ -27,40 +29,6 @@ def _inputs(B, H, H_kv, Lq, Lk, D, dtype, seed=0):
     v = torch.randn(B, H_kv, Lk, D, generator=g).to(dtype)
     do = torch.randn(B, H, Lq, D, generator=g).to(dtype)
     return q, k, v, do
-
-
-def _grads(fn, q, k, v, do, dtype):
-    """Output and (dQ, dK, dV) of fn on fresh leaf copies of q, k, v cast to dtype."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, leaves, do.to(dtype))
-    return out.detach(), grads
-
-
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def three_way(kernel_fn, reference_fn, q, k, v, do, label=""):
-    """Assert the three-way rule for the output and all three gradients.
-
-    kernel_fn(q, k, v) runs the kernel; reference_fn(q, k, v) runs the reference in whatever
-    dtype its inputs have. Returns the kernel's output and gradients.
-    """
-    dtype = q.dtype
-    out, grads = _grads(kernel_fn, q, k, v, do, dtype)
-    ref_out, ref_grads = _grads(reference_fn, q, k, v, do, torch.float64)
-    low_out, low_grads = _grads(reference_fn, q, k, v, do, dtype)
-    assert torch.isfinite(out).all(), f"{label}: non-finite output"
-    checks = [("out", out, ref_out, low_out, 2)] + [
-        (name, g, rg, lg, 3) for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads)
-    ]
-    for name, got, ref, low, factor in checks:
-        assert torch.isfinite(got).all(), f"{label} {name}: non-finite values"
-        err, torch_err = _max_err(got, ref), _max_err(low, ref)
-        bound = factor * torch_err + FLOOR[dtype]
-        assert err <= bound, f"{label} {name}: kernel error {err:.3e} > {factor} x torch {torch_err:.3e} + floor"
-    return out, grads
 
 
 def _cast_mask(mask, dtype):

@@ -122,15 +122,22 @@ def test_cpu_training_step_never_imports_triton(tmp_path):
 
 
 def test_auto_norm_on_cuda_without_triton_uses_torch(monkeypatch):
-    """`auto` means best available: on CUDA without Triton that is torch's norm, silently."""
+    """`auto` means best measured: on CUDA without Triton that is torch's norm, silently; with
+    Triton, torch too until a committed GPU measurement shows the kernel faster
+    (tests/test_dispatch_auto.py checks that rule with hand-made measurements)."""
 
-    class CudaTensor:  # only what the choice reads: the device
+    class CudaTensor:  # only what the choice reads: device, shape, dtype, requires_grad
         is_cuda = True
+        device = torch.device("cuda", 0)
+        shape, dtype, requires_grad = torch.Size((8, 4096)), torch.bfloat16, True
 
+    from minillm import measured
+
+    monkeypatch.setattr(measured, "capability", lambda index: "9.0")
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     assert dispatch._use_triton_norm(CudaTensor(), "auto") is False
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
-    assert dispatch._use_triton_norm(CudaTensor(), "auto") is True
+    assert dispatch._use_triton_norm(CudaTensor(), "auto") is False  # no GPU measurement committed
     assert dispatch._use_triton_norm(torch.zeros(2), "auto") is False  # CPU: torch, Triton or not
 
 

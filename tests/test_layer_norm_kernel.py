@@ -1,6 +1,7 @@
 """The layer-norm kernels in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py).
 
-Every check uses the three-way tolerance rule of shared/KERNEL_TESTING.md: the kernel's error
+Every check uses the three-way tolerance rule of shared/KERNEL_TESTING.md (the helper in
+minillm/kernels/tolerance.py, shared with benchmarks/gpu_suite.py): the kernel's error
 against a float64 reference must be at most K times PyTorch's own error at the same dtype, plus
 a per-dtype floor (scaled by the reference's magnitude). The output and every gradient are
 checked. Under the interpreter the single-block limit is INTERPRETER_MAX_BLOCK_N (1024), so
@@ -13,47 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from minillm.kernels import norms as ln
+from minillm.kernels.tolerance import GRAD_FACTOR as K_GRAD
+from minillm.kernels.tolerance import OUTPUT_FACTOR as K_OUT
+from minillm.kernels.tolerance import check_norm_three_way as _assert_three_way
+from minillm.kernels.tolerance import leaves as _leaves
+from minillm.kernels.tolerance import norm_three_way as _check
+from minillm.kernels.tolerance import run_with_grads as _run
 
 pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
-
-K_OUT, K_GRAD = 2, 3  # FlashAttention's factors: outputs, gradients
-FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # ~2 ulp of the dtype
-
-
-def _assert_three_way(what, ours, torch_same, ref64, k, dtype):
-    """|ours - ref64| <= k * |torch_same - ref64| + floor, in max norm."""
-    assert ours.shape == ref64.shape and ours.dtype == torch_same.dtype, what
-    err = (ours.double() - ref64).abs().max().item()
-    torch_err = (torch_same.double() - ref64).abs().max().item()
-    floor = FLOOR[dtype] * max(1.0, ref64.abs().max().item())
-    assert err <= k * torch_err + floor, (
-        f"{what}: kernel error {err:.3g} > {k} x torch's {dtype} error {torch_err:.3g} + floor {floor:.3g}")
-
-
-def _leaves(*tensors, dtype=None):
-    """Fresh leaf copies requiring grad (None stays None), optionally cast."""
-    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
-
-
-def _run(fn, inputs, grad_outputs):
-    """Outputs of fn(*inputs) as a tuple, and the gradients of every non-None input."""
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grad_outputs)])
-    return outs, [t.grad for t in inputs if t is not None]
-
-
-def _check(name, kernel_fn, torch_fn, ref_fn, inputs, grad_outputs, dtype, names):
-    """Run the kernel, torch at the inputs' dtypes, and the reference in float64; compare all."""
-    ours, our_grads = _run(kernel_fn, _leaves(*inputs), grad_outputs)
-    same, same_grads = _run(torch_fn, _leaves(*inputs), grad_outputs)
-    ref, ref_grads = _run(ref_fn, _leaves(*inputs, dtype=torch.float64), grad_outputs)
-    for i, (o, s, r) in enumerate(zip(ours, same, ref)):
-        _assert_three_way(f"{name} output {i}", o, s, r, K_OUT, dtype)
-    present = [n for n, t in zip(names, inputs) if t is not None]
-    assert len(our_grads) == len(present) and all(g is not None for g in our_grads), name
-    for n, o, s, r in zip(present, our_grads, same_grads, ref_grads):
-        _assert_three_way(f"{name} d{n}", o, s, r, K_GRAD, dtype)
 
 
 def _make(shape, dtype, weight=True, bias=True, wdtype=None, offset=0.0, seed=0):
