@@ -61,11 +61,13 @@ def context_window(model: CausalLM) -> int:
 
     Training windows of max_seq_len tokens drop the last position's prediction (it has no next
     token), so position max_seq_len - 1 never learnt to predict; the newest token of a context of
-    max_seq_len - 1 tokens sits at position max_seq_len - 2, which did.
+    max_seq_len - 1 tokens sits at position max_seq_len - 2, which did. A soft prompt or prefix
+    (minillm.prompts) takes the first P positions: the window is P shorter.
     """
-    window = model.config.max_seq_len - 1
+    window = model.config.max_seq_len - 1 - model.decoder.virtual_tokens
     if window < 1:
-        raise ValueError(f"model.config.max_seq_len: generation needs at least 2 positions, got {window + 1}")
+        raise ValueError(f"model.config.max_seq_len: generation needs at least 2 positions besides the "
+                         f"{model.decoder.virtual_tokens} virtual tokens, got {model.config.max_seq_len}")
     return window
 
 

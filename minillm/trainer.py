@@ -67,7 +67,7 @@ from minillm.lora import apply_finetune_mode, check_frozen_parameters, unwrap_mo
 from minillm.metrics import MetricsLog, plot_metrics
 from minillm.optim import apply_lr, build_optimizer, schedule_cut
 from minillm.tasks import get_task
-from minillm.train_config import TrainConfig, lower_is_better
+from minillm.train_config import ADAPTER_MODES, TrainConfig, lower_is_better
 
 HOOKS = ("on_step_end", "on_eval_end", "on_checkpoint")
 
@@ -137,7 +137,10 @@ class Trainer:
                                       say=self.is_main)
         else:
             seed_everything(config.seed + self.rank)
-        lora = config.finetune_mode == "lora"
+        lora = config.finetune_mode in ADAPTER_MODES  # LoRA and the other methods that save only an adapter
+        if resume_from and config.finetune_mode == "prefix":
+            raise ValueError("TrainConfig.resume: a prefix run cannot resume: its checkpoints hold the folded keys and "
+                             "values, not the MLP that trains them; start a new run (or use finetune_mode='deep-prompt')")
         base_digests = None
         # A resumed run's own checkpoint has newer weights, except a LoRA run's: it holds the adapter alone.
         if config.init_from is not None and (lora or not resume_from):
@@ -150,7 +153,7 @@ class Trainer:
             for param, requires_grad in arrived:
                 param.requires_grad_(requires_grad)
         self.trainable = apply_finetune_mode(model, config)
-        self.adapter = None  # what a LoRA run saves (checkpoint.Adapter); None: the full weights
+        self.adapter = None  # what an adapter run saves (checkpoint.Adapter); None: the full weights
         if lora:
             self.adapter = (ckpt.read_adapter(resume_from) if resume_from
                             else ckpt.plan_adapter(model, config, base_digests))
