@@ -741,6 +741,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
             raise ValueError(f"load_weights: {checkpoint} holds a {kind} adapter and this model has no {kind} "
                              f"{'layers' if kind == 'LoRA' else 'modules'}; "
                              f"use load_adapter(model, path) on its base model, or load_model(path)")
+        if adapter.method == "prefix":  # the checkpoint holds the folded keys and values, not the MLP
+            from minillm.prompts import fold_prefixes
+
+            fold_prefixes(model)
         _load_adapter_tensors(model, checkpoint, adapter, "load_weights")
         return checkpoint
     tensors = read_weights(checkpoint)

@@ -177,6 +177,10 @@ def test_a_run_saves_only_its_parameters_and_loads_on_a_fresh_base(tmp_path, mod
         plain = model_for(arch, task)(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (expected - plain).abs().max() > 1e-4  # the method changed the outputs: the check means something
+    ckpt.load_weights(trained, trainer.out_dir)  # back into the trained model (a prefix's MLP is folded first)
+    with torch.no_grad():
+        again = trained(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_prefix_fold_keeps_the_keys_and_values():
