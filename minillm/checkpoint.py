@@ -94,6 +94,7 @@ from safetensors import safe_open
 from minillm.config import ModelConfig
 from minillm.distributed import seed_everything
 from minillm.lora import LoRALinear, add_lora, unwrap_model
+from minillm.prompts import reparameterisations
 from minillm.lora import merge_lora as merge
 from minillm.tasks import build_model, upgrade_saved_configs
 from minillm.train_config import resume_differences
@@ -602,6 +603,8 @@ def training_state(trainer) -> dict:
         "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": rngs,
         "best_value": trainer.best_value, "best_step": trainer.best_step, "evals_since_best": trainer.evals_since_best,
         "data": {"micro_batches": trainer.micro_batches, "world": trainer.world, "batch_size": trainer.config.batch_size},
+        # a prefix run's MLP (minillm.prompts): its weights file holds only the folded prefix
+        "prefix_reparameterisation": reparameterisations(trainer.raw_model),
     }
 
 

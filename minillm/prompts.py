@@ -21,7 +21,8 @@ them through a small MLP of a shorter table E' (P, C):
                                                                        W_2: prefix_hidden -> 2 L Hkv D
 Trainable: P C + C h + h + h (2 L Hkv D) + 2 L Hkv D (h = prefix_hidden). After training only the
 MLP's output is kept (`KeyValuePrefix.fold`): P * 2 L Hkv D numbers, which is what a prefix run
-saves.
+saves as weights; the MLP itself goes into the run's training state (state.pt), from which a
+resumed run takes it back (`unfold_prefixes`).
 
 P-tuning v2 (Liu et al., 2022), finetune_mode="deep-prompt": the same per-layer keys and values,
 learnt directly (no MLP): P * 2 L Hkv D trainable numbers. It is a folded prefix from the start.
@@ -152,6 +153,37 @@ def fold_prefixes(model: nn.Module) -> nn.Module:
         if isinstance(module, KeyValuePrefix):
             module.fold()
     return model
+
+
+def reparameterisations(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: tensor} of every prefix MLP still training (prefix_tokens, mlp.*): what a prefix run
+    keeps in its training state (state.pt) to resume, since its weights file holds the folded prefix."""
+    return {f"{name}.{key}": tensor.detach().to("cpu") for name, module in model.named_modules()
+            if isinstance(module, KeyValuePrefix) and module.key_values is None
+            for key, tensor in module.state_dict().items()}
+
+
+@torch.no_grad()
+def unfold_prefixes(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The inverse of fold_prefixes, for resuming: give every folded prefix its MLP back from
+    `tensors` (reparameterisations). ValueError when the MLP does not make the folded keys and
+    values: they come from different steps or runs."""
+    for name, module in model.named_modules():
+        if not isinstance(module, KeyValuePrefix) or module.key_values is None:
+            continue
+        own = {key.removeprefix(f"{name}."): t for key, t in tensors.items() if key.startswith(f"{name}.")}
+        if "prefix_tokens" not in own:
+            raise ValueError(f"unfold_prefixes: no MLP saved for {name}; the training state lacks it")
+        device = module.key_values.device
+        hidden, d_model = own["mlp.0.weight"].shape  # (h, C)
+        mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Linear(hidden, module.key_values.shape[1]))
+        mlp.load_state_dict({key.removeprefix("mlp."): t for key, t in own.items() if key.startswith("mlp.")})
+        prefix_tokens = own["prefix_tokens"].to(device)
+        mlp.to(device)
+        if not torch.allclose(mlp(prefix_tokens), module.key_values, rtol=1e-5, atol=1e-6):
+            raise ValueError(f"unfold_prefixes: the saved MLP of {name} does not make its saved keys and values")
+        del module.key_values
+        module.prefix_tokens, module.mlp, module.key_values = nn.Parameter(prefix_tokens), mlp, None
 
 
 def folded_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from minillm.config import ModelConfig
 from minillm.generation import generate
 from minillm.lora import apply_finetune_mode
 from minillm.model import token_loss
-from minillm.prompts import add_virtual_tokens, fold_prefixes
+from minillm.prompts import add_virtual_tokens, fold_prefixes, reparameterisations, unfold_prefixes
 from minillm.tasks import build_model
 from minillm.train_config import TrainConfig
 from minillm.trainer import Trainer, seed_everything
@@ -195,6 +195,23 @@ def test_prefix_fold_keeps_the_keys_and_values():
     torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
 
 
+def test_unfolding_a_prefix_gives_its_mlp_back_and_checks_it():
+    model = model_for("decoder", "causal-lm")
+    add_virtual_tokens(model, "prefix", 3, prefix_hidden=8)
+    ids = batches("causal-lm")[0]["input_ids"]
+    before, saved = model(ids).logits, reparameterisations(model)
+    assert sorted(saved) == ["decoder.prefix.mlp.0.bias", "decoder.prefix.mlp.0.weight", "decoder.prefix.mlp.2.bias",
+                             "decoder.prefix.mlp.2.weight", "decoder.prefix.prefix_tokens"]
+    fold_prefixes(model)
+    unfold_prefixes(model, saved)
+    assert model.decoder.prefix.key_values is None and sorted(reparameterisations(model)) == sorted(saved)
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+    fold_prefixes(model)
+    saved["decoder.prefix.prefix_tokens"] = saved["decoder.prefix.prefix_tokens"] + 1.0  # another step's MLP
+    with pytest.raises(ValueError, match="the saved MLP of decoder.prefix does not make its saved keys and values"):
+        unfold_prefixes(model, saved)
+
+
 # =============================================================================================
 # Causal-LM labels, classification pooling, KV cache, padding
 # =============================================================================================
@@ -329,16 +346,11 @@ def stop_at_2(trainer, row):
     trainer.should_stop = trainer.step == 2
 
 
-def test_a_prefix_run_cannot_resume(tmp_path):
-    trainer, _ = finetune(tmp_path, "prefix", "decoder", "causal-lm", hooks={"on_step_end": stop_at_2})
-    with pytest.raises(ValueError, match="TrainConfig.resume: a prefix run cannot resume"):
-        Trainer(model_for("decoder", "causal-lm"), dataclasses.replace(trainer.config, resume=True), batches("causal-lm"))
-
-
-@pytest.mark.parametrize("mode", ["adapter", "deep-prompt", "prompt"])
+@pytest.mark.parametrize("mode", METHODS)
 def test_a_run_resumes_exactly(tmp_path, mode):
     """Stop at step 2 of 3 and resume: the same weights as 3 steps at once. Resuming loads the base
-    again (init_from), adds the method's modules and loads the saved ones."""
+    again (init_from), adds the method's modules and loads the saved ones; a prefix run's MLP comes
+    back from the training state (its weights file holds only the folded prefix)."""
     straight, _ = finetune(tmp_path / "a", mode, "decoder", "causal-lm")
     cut, _ = finetune(tmp_path / "b", mode, "decoder", "causal-lm", hooks={"on_step_end": stop_at_2})
     resumed = Trainer(model_for("decoder", "causal-lm", seed=7), dataclasses.replace(cut.config, resume=True),
