@@ -214,14 +214,13 @@ class Embeddings(nn.Module):
             x = torch.cat((prompt.to(x.dtype), x), dim=1)  # (B, P + T, C)
             if token_type_ids is not None:
                 token_type_ids = F.pad(token_type_ids, (prompt.shape[1], 0))  # (B, P + T): segment 0
-            input_ids = F.pad(input_ids, (prompt.shape[1], 0))  # only its shape is read below
         if self.position is not None:
             x = x + self.position(position_ids)
         elif hasattr(self, "sinusoid"):
             x = x + self.sinusoid[position_ids].to(x.dtype)
         if self.token_type is not None:
             if token_type_ids is None:
-                token_type_ids = torch.zeros_like(input_ids)
+                token_type_ids = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)  # (B, T): segment 0
             x = x + self.token_type(token_type_ids)
         return self.dropout(self.norm(x))
 
@@ -282,9 +281,10 @@ class MultiHeadAttention(nn.Module):
             v = rearrange(self.v_proj(source), "b t (h d) -> b h t d", h=self.n_kv_heads)  # (B, Hkv, Tk, D)
             if rotary is not None:  # self-attention only: positions of queries and new keys match
                 q, k = rotary(q, position_ids), rotary(k, position_ids)
-            if past_kv is not None:  # append this step's keys/values to the cached ones
-                k = torch.cat((past_kv[0], k), dim=2)  # (B, Hkv, T_past + Tq, D)
-                v = torch.cat((past_kv[1], v), dim=2)
+            if past_kv is not None:  # append this step's keys/values to the cached ones (a learnt fp32
+                # prefix joins autocast's bf16 keys in their dtype)
+                k = torch.cat((past_kv[0].to(k.dtype), k), dim=2)  # (B, Hkv, T_past + Tq, D)
+                v = torch.cat((past_kv[1].to(v.dtype), v), dim=2)
         if attn_mask is not None and attn_mask.is_floating_point():
             attn_mask = attn_mask.to(q.dtype)  # an fp32 bias table under autocast meets bf16 scores
         out = dispatch.attention(

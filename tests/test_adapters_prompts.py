@@ -131,13 +131,13 @@ def test_adapter_parameter_count_is_the_papers(size):
 
 
 # =============================================================================================
-# Training: only the method's parameters (and the head) change
+# Training: only the method's parameters (and the head) change, and only they are saved
 # =============================================================================================
 
 
 @pytest.mark.parametrize("mode", METHODS)
 @pytest.mark.parametrize("arch,task", [("encoder", "classification"), ("decoder", "causal-lm")])
-def test_only_the_methods_parameters_and_the_head_change(tmp_path, mode, arch, task):
+def test_a_run_trains_and_saves_only_its_parameters_and_loads_on_a_fresh_base(tmp_path, mode, arch, task):
     trainer, before = finetune(tmp_path, mode, arch, task)
     model = trainer.raw_model
     base = {n: t for n, t in model_for(arch, task).state_dict().items()}  # the weights init_from loaded
@@ -151,18 +151,16 @@ def test_only_the_methods_parameters_and_the_head_change(tmp_path, mode, arch, t
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == new | head
 
-
-@pytest.mark.parametrize("mode", METHODS)
-@pytest.mark.parametrize("arch,task", [("encoder", "classification"), ("decoder", "causal-lm")])
-def test_a_run_saves_only_its_parameters_and_loads_on_a_fresh_base(tmp_path, mode, arch, task):
-    trainer, _ = finetune(tmp_path, mode, arch, task)
-    trained = trainer.raw_model.eval()
+    # What the run saved: only those, and they load on a fresh base (load_model) with the same outputs.
+    trained = model.eval()
     weights = ckpt.resolve_checkpoint(trainer.out_dir) / ckpt.WEIGHTS
     with safe_open(weights, framework="pt") as f:
         saved = set(f.keys())
         described = json.loads(f.metadata()["adapter"])
     assert described["method"] == mode
     assert saved and all(method_parameter(n) or n.startswith("classifier.") for n in saved)
+    base_file = ckpt.resolve_checkpoint(base_checkpoint(tmp_path, arch, task)) / ckpt.WEIGHTS
+    assert weights.stat().st_size < base_file.stat().st_size / 4  # a small file beside the base
     if mode == "prefix":  # the MLP is folded away: only P x 2 L C keys and values
         stack = "body" if arch == "encoder" else "decoder"
         assert {n for n in saved if ".prefix." in n} == {f"{stack}.prefix.key_values"}
