@@ -115,9 +115,8 @@ def _stacks(model: nn.Module, where: str) -> list[tuple[str, TransformerStack]]:
     return stacks
 
 
-def check_virtual_length(model: nn.Module, field: str, length: int) -> None:
-    """ValueError naming `field` unless P virtual tokens leave room for one real token."""
-    max_len = model.config.max_seq_len
+def check_virtual_length(max_len: int, field: str, length: int) -> None:
+    """ValueError naming `field` unless P virtual tokens leave room for one real token of max_len."""
     if not 1 <= length < max_len:
         raise ValueError(f"TrainConfig.{field}: got {length}, expected 1 .. max_seq_len - 1 = {max_len - 1} (the "
                          f"virtual tokens take the first positions of the model's max_seq_len={max_len})")
@@ -129,7 +128,7 @@ def add_virtual_tokens(model: nn.Module, mode: str, length: int, prefix_hidden: 
     if mode not in PROMPT_MODES:
         raise ValueError(f"add_virtual_tokens: mode must be one of {PROMPT_MODES}, got {mode!r}")
     field = "prefix_length" if mode == "prefix" else "prompt_length"
-    check_virtual_length(model, field, length)
+    check_virtual_length(model.config.max_seq_len, field, length)
     names = []
     for name, stack in _stacks(model, "add_virtual_tokens"):
         if stack.virtual_tokens:

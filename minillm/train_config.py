@@ -264,6 +264,15 @@ class TrainConfig:
         return unused
 
     @property
+    def virtual_tokens(self) -> tuple[str, int] | None:
+        """(field, P) of the soft prompt or prefix this run puts before every sequence, or None."""
+        if self.finetune_mode == "prefix":
+            return "prefix_length", self.prefix_length
+        if self.finetune_mode in ("prompt", "deep-prompt"):
+            return "prompt_length", self.prompt_length
+        return None
+
+    @property
     def time_fitted(self) -> bool:
         """True when the schedule's horizon is the max_minutes budget (max_steps=0), not max_steps."""
         return self.max_steps == 0

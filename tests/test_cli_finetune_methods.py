@@ -39,8 +39,8 @@ def work(tmp_path_factory):
 
 def finetune_args(work, mode: str, *extra) -> list[str]:
     return ["finetune", "--model", "gpt", f"--train.init_from={work / 'gpt'}", f"--data.train_file={work / 'train.csv'}",
-            f"--data.validation_file={work / 'dev.csv'}", *TINY_TRAIN, f"--train.finetune_mode={mode}",
-            f"--train.out_dir={work / mode}", *extra]
+            f"--data.validation_file={work / 'dev.csv'}", "--data.seq_len=32", *TINY_TRAIN,
+            f"--train.finetune_mode={mode}", f"--train.out_dir={work / mode}", *extra]
 
 
 @pytest.mark.parametrize("mode,option", [("prefix", "--train.prefix_length=10"), ("adapter", "--train.adapter_size=4"),
@@ -64,6 +64,9 @@ def test_finetune_with_a_parameter_efficient_method_end_to_end(work, mode, optio
 @pytest.mark.parametrize("extra,needles", [
     (["--train.finetune_mode=prefix", "--train.prefix_length=64"],
      ["TrainConfig.prefix_length: got 64, expected 1 .. max_seq_len - 1 = 63"]),
+    (["--train.finetune_mode=prefix", "--train.prefix_length=10"],  # data.seq_len 64 (finetune's default)
+     ["DataConfig.seq_len: got 64, but the 10 virtual tokens of TrainConfig.prefix_length come first",
+      "lower --data.seq_len to 54 or less"]),
     (["--train.finetune_mode=prompt", "--train.prompt_length=0"], ["TrainConfig.prompt_length: got 0"]),
     (["--train.finetune_mode=adapter", "--train.adapter_size=0"], ["TrainConfig.adapter_size: got 0"]),
     (["--train.finetune_mode=prefix", "--train.adapter_size=4"],
