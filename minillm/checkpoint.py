@@ -91,11 +91,13 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from minillm.adapters import AdaptedSublayer, add_adapters
 from minillm.config import ModelConfig
 from minillm.distributed import seed_everything
 from minillm.lora import LoRALinear, add_lora, unwrap_model
-from minillm.prompts import reparameterisations
 from minillm.lora import merge_lora as merge
+from minillm.prompts import (KeyValuePrefix, SoftPrompt, add_virtual_tokens, fold_prefixes, folded_tensors,
+                             reparameterisations)
 from minillm.tasks import build_model, upgrade_saved_configs
 from minillm.train_config import resume_differences
 
@@ -224,8 +226,6 @@ def _weights_for_saving(model: nn.Module, names: list[str] | None = None
     safetensors refuses tensors that share storage (tied embeddings); the model re-ties them
     itself when it is built, so loading only has to fill both names from the one copy.
     """
-    from minillm.prompts import folded_tensors
-
     tensors, ties, seen = {}, {}, {}
     state = {**model.state_dict(), **folded_tensors(model)}  # a prefix's MLP is saved as its output
     for name, tensor in (state.items() if names is None else ((n, state[n]) for n in names)):
@@ -745,8 +745,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
                              f"{'layers' if kind == 'LoRA' else 'modules'}; "
                              f"use load_adapter(model, path) on its base model, or load_model(path)")
         if adapter.method == "prefix":  # the checkpoint holds the folded keys and values, not the MLP
-            from minillm.prompts import fold_prefixes
-
             fold_prefixes(model)
         _load_adapter_tensors(model, checkpoint, adapter, "load_weights")
         return checkpoint
@@ -792,18 +790,12 @@ class Adapter:
 
 def _adapter_targets(model: nn.Module) -> list[str]:
     """Names of the modules an adapter run added: wrapped layers and virtual tokens, in model order."""
-    from minillm.adapters import AdaptedSublayer
-    from minillm.prompts import KeyValuePrefix, SoftPrompt
-
     kinds = (LoRALinear, AdaptedSublayer, KeyValuePrefix, SoftPrompt)
     return [name for name, module in model.named_modules() if isinstance(module, kinds)]
 
 
 def _attach(model: nn.Module, adapter: Adapter) -> None:
     """Add to a plain base model the modules `adapter` describes (its tensors are loaded after)."""
-    from minillm.adapters import add_adapters
-    from minillm.prompts import add_virtual_tokens
-
     if adapter.method == "lora":
         leaves = tuple(sorted({name.rpartition(".")[2] for name in adapter.targets}))  # "q_proj", "fc_in"...
         add_lora(model, adapter.rank, adapter.alpha, adapter.dropout, targets=leaves)
@@ -859,17 +851,16 @@ def plan_adapter(model: nn.Module, config, base_digests: dict[str, str]) -> Adap
     (tensor_digests, by plain names): the tensors init_from loaded, as it loaded them. Saved:
     every trainable tensor, and every other one that is not the base's as loaded (init_from left
     it fresh, or before_training changed it); the rest is the base, fingerprinted."""
-    from minillm.prompts import folded_tensors
-
     targets = _adapter_targets(model)
     trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-    folded = folded_tensors(model)  # a prefix's MLP is saved as the keys and values it makes
+    folded = folded_tensors(model)  # a prefix's MLP is saved as the keys and values it makes ...
+    reparameterised = tuple(name.removesuffix("key_values") for name in folded)  # ... "<stack>.prefix."
     saved, base = [], {}
     for name, tensor in model.state_dict().items():
         plain = _plain_name(name, set(targets))
         if name not in trainable and plain in base_digests and _digest(tensor) == base_digests[plain]:
             base[plain] = base_digests[plain]
-        elif not any(name.startswith(f"{key.removesuffix('key_values')}") for key in folded):
+        elif not name.startswith(reparameterised):  # ... not as the MLP itself
             saved.append(name)
     saved += sorted(folded)
     source = Path(config.init_from)
@@ -901,7 +892,8 @@ def _check_base(model: nn.Module, adapter: Adapter, checkpoint: Path, where: str
     fingerprint = _base_fingerprint(model, adapter)
     if fingerprint != adapter.base_sha256:
         raise ValueError(
-            f"{where}: {checkpoint} is a {'LoRA' if adapter.method == 'lora' else adapter.method} adapter for the base {adapter.base_checkpoint} (weights sha256 "
+            f"{where}: {checkpoint} is a {'LoRA' if adapter.method == 'lora' else adapter.method} adapter for the "
+            f"base {adapter.base_checkpoint} (weights sha256 "
             f"{adapter.base_sha256[:16]}...), but this model's base weights hash to {fingerprint[:16]}...: a different "
             f"base model. Load the adapter on top of the base it was trained on"
         )

@@ -181,6 +181,14 @@ def test_a_run_trains_and_saves_only_its_parameters_and_loads_on_a_fresh_base(tm
     torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_an_adapter_run_is_not_a_base_to_start_from(tmp_path):
+    trainer, _ = finetune(tmp_path, "deep-prompt", "decoder", "causal-lm", max_steps=1)
+    with pytest.raises(ValueError, match="init_from: .* is a 'deep-prompt' run's adapter, which does not merge"):
+        ckpt.init_from(model_for("decoder", "causal-lm"), trainer.out_dir)
+    with pytest.raises(ValueError, match="save_model: the model has adapters or virtual tokens"):
+        ckpt.save_model(tmp_path / "saved", trainer.raw_model)
+
+
 def test_prefix_fold_keeps_the_keys_and_values():
     model = model_for("decoder", "causal-lm")
     add_virtual_tokens(model, "prefix", 3, prefix_hidden=8)
