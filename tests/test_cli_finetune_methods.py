@@ -80,3 +80,17 @@ def test_bad_settings_are_one_line_errors(work, extra, needles, tmp_path):
     code, _, err = run(*argv)
     one_line_error(code, err, *needles)
     assert not (tmp_path / "run" / "latest").exists()
+
+
+def test_causal_lm_prefix_tuning_through_pretrain_then_generate(work):
+    """Causal-LM fine-tuning: `pretrain` from init_from with a prefix, then `generate` from the run
+    (load_model puts the folded prefix on the base) past the window of max_seq_len - 1 - P tokens."""
+    out_dir = work / "lm-prefix"
+    code, _, err = run("pretrain", f"--train.init_from={work / 'gpt'}", *data_args(work), *TINY_TRAIN,
+                       "--train.max_steps=2", "--train.eval_every=0", "--train.finetune_mode=prefix",
+                       "--train.prefix_length=4", "--train.prefix_hidden=16", f"--train.out_dir={out_dir}")
+    assert code == 0, err
+    code, out, err = run("generate", "--checkpoint", out_dir, "--prompt", "The module", "--max-new-tokens", 70,
+                         "--greedy")
+    assert code == 0, err
+    assert out.startswith("The module") and "window slid" in err
