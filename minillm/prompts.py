@@ -129,6 +129,9 @@ def add_virtual_tokens(model: nn.Module, mode: str, length: int, prefix_hidden: 
         raise ValueError(f"add_virtual_tokens: mode must be one of {PROMPT_MODES}, got {mode!r}")
     field = "prefix_length" if mode == "prefix" else "prompt_length"
     check_virtual_length(model.config.max_seq_len, field, length)
+    if mode == "prefix" and prefix_hidden < 1:
+        raise ValueError(f"TrainConfig.prefix_hidden: got {prefix_hidden}, expected an integer >= 1 for a prefix "
+                         f"(the MLP's width; a prefix without the MLP is mode 'deep-prompt')")
     names = []
     for name, stack in _stacks(model, "add_virtual_tokens"):
         if stack.virtual_tokens:

@@ -312,6 +312,11 @@ def test_a_virtual_length_that_fills_max_seq_len_is_refused(mode, field, length)
         apply_finetune_mode(model, config)
 
 
+def test_a_prefix_without_its_mlp_is_refused():
+    with pytest.raises(ValueError, match="TrainConfig.prefix_hidden: got 0, expected an integer >= 1 for a prefix"):
+        add_virtual_tokens(model_for("decoder", "causal-lm"), "prefix", 3)
+
+
 def test_a_sequence_that_does_not_fit_beside_the_prompt_is_refused():
     model = model_for("decoder", "causal-lm")
     add_virtual_tokens(model, "prompt", 4)
