@@ -48,7 +48,10 @@ point recoverable; the next prepare_run_dir applies them before anything else:
   deleted (a kill midway leaves this same state), then ``.previous-run/`` is renamed to
   ``.previous-run.tmp/`` and emptied by the first rule, with a warning.
 
-LoRA runs (TrainConfig.finetune_mode="lora"). A LoRA run's model.safetensors holds the adapter
+LoRA runs (TrainConfig.finetune_mode="lora"; the same holds for "adapter", "prefix",
+"deep-prompt" and "prompt", whose `Adapter` names the method: their modules are added back by
+load_adapter, and stay modules, since they do not merge into weights; a prefix run saves the
+keys and values its MLP makes, never the MLP). A LoRA run's model.safetensors holds the adapter
 alone: what the run can have changed, on top of its base model (TrainConfig.init_from). That is
 the LoRA factors A and B, the trainable task head, and any frozen tensor the base does not give
 (a fresh pooler, a norm that LP-FT's probe trained); for the tiny presets a few hundred KB instead
@@ -88,10 +91,13 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from minillm.adapters import AdaptedSublayer, add_adapters
 from minillm.config import ModelConfig
 from minillm.distributed import seed_everything
 from minillm.lora import LoRALinear, add_lora, unwrap_model
 from minillm.lora import merge_lora as merge
+from minillm.prompts import (KeyValuePrefix, SoftPrompt, add_virtual_tokens, fold_prefixes, folded_tensors,
+                             reparameterisations)
 from minillm.tasks import build_model, upgrade_saved_configs
 from minillm.train_config import resume_differences
 
@@ -221,7 +227,7 @@ def _weights_for_saving(model: nn.Module, names: list[str] | None = None
     itself when it is built, so loading only has to fill both names from the one copy.
     """
     tensors, ties, seen = {}, {}, {}
-    state = model.state_dict()
+    state = {**model.state_dict(), **folded_tensors(model)}  # a prefix's MLP is saved as its output
     for name, tensor in (state.items() if names is None else ((n, state[n]) for n in names)):
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen:
@@ -318,6 +324,9 @@ def save_model(directory: str | os.PathLike, model: nn.Module, *, task: str | No
 
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("save_model: the model has LoRA layers; merge them first (minillm.lora.merge_lora(model))")
+    if _adapter_targets(model):
+        raise ValueError(f"save_model: the model has adapters or virtual tokens ({_adapter_targets(model)[0]}...), "
+                         f"which a plain checkpoint cannot describe; save the run's adapter checkpoint instead")
     task = task_of(model) if task is None else task
     get_task(task, "task").check_model(model)
     target = Path(directory)
@@ -594,6 +603,8 @@ def training_state(trainer) -> dict:
         "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": rngs,
         "best_value": trainer.best_value, "best_step": trainer.best_step, "evals_since_best": trainer.evals_since_best,
         "data": {"micro_batches": trainer.micro_batches, "world": trainer.world, "batch_size": trainer.config.batch_size},
+        # a prefix run's MLP (minillm.prompts): its weights file holds only the folded prefix
+        "prefix_reparameterisation": reparameterisations(trainer.raw_model),
     }
 
 
@@ -728,9 +739,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError(f"load_weights: {checkpoint} is a different architecture: " + "; ".join(mismatch))
     adapter = read_adapter(checkpoint)
     if adapter is not None:
-        if not any(isinstance(module, LoRALinear) for module in model.modules()):
-            raise ValueError(f"load_weights: {checkpoint} holds a LoRA adapter and this model has no LoRA layers; "
+        if not _adapter_targets(model):
+            kind = "LoRA" if adapter.method == "lora" else adapter.method
+            raise ValueError(f"load_weights: {checkpoint} holds a {kind} adapter and this model has no {kind} "
+                             f"{'layers' if kind == 'LoRA' else 'modules'}; "
                              f"use load_adapter(model, path) on its base model, or load_model(path)")
+        if adapter.method == "prefix":  # the checkpoint holds the folded keys and values, not the MLP
+            fold_prefixes(model)
         _load_adapter_tensors(model, checkpoint, adapter, "load_weights")
         return checkpoint
     tensors = read_weights(checkpoint)
@@ -756,18 +771,42 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Path:
 # =============================================================================================
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Adapter:
-    """A LoRA run's adapter, as its model.safetensors metadata describes it."""
+    """What an adapter run saves on top of its base (LoRA, Houlsby adapters, prefix, deep-prompt,
+    prompt), as its model.safetensors metadata describes it."""
 
-    rank: int
-    alpha: float
-    dropout: float
-    targets: list[str]  # the wrapped layers (LoRALinear), in the model's order
-    tensors: list[str]  # the state_dict names saved: LoRA A and B, the trainable head, what the base lacks
+    method: str = "lora"  # TrainConfig.finetune_mode of the run (adapters written before this field: LoRA)
+    rank: int | None = None  # LoRA: rank, alpha, dropout
+    alpha: float | None = None
+    dropout: float | None = None
+    settings: dict = dataclasses.field(default_factory=dict)  # other methods: {"adapter_size": m}, {"length": P}
+    targets: list[str]  # the wrapped layers (LoRALinear, AdaptedSublayer) or virtual tokens' modules, in order
+    tensors: list[str]  # the state_dict names saved: the method's own, the trainable head, what the base lacks
     base: str  # TrainConfig.init_from, as given
     base_checkpoint: str  # the checkpoint (or Hugging Face directory) it resolved to, absolute
     base_sha256: str  # fingerprint of every other tensor (_fingerprint)
+
+
+def _adapter_targets(model: nn.Module) -> list[str]:
+    """Names of the modules an adapter run added: wrapped layers and virtual tokens, in model order."""
+    kinds = (LoRALinear, AdaptedSublayer, KeyValuePrefix, SoftPrompt)
+    return [name for name, module in model.named_modules() if isinstance(module, kinds)]
+
+
+def _attach(model: nn.Module, adapter: Adapter) -> None:
+    """Add to a plain base model the modules `adapter` describes (its tensors are loaded after)."""
+    if adapter.method == "lora":
+        leaves = tuple(sorted({name.rpartition(".")[2] for name in adapter.targets}))  # "q_proj", "fc_in"...
+        add_lora(model, adapter.rank, adapter.alpha, adapter.dropout, targets=leaves)
+    elif adapter.method == "adapter":
+        add_adapters(model, adapter.settings["adapter_size"])
+    elif adapter.method in ("prefix", "deep-prompt", "prompt"):
+        # A prefix run saves its folded keys and values: they load as a deep prompt (no MLP).
+        mode = "prompt" if adapter.method == "prompt" else "deep-prompt"
+        add_virtual_tokens(model, mode, adapter.settings["length"])
+    else:
+        raise ValueError(f"load_adapter: unknown adapter method {adapter.method!r}")
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -790,10 +829,12 @@ def _fingerprint(digests: dict[str, str]) -> str:
 
 
 def _plain_name(name: str, targets: set[str]) -> str:
-    """A wrapped layer's weight by its name in the plain model: "<layer>.base.weight" -> "<layer>.weight"."""
-    prefix, _, leaf = name.rpartition(".")
-    layer = prefix.removesuffix(".base")
-    return f"{layer}.{leaf}" if layer != prefix and layer in targets else name
+    """A wrapped layer's tensor by its name in the plain model: "<layer>.base.<rest>" -> "<layer>.<rest>"."""
+    parts = name.split(".")
+    for i in range(1, len(parts) - 1):
+        if parts[i] == "base" and ".".join(parts[:i]) in targets:
+            return ".".join(parts[:i] + parts[i + 1:])
+    return name
 
 
 def _base_fingerprint(model: nn.Module, adapter: Adapter) -> str:
@@ -810,20 +851,29 @@ def plan_adapter(model: nn.Module, config, base_digests: dict[str, str]) -> Adap
     (tensor_digests, by plain names): the tensors init_from loaded, as it loaded them. Saved:
     every trainable tensor, and every other one that is not the base's as loaded (init_from left
     it fresh, or before_training changed it); the rest is the base, fingerprinted."""
-    targets = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    targets = _adapter_targets(model)
     trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    folded = folded_tensors(model)  # a prefix's MLP is saved as the keys and values it makes ...
+    reparameterised = tuple(name.removesuffix("key_values") for name in folded)  # ... "<stack>.prefix."
     saved, base = [], {}
     for name, tensor in model.state_dict().items():
         plain = _plain_name(name, set(targets))
         if name not in trainable and plain in base_digests and _digest(tensor) == base_digests[plain]:
             base[plain] = base_digests[plain]
-        else:
+        elif not name.startswith(reparameterised):  # ... not as the MLP itself
             saved.append(name)
+    saved += sorted(folded)
     source = Path(config.init_from)
     resolved = source if is_hf_directory(source) else resolve_checkpoint(source)
-    return Adapter(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets,
-                   tensors=saved, base=config.init_from, base_checkpoint=str(resolved.resolve()),
-                   base_sha256=_fingerprint(base))
+    method = config.finetune_mode
+    if method == "lora":
+        described = dict(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
+    elif method == "adapter":
+        described = dict(settings={"adapter_size": config.adapter_size})
+    else:
+        described = dict(settings={"length": config.prefix_length if method == "prefix" else config.prompt_length})
+    return Adapter(method=method, **described, targets=targets, tensors=saved, base=config.init_from,
+                   base_checkpoint=str(resolved.resolve()), base_sha256=_fingerprint(base))
 
 
 def read_adapter(path: str | os.PathLike) -> Adapter | None:
@@ -842,17 +892,18 @@ def _check_base(model: nn.Module, adapter: Adapter, checkpoint: Path, where: str
     fingerprint = _base_fingerprint(model, adapter)
     if fingerprint != adapter.base_sha256:
         raise ValueError(
-            f"{where}: {checkpoint} is a LoRA adapter for the base {adapter.base_checkpoint} (weights sha256 "
+            f"{where}: {checkpoint} is a {'LoRA' if adapter.method == 'lora' else adapter.method} adapter for the "
+            f"base {adapter.base_checkpoint} (weights sha256 "
             f"{adapter.base_sha256[:16]}...), but this model's base weights hash to {fingerprint[:16]}...: a different "
             f"base model. Load the adapter on top of the base it was trained on"
         )
 
 
 def _load_adapter_tensors(model: nn.Module, checkpoint: Path, adapter: Adapter, where: str) -> None:
-    """Copy the adapter's tensors into a LoRA-wrapped model with the right base (checked first)."""
-    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    """Copy the adapter's tensors into a model that has its modules and the right base (checked first)."""
+    wrapped = _adapter_targets(model)
     if wrapped != adapter.targets:
-        raise ValueError(f"{where}: the model's LoRA layers {wrapped[:4]}... are not the adapter's "
+        raise ValueError(f"{where}: the model's adapted modules {wrapped[:4]}... are not the adapter's "
                          f"{adapter.targets[:4]}... ({len(wrapped)} against {len(adapter.targets)})")
     _check_base(model, adapter, checkpoint, where)
     tensors, state = read_weights(checkpoint), model.state_dict()
@@ -865,22 +916,23 @@ def _load_adapter_tensors(model: nn.Module, checkpoint: Path, adapter: Adapter, 
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Put the adapter of a LoRA run (its checkpoint, or the run directory) on `model`, a plain task
-    model that holds the run's base weights: checks the base's fingerprint, wraps the adapter's
-    layers (add_lora) and loads its tensors. In place; returns `model`, unmerged (merge_lora merges).
-    ValueError when `model` is another architecture, has LoRA layers already, or another base."""
+    """Put the adapter of an adapter run (LoRA, Houlsby adapters, prefix, deep-prompt, prompt; its
+    checkpoint, or the run directory) on `model`, a plain task model that holds the run's base
+    weights: checks the base's fingerprint, adds the method's modules (_attach) and loads its
+    tensors. In place; returns `model`, LoRA unmerged (merge_lora merges). ValueError when
+    `model` is another architecture, has adapted modules already, or another base."""
     checkpoint = resolve_checkpoint(path)
     adapter = read_adapter(checkpoint)
     if adapter is None:
-        raise ValueError(f"load_adapter: {checkpoint} holds full weights, not a LoRA adapter; use load_weights")
-    if any(isinstance(module, LoRALinear) for module in model.modules()):
-        raise ValueError("load_adapter: the model has LoRA layers already; pass the plain base model")
+        raise ValueError(f"load_adapter: {checkpoint} holds full weights, not an adapter; use load_weights")
+    if _adapter_targets(model):
+        raise ValueError("load_adapter: the model has adapted modules (LoRA, adapters, virtual tokens) already; "
+                         "pass the plain base model")
     mismatch = architecture_mismatch(read_configs(checkpoint).get("model", {}), model.config)
     if mismatch:
         raise ValueError(f"load_adapter: {checkpoint} is a different architecture: " + "; ".join(mismatch))
     _check_base(model, adapter, checkpoint, "load_adapter")
-    leaves = tuple(sorted({name.rpartition(".")[2] for name in adapter.targets}))  # "q_proj", "fc_in"...
-    add_lora(model, adapter.rank, adapter.alpha, adapter.dropout, targets=leaves)
+    _attach(model, adapter)
     _load_adapter_tensors(model, checkpoint, adapter, "load_adapter")
     return model
 
@@ -993,6 +1045,10 @@ def init_from(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict
         checkpoint = resolve_checkpoint(path)
         configs = read_configs(checkpoint)
         saved_config, tensors = configs.get("model", {}), read_weights(checkpoint)
+        adapter = read_adapter(checkpoint)
+        if adapter is not None and adapter.method != "lora":
+            raise ValueError(f"init_from: {path} is a {adapter.method!r} run's adapter, which does not merge into "
+                             f"plain weights; start from its base {adapter.base_checkpoint}, or load it with load_model")
         if any(".lora_A" in name for name in tensors):  # a LoRA fine-tune: start from its merged weights
             tensors = dict(load_model(checkpoint)[0].state_dict())
         saved_tokenizer = read_tokenizer(checkpoint)

@@ -61,11 +61,13 @@ def context_window(model: CausalLM) -> int:
 
     Training windows of max_seq_len tokens drop the last position's prediction (it has no next
     token), so position max_seq_len - 1 never learnt to predict; the newest token of a context of
-    max_seq_len - 1 tokens sits at position max_seq_len - 2, which did.
+    max_seq_len - 1 tokens sits at position max_seq_len - 2, which did. A soft prompt or prefix
+    (minillm.prompts) takes the first P positions: the window is P shorter.
     """
-    window = model.config.max_seq_len - 1
+    window = model.config.max_seq_len - 1 - model.decoder.virtual_tokens
     if window < 1:
-        raise ValueError(f"model.config.max_seq_len: generation needs at least 2 positions, got {window + 1}")
+        raise ValueError(f"model.config.max_seq_len: generation needs at least 2 positions besides the "
+                         f"{model.decoder.virtual_tokens} virtual tokens, got {model.config.max_seq_len}")
     return window
 
 
@@ -442,13 +444,14 @@ def _continuation(
     # Decoded with the prompt: a piece's leading space ("▁the") survives only inside a sequence.
     text = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)):]
     window = context_window(model)
+    limit = "max_seq_len - 1" + (f" - {model.decoder.virtual_tokens} virtual" if model.decoder.virtual_tokens else "")
     notes = []
     if len(ids) > window:
-        notes.append(f"prompt cropped: its {len(ids)} tokens exceed the {window}-token window (max_seq_len - 1), "
+        notes.append(f"prompt cropped: its {len(ids)} tokens exceed the {window}-token window ({limit}), "
                      f"so every step saw only the last {window} tokens")
     elif len(ids) + steps - 1 > window:  # steps condition on len(ids), len(ids) + 1, ... tokens
         notes.append(f"window slid: after {window - len(ids) + 1} new tokens the sequence outgrew the {window}-token "
-                     f"window (max_seq_len - 1), so each later token saw only the last {window}")
+                     f"window ({limit}), so each later token saw only the last {window}")
     if len(new) < max_new_tokens:
         notes.append(f"ended at EOS after {len(new)} of {max_new_tokens} tokens")
     return Generation(prompt, text, len(new), "; ".join(notes) or None)

@@ -18,6 +18,10 @@ prepared by ``peft``, or frozen by hand). A model that arrives with frozen param
 in every other mode (`check_frozen_parameters`): they set ``requires_grad`` themselves and would
 silently undo the caller's choice.
 
+Houlsby adapters ("adapter") live in `minillm.adapters`; prompt tuning ("prompt"), prefix
+tuning ("prefix") and P-tuning v2 ("deep-prompt") in `minillm.prompts`; `apply_finetune_mode`
+adds them like LoRA: everything else frozen, the head trained.
+
 A LoRA run saves only what it trained, on top of its base (see `minillm.checkpoint`, "LoRA
 runs"); `merge_lora` turns a loaded adapter into plain weights for export.
 
@@ -37,7 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm.adapters import add_adapters
 from minillm.model import Block
+from minillm.prompts import PROMPT_MODES, add_virtual_tokens
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_gate", "fc_out")
 HEAD_MODULES = ("classifier", "nsp_head")  # task-specific layers that always train
@@ -156,10 +162,12 @@ def check_frozen_parameters(model: nn.Module, mode: str) -> None:
 
 
 def apply_finetune_mode(model: nn.Module, config) -> dict:
-    """Set requires_grad for `config.finetune_mode` ("full", "lora", "bitfit", "freeze", "keep").
+    """Set requires_grad for `config.finetune_mode` ("full", "lora", "bitfit", "freeze", "keep",
+    "adapter", "prefix", "deep-prompt", "prompt").
 
     `config` is a TrainConfig (finetune_mode, lora_rank, lora_alpha, lora_dropout,
-    freeze_layers). LoRA wrappers are added in place. "keep" changes nothing, the head included.
+    freeze_layers, adapter_size, prefix_length, prefix_hidden, prompt_length). LoRA wrappers,
+    adapters (minillm.adapters) and virtual tokens (minillm.prompts) are added in place. "keep" changes nothing, the head included.
     Returns {"trainable": n, "total": n} (count_parameters).
     """
     mode = config.finetune_mode
@@ -170,6 +178,13 @@ def apply_finetune_mode(model: nn.Module, config) -> dict:
     elif mode == "lora":
         model.requires_grad_(False)
         add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout)  # A, B are new: trainable
+    elif mode == "adapter":
+        model.requires_grad_(False)
+        add_adapters(model, config.adapter_size)  # the adapters are new: trainable
+    elif mode in PROMPT_MODES:
+        model.requires_grad_(False)
+        length = config.prefix_length if mode == "prefix" else config.prompt_length
+        add_virtual_tokens(model, mode, length, config.prefix_hidden)  # new: trainable
     elif mode == "bitfit":
         model.requires_grad_(False)
         for name, param in model.named_parameters():
@@ -188,7 +203,8 @@ def apply_finetune_mode(model: nn.Module, config) -> dict:
                 block.requires_grad_(False)
     else:
         raise ValueError(
-            f"TrainConfig.finetune_mode: got {mode!r}, expected 'full', 'lora', 'bitfit', 'freeze' or 'keep'"
+            f"TrainConfig.finetune_mode: got {mode!r}, expected 'full', 'lora', 'bitfit', 'freeze', 'keep', "
+            f"'adapter', 'prefix', 'deep-prompt' or 'prompt'"
         )
     for param in head_parameters(model):
         param.requires_grad_(True)

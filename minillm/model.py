@@ -203,16 +203,24 @@ class Embeddings(nn.Module):
         self.token_scale = math.sqrt(config.d_model) if config.pos_encoding == "sinusoidal" else 1.0
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor | None
-    ) -> torch.Tensor:
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor,  # (B or 1, P + T)
+        token_type_ids: torch.Tensor | None,  # (B, T)
+        prompt: torch.Tensor | None = None,  # (B, P, C) soft prompt (minillm.prompts), put before the tokens
+    ) -> torch.Tensor:  # (B, P + T, C)
         x = self.token(input_ids) * self.token_scale  # (B, T, C)
+        if prompt is not None:  # the prompt vectors stand in for token embeddings; positions, segment 0 follow
+            x = torch.cat((prompt.to(x.dtype), x), dim=1)  # (B, P + T, C)
+            if token_type_ids is not None:
+                token_type_ids = F.pad(token_type_ids, (prompt.shape[1], 0))  # (B, P + T): segment 0
         if self.position is not None:
             x = x + self.position(position_ids)
         elif hasattr(self, "sinusoid"):
             x = x + self.sinusoid[position_ids].to(x.dtype)
         if self.token_type is not None:
             if token_type_ids is None:
-                token_type_ids = torch.zeros_like(input_ids)
+                token_type_ids = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)  # (B, T): segment 0
             x = x + self.token_type(token_type_ids)
         return self.dropout(self.norm(x))
 
@@ -273,9 +281,10 @@ class MultiHeadAttention(nn.Module):
             v = rearrange(self.v_proj(source), "b t (h d) -> b h t d", h=self.n_kv_heads)  # (B, Hkv, Tk, D)
             if rotary is not None:  # self-attention only: positions of queries and new keys match
                 q, k = rotary(q, position_ids), rotary(k, position_ids)
-            if past_kv is not None:  # append this step's keys/values to the cached ones
-                k = torch.cat((past_kv[0], k), dim=2)  # (B, Hkv, T_past + Tq, D)
-                v = torch.cat((past_kv[1], v), dim=2)
+            if past_kv is not None:  # append this step's keys/values to the cached ones (a learnt fp32
+                # prefix joins autocast's bf16 keys in their dtype)
+                k = torch.cat((past_kv[0].to(k.dtype), k), dim=2)  # (B, Hkv, T_past + Tq, D)
+                v = torch.cat((past_kv[1].to(v.dtype), v), dim=2)
         if attn_mask is not None and attn_mask.is_floating_point():
             attn_mask = attn_mask.to(q.dtype)  # an fp32 bias table under autocast meets bf16 scores
         out = dispatch.attention(
@@ -449,8 +458,10 @@ def check_model_inputs(
     token_type_ids: torch.Tensor | None,
     past_len: int,
     document_ids: torch.Tensor | None = None,
+    virtual: int = 0,
 ) -> None:
-    """Reject bad inputs with a message naming the argument, before they reach an index kernel."""
+    """Reject bad inputs with a message naming the argument, before they reach an index kernel.
+    `past_len` counts the caller's cached tokens; `virtual` the soft prompt or prefix in front of them."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
@@ -458,6 +469,13 @@ def check_model_inputs(
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected shape (B, T) with T >= 1, got {tuple(input_ids.shape)}")
     B, T = input_ids.shape
+    if virtual and virtual + past_len + T > config.max_seq_len:
+        raise ValueError(
+            f"input_ids: sequence length {past_len + T} (cached {past_len} + new {T}) plus the {virtual} virtual "
+            f"tokens of the prompt/prefix exceeds max_seq_len={config.max_seq_len}"
+        )
+    if virtual and document_ids is not None:
+        raise ValueError("document_ids: packed documents cannot share one soft prompt or prefix; pass document_ids=None")
     if past_len + T > config.max_seq_len:
         raise ValueError(
             f"input_ids: sequence length {past_len + T} (cached {past_len} + new {T}) exceeds "
@@ -514,6 +532,15 @@ class TransformerStack(nn.Module):
         # Pre-norm leaves the residual stream un-normalised, so one last norm precedes the heads.
         self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
         self.final_dropout = nn.Dropout(config.final_dropout)
+        # Trainable virtual tokens (minillm.prompts), absent in a plain model. At most one is set:
+        self.prompt = None  # SoftPrompt: P input vectors put before the tokens (prompt tuning)
+        self.prefix = None  # KeyValuePrefix: P keys and values per block that every query may attend to
+
+    @property
+    def virtual_tokens(self) -> int:
+        """P, the length of the soft prompt or key/value prefix in front of every sequence (0: none)."""
+        extra = self.prompt if self.prompt is not None else self.prefix
+        return 0 if extra is None else extra.length
 
     def forward(
         self,
@@ -526,12 +553,30 @@ class TransformerStack(nn.Module):
         cache: list[LayerCache] | None = None,
         document_ids: torch.Tensor | None = None,  # (B, T) document of each token of a packed window
     ) -> tuple[torch.Tensor, list[LayerCache]]:
+        B, T = input_ids.shape
+        virtual = self.virtual_tokens
         past_len = cache[0].self_kv[0].shape[2] if cache else 0
-        check_model_inputs(self.config, input_ids, attention_mask, token_type_ids, past_len, document_ids)
-        T = input_ids.shape[1]
+        check_model_inputs(self.config, input_ids, attention_mask, token_type_ids, past_len - virtual if cache else 0,
+                           document_ids, virtual)
+        prompt = None
+        if virtual:
+            # The caller's mask covers its own tokens; the P virtual ones come first and are always
+            # kept. They enter once: as input vectors (prompt) or as the first cache (prefix), and
+            # stay in the returned cache for the next decoding step.
+            if position_ids is not None:
+                raise ValueError(f"position_ids: not supported with a soft prompt or prefix ({virtual} virtual tokens); "
+                                 f"positions are counted from the virtual tokens, pass position_ids=None")
+            if attention_mask is not None:
+                attention_mask = F.pad(attention_mask, (virtual, 0), value=1)  # (B, P + T_past + T)
+            if not cache and self.prefix is not None:
+                cache = self.prefix(B)  # a LayerCache per block: (B, Hkv, P, D) keys and values
+                past_len = virtual
+            elif not cache:
+                prompt = self.prompt(B)  # (B, P, C)
+        T_in = T + (prompt.shape[1] if prompt is not None else 0)  # positions this call computes
         key_keep = attention_mask.bool() if attention_mask is not None else None
         if position_ids is None:
-            position_ids = default_position_ids(attention_mask, past_len, T, input_ids.device)
+            position_ids = default_position_ids(attention_mask, past_len, T_in, input_ids.device)
         elif position_ids.shape[-1] != T or (
             not torch.compiler.is_compiling() and not 0 <= int(position_ids.min()) <= int(position_ids.max()) < self.config.max_seq_len
         ):
@@ -539,10 +584,10 @@ class TransformerStack(nn.Module):
                 f"position_ids: expected shape (B, {T}) with values in [0, max_seq_len={self.config.max_seq_len}), "
                 f"got shape {tuple(position_ids.shape)}"
             )
-        x = self.embeddings(input_ids, position_ids, token_type_ids)  # (B, T, C)
-        self_mask, is_causal = self_attention_mask(key_keep, T, past_len, self.causal, input_ids.device, document_ids)
+        x = self.embeddings(input_ids, position_ids, token_type_ids, prompt)  # (B, T_in, C)
+        self_mask, is_causal = self_attention_mask(key_keep, T_in, past_len, self.causal, input_ids.device, document_ids)
         if self.relative_bias is not None:  # the mask becomes additive: bias where allowed, -inf elsewhere
-            self_mask = self.relative_bias(self_mask, is_causal, T, past_len, input_ids.device)  # (B or 1, H, T, Tk)
+            self_mask = self.relative_bias(self_mask, is_causal, T_in, past_len, input_ids.device)  # (B or 1, H, T, Tk)
             is_causal = False
         cross_mask = context_mask.bool()[:, None, None, :] if context_mask is not None else None  # (B, 1, 1, Tk)
         new_cache = []
@@ -552,6 +597,7 @@ class TransformerStack(nn.Module):
                 context=context, context_mask=cross_mask, cache=cache[i] if cache else None,
             )
             new_cache.append(layer_cache)
+        x = x[:, T_in - T:]  # (B, T, C): the caller's tokens only, never the soft prompt's positions
         return self.final_dropout(self.final_norm(x)), new_cache
 
 

@@ -53,6 +53,7 @@ from minillm.evaluation import evaluate_text
 from minillm.generation import generate_text
 from minillm.model import MaskedLM
 from minillm.optim import schedule_summary
+from minillm.prompts import check_virtual_length
 from minillm.tasks import CORPUS_DATA_FIELDS, Task, TaskData, get_task, text_figures
 from minillm.tasks import unigram_entropy as _unigram_entropy
 from minillm.hf_tokenizer import load_tokenizer
@@ -327,6 +328,13 @@ def resolve(model: ModelConfig, data: DataConfig, train: TrainConfig, *, sources
     if pretrained is None:
         model = fit_to_tokenizer(model, tokenizer)
     task.check(model, data)
+    if train.virtual_tokens is not None:  # the prompt or prefix and the sequence share max_seq_len
+        field, length = train.virtual_tokens
+        check_virtual_length(model.max_seq_len, field, length)
+        if data.seq_len + length > model.max_seq_len:
+            raise ValueError(f"DataConfig.seq_len: got {data.seq_len}, but the {length} virtual tokens of "
+                             f"TrainConfig.{field} come first and both must fit in ModelConfig.max_seq_len="
+                             f"{model.max_seq_len}; lower --data.seq_len to {model.max_seq_len - length} or less")
     samples = train.max_steps * train.batch_size * train.grad_accum_steps * distributed.world_size()
     task_data = task.datasets(data, tokenizer, model, samples)
     run = Run(task, task.configure_model(model, task_data), data, train, tokenizer, start, task_data)

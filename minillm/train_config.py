@@ -18,6 +18,9 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 FINETUNE_MODES = ("full", "lora", "bitfit", "freeze", "keep")
+FINETUNE_MODES += ("adapter", "prefix", "deep-prompt", "prompt")  # minillm.adapters, minillm.prompts
+# Modes whose runs save only what they train, on top of init_from (minillm.checkpoint, "LoRA runs").
+ADAPTER_MODES = ("lora", "adapter", "prefix", "deep-prompt", "prompt")
 RESUME_CHANGES = ("refuse", "allow")
 
 # Resuming: the saved config is the base. These fields only say how the run is launched, and are
@@ -112,7 +115,9 @@ class TrainConfig:
     finetune_mode: str = "full"
     """"full" (every weight), "lora" (low-rank adapters; needs init_from: the run saves only the
     adapter, on top of that base), "bitfit" (biases only), "freeze" (embeddings and the first
-    freeze_layers blocks frozen): in these the task head always trains. "keep": train exactly the
+    freeze_layers blocks frozen), "adapter" (Houlsby bottleneck adapters), "prefix" (prefix tuning),
+    "deep-prompt" (P-tuning v2), "prompt" (prompt tuning): these four need init_from too and save
+    only what they train (minillm.adapters, minillm.prompts). In these the task head always trains. "keep": train exactly the
     parameters whose requires_grad is True as the model arrives (a model prepared by peft's
     get_peft_model, or frozen by hand), the head included. A model that arrives with frozen
     parameters is refused in every mode but "keep", rather than unfrozen behind the caller's back."""
@@ -122,6 +127,17 @@ class TrainConfig:
     """LoRA scaling numerator: the update is (alpha / r) B A (Hu et al., 2021)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch's input."""
+    adapter_size: int = 16
+    """finetune_mode="adapter": bottleneck width m of the Houlsby adapters (minillm.adapters)."""
+    prefix_length: int = 10
+    """finetune_mode="prefix": P, the keys and values put before every block's own (minillm.prompts);
+    they take the first P of max_seq_len positions."""
+    prefix_hidden: int = 512
+    """finetune_mode="prefix": width of the MLP that reparameterises the prefix while it trains
+    (Li & Liang, 2021, used 512); folded away in what the run saves."""
+    prompt_length: int = 20
+    """finetune_mode="prompt" or "deep-prompt": P, the soft-prompt vectors at the input (prompt) or
+    the keys and values of every block (deep-prompt, P-tuning v2); they take the first P positions."""
     freeze_layers: int = 0
     """finetune_mode="freeze": number of leading blocks to freeze (embeddings are frozen too)."""
     layer_lr_decay: float = 1.0
@@ -169,7 +185,8 @@ class TrainConfig:
                 fail(name, f"one of {allowed}")
         if not self.out_dir:
             fail("out_dir", "a directory path")
-        for name in ("batch_size", "grad_accum_steps", "lora_rank"):
+        for name in ("batch_size", "grad_accum_steps", "lora_rank", "adapter_size", "prefix_length", "prefix_hidden",
+                     "prompt_length"):
             if getattr(self, name) < 1:
                 fail(name, "an integer >= 1")
         for name in ("max_steps", "warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
@@ -214,6 +231,9 @@ class TrainConfig:
         if self.finetune_mode == "lora" and self.init_from is None:
             fail("init_from", "a pretrained checkpoint when finetune_mode='lora' (LoRA adapts a base model, and "
                               "the run saves only the adapter, on top of it)")
+        if self.finetune_mode in ADAPTER_MODES and self.init_from is None:
+            fail("init_from", f"a pretrained checkpoint when finetune_mode={self.finetune_mode!r} (it adapts a base "
+                              f"model, and the run saves only what it trains, on top of it)")
         if self.finetune_mode == "freeze" and self.freeze_layers == 0:
             fail("freeze_layers", "an integer >= 1 when finetune_mode='freeze'")
 
@@ -225,6 +245,12 @@ class TrainConfig:
             unused.update(dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout"), "finetune_mode is not 'lora'"))
         if self.finetune_mode != "freeze":
             unused["freeze_layers"] = "finetune_mode is not 'freeze'"
+        if self.finetune_mode != "adapter":
+            unused["adapter_size"] = "finetune_mode is not 'adapter'"
+        if self.finetune_mode != "prefix":
+            unused.update(dict.fromkeys(("prefix_length", "prefix_hidden"), "finetune_mode is not 'prefix'"))
+        if self.finetune_mode not in ("prompt", "deep-prompt"):
+            unused["prompt_length"] = "finetune_mode is not 'prompt' or 'deep-prompt'"
         if self.init_from is None or not get_task(self.task).new_head:
             why = "there is no pretrained body to probe (init_from is none)" if self.init_from is None else \
                 f"task {self.task!r} has no new head to probe"
@@ -236,6 +262,15 @@ class TrainConfig:
         if self.schedule != "wsd":
             unused["cooldown_fraction"] = f"schedule is {self.schedule!r}, not 'wsd'"
         return unused
+
+    @property
+    def virtual_tokens(self) -> tuple[str, int] | None:
+        """(field, P) of the soft prompt or prefix this run puts before every sequence, or None."""
+        if self.finetune_mode == "prefix":
+            return "prefix_length", self.prefix_length
+        if self.finetune_mode in ("prompt", "deep-prompt"):
+            return "prompt_length", self.prompt_length
+        return None
 
     @property
     def time_fitted(self) -> bool:

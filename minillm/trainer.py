@@ -42,8 +42,9 @@ any other mode is refused, since it would unfreeze them. A model prepared with `
 (``get_peft_model(model, LoraConfig(...))``) is unwrapped (``minillm.lora.unwrap_model``): the
 trainer trains, evaluates and saves the minillm model inside, whose layers hold the adapters, and
 its checkpoints hold the full weights under peft's names (resume with the same get_peft_model).
-A LoRA run (finetune_mode="lora") loads its base (``init_from``) also when it resumes, and saves
-only the adapter (see :mod:`minillm.checkpoint`).
+A LoRA run (finetune_mode="lora"; likewise "adapter", "prefix", "deep-prompt", "prompt") loads its
+base (``init_from``) also when it resumes, and saves only the adapter (see :mod:`minillm.checkpoint`);
+a prefix run takes its MLP back from the training state (``minillm.prompts.unfold_prefixes``).
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ from minillm.batches import eval_batches, to_device, train_batches
 from minillm.distributed import seed_everything
 from minillm.evaluation import evaluate
 from minillm.lora import apply_finetune_mode, check_frozen_parameters, unwrap_model
+from minillm.prompts import unfold_prefixes
 from minillm.metrics import MetricsLog, plot_metrics
 from minillm.optim import apply_lr, build_optimizer, schedule_cut
 from minillm.tasks import get_task
-from minillm.train_config import TrainConfig, lower_is_better
+from minillm.train_config import ADAPTER_MODES, TrainConfig, lower_is_better
 
 HOOKS = ("on_step_end", "on_eval_end", "on_checkpoint")
 
@@ -137,7 +139,7 @@ class Trainer:
                                       say=self.is_main)
         else:
             seed_everything(config.seed + self.rank)
-        lora = config.finetune_mode == "lora"
+        lora = config.finetune_mode in ADAPTER_MODES  # LoRA and the other methods that save only an adapter
         base_digests = None
         # A resumed run's own checkpoint has newer weights, except a LoRA run's: it holds the adapter alone.
         if config.init_from is not None and (lora or not resume_from):
@@ -150,11 +152,15 @@ class Trainer:
             for param, requires_grad in arrived:
                 param.requires_grad_(requires_grad)
         self.trainable = apply_finetune_mode(model, config)
-        self.adapter = None  # what a LoRA run saves (checkpoint.Adapter); None: the full weights
+        self.adapter = None  # what an adapter run saves (checkpoint.Adapter); None: the full weights
         if lora:
             self.adapter = (ckpt.read_adapter(resume_from) if resume_from
                             else ckpt.plan_adapter(model, config, base_digests))
         self.raw_model = model.to(self.device)
+        prefix = config.finetune_mode == "prefix"
+        if resume_from and prefix:  # the weights file holds the folded prefix, state.pt the MLP that trains it
+            ckpt.load_weights(self.raw_model, resume_from)  # folds the prefix: checks the base, loads it and the head
+            unfold_prefixes(self.raw_model, ckpt.load_state(resume_from)["prefix_reparameterisation"])
         self.optimizer = build_optimizer(self.raw_model, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.micro_batches, self.tokens_seen = 0, 0, 0
@@ -163,7 +169,8 @@ class Trainer:
         self.train_seconds = 0.0  # training time of the whole run, resumes included (max_minutes counts it)
         self.step_seconds = 0.0  # how long the last step took (a time-fitted schedule looks one step ahead)
         if resume_from:
-            ckpt.load_weights(self.raw_model, resume_from)
+            if not prefix:
+                ckpt.load_weights(self.raw_model, resume_from)
             ckpt.restore_training_state(self, resume_from)
 
         self.model = torch.compile(self.raw_model) if config.compile else self.raw_model

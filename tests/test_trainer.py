@@ -431,7 +431,7 @@ def test_wall_clock_budget_and_bf16_autocast(tmp_path):
     ("lr", -1.0, ValueError), ("lr", "3e-4", TypeError), ("batch_size", 0, ValueError),
     ("batch_size", 4.0, TypeError), ("schedule", "step", ValueError), ("precision", "fp8", ValueError),
     ("task", "gan", ValueError), ("warmup_steps", -1, ValueError), ("grad_clip", -1.0, ValueError),
-    ("finetune_mode", "adapter", ValueError), ("layer_lr_decay", 1.5, ValueError), ("max_minutes", 0.0, ValueError),
+    ("finetune_mode", "prefix-tuning", ValueError), ("layer_lr_decay", 1.5, ValueError), ("max_minutes", 0.0, ValueError),
     ("early_stopping_metric", "accuracy", ValueError), ("compile", "yes", TypeError),
     ("probe_steps", -1, ValueError), ("probe_steps", 5, ValueError),  # 5: the default task is causal-lm
     ("probe_lr", 0.0, ValueError),
