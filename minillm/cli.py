@@ -41,7 +41,7 @@ from minillm.data import DataConfig
 from minillm.tasks import get_task
 
 BENCHMARKS = ("attention", "layer_norm", "data", "train")  # `bench all`: the speed benchmarks
-EXPERIMENTS = ("finetune", "make_smaller")  # minutes to an hour: run by name only (pretrained vs scratch)
+EXPERIMENTS = ("finetune", "make-smaller")  # minutes to an hour: run by name only (pretrained vs scratch)
 
 
 class UsageError(Exception):
@@ -152,11 +152,11 @@ def cmd_distill(args, overrides) -> int:
     student, --train.* on top of the teacher's training settings, --distill.* of DistillConfig."""
     from minillm import distill
 
-    data = sorted(k for k in overrides if k.startswith("data."))
-    if data:
-        raise UsageError(f"--{data[0]}: distill reads the teacher's data; it takes --model.*, --train.* and "
-                         f"--distill.* overrides")
     user, sources = config_io.user_layer(distill.SECTIONS, args.config, overrides)
+    data = sorted(key for key in sources if key.startswith("data."))
+    if data:
+        raise UsageError(f"{data[0]} (set by {sources[data[0]]}): distill reads the teacher's data; it takes "
+                         f"model, train and distill settings")
     if "teacher" in user.get("distill", {}):
         raise UsageError(f"--distill.teacher: give the teacher with --teacher RUN")
     config = config_io.build_config(distill.DistillConfig, {**user.get("distill", {}), "teacher": args.teacher},
@@ -223,7 +223,7 @@ def cmd_bench(args, overrides) -> int:
     folder = _benchmarks_folder()
     names = BENCHMARKS if args.name == "all" else (args.name,)
     for name in names:
-        script = folder / f"{name}.py"
+        script = folder / f"{name.replace('-', '_')}.py"
         if not script.is_file():
             raise UsageError(f"bench: {script} not found")
         command = [sys.executable, str(script), *args.args]

@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from minillm.distill import (
 )
 from minillm.tasks import build_model, get_task
 
-WORDS = "the a module function returns value list string file path object class method error raises".split()
 TINY = dict(vocab_size=50, d_model=16, n_layers=2, n_heads=2, max_seq_len=16)
 
 
@@ -130,6 +128,32 @@ def test_the_task_loss_is_the_formula_on_labelled_positions_and_only_the_student
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in task.projections.parameters())
 
 
+def test_mlm_nsp_distils_both_heads():
+    torch.manual_seed(0)
+    config = preset("tiny-bert", **TINY)
+    teacher, student = build_model(config, "mlm-nsp"), build_model(preset("tiny-bert", **{**TINY, "n_layers": 1}),
+                                                                  "mlm-nsp")
+    task = DistillationTask(get_task("mlm-nsp"), teacher, DistillConfig(teacher="t", temperature=3.0, alpha=0.6), student)
+    ids = torch.randint(7, 50, (2, 10))
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    nsp = torch.tensor([0, 1])
+    _, terms = task.forward(student, {"input_ids": ids, "labels": labels, "next_sentence_label": nsp})
+    zs, zt = student(ids).nsp_logits, teacher(ids).nsp_logits
+    expected = distillation_loss(zs, zt, nsp, 3.0, 0.6)
+    assert set(terms) == {"mlm", "nsp"}
+    assert terms["nsp"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_a_hidden_layer_map_of_the_wrong_length_or_range_is_refused():
+    teacher = build_model(preset("tiny", **TINY), "causal-lm")
+    student = build_model(preset("tiny", **{**TINY, "n_layers": 1}), "causal-lm")
+    for layers in ([0, 1], [2]):
+        with pytest.raises(ValueError, match=r"DistillConfig.hidden_layers: got \[.*\], expected 1 teacher block"):
+            DistillationTask(get_task("causal-lm"), teacher,
+                             DistillConfig(teacher="t", hidden_weight=1.0, hidden_layers=layers), student)
+
+
 def test_spread_and_init_from_teacher_copy_blocks():
     torch.manual_seed(0)
     assert spread(2, 4) == [1, 3] and spread(1, 3) == [2] and spread(3, 3) == [0, 1, 2]
@@ -164,23 +188,9 @@ def test_bad_settings_name_the_field(field, value, needle):
 # ----------------------------------------------------------------------------- the command
 
 
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    rng = random.Random(0)
-    (root / "corpus").mkdir()
-    for d in range(30):
-        text = " ".join(" ".join(rng.choice(WORDS) for _ in range(8)).capitalize() + "." for _ in range(10))
-        (root / "corpus" / f"doc{d:02d}.txt").write_text(text + "\n")
-    out = root / "teacher"
-    code, _, err = run("pretrain", "--model.n_layers=2", "--model.d_model=32", "--model.n_heads=2",
-                       "--model.max_seq_len=32", f"--data.inputs={root / 'corpus'}", "--data.vocab_size=320",
-                       "--data.seq_len=32", f"--data.prepared_dir={root / 'prep'}", "--data.val_fraction=0.1",
-                       "--train.max_steps=3", "--train.warmup_steps=1", "--train.batch_size=4",
-                       "--train.eval_batches=2", "--train.progress=false", "--train.device=cpu",
-                       f"--train.out_dir={out}")
-    assert code == 0, err
-    return root, out
+@pytest.fixture
+def teacher_run(tiny_gpt_run):
+    return tiny_gpt_run
 
 
 STUDENT_TRAIN = ["--train.max_steps=3", "--train.eval_batches=2", "--train.eval_every=0", "--train.batch_size=4"]
@@ -210,7 +220,7 @@ def test_distill_command_trains_a_student_and_saves_what_ran(teacher_run, one_th
     (["--model.vocab_size=99"], ["ModelConfig.vocab_size", "teacher's vocabulary"]),
     (["--model.d_model=16", "--distill.init_from_teacher=true"], ["init_from_teacher", "d_model (16"]),
     (["--distill.init_layers=first"], ["distill.init_layers", "no effect", "init_from_teacher is false"]),
-    (["--data.seq_len=8"], ["--data.seq_len", "teacher's data"]),
+    (["--data.seq_len=8"], ["data.seq_len (set by --data.seq_len)", "teacher's data"]),
     (["--train.lora_rank=4"], ["TrainConfig.lora_rank", "no effect"]),
 ])
 def test_distill_refusals_are_one_line(teacher_run, argv, needles):

@@ -3,7 +3,6 @@ tensors and removes only what the outputs do not need, `minillm prune` end to en
 
 import contextlib
 import io
-import random
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from minillm.prune import (
 )
 from minillm.tasks import build_model, get_task
 
-WORDS = "the a module function returns value list string file path object class method error raises".split()
 TINY = dict(vocab_size=50, d_model=24, n_layers=2, n_heads=4, d_ff=40, max_seq_len=16)
 
 
@@ -162,23 +160,9 @@ def test_prune_config_refusals(field, value, needle):
 # ----------------------------------------------------------------------------- the command
 
 
-@pytest.fixture(scope="module")
-def source_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prune")
-    rng = random.Random(0)
-    (root / "corpus").mkdir()
-    for d in range(30):
-        text = " ".join(" ".join(rng.choice(WORDS) for _ in range(8)).capitalize() + "." for _ in range(10))
-        (root / "corpus" / f"doc{d:02d}.txt").write_text(text + "\n")
-    out = root / "gpt"
-    code, _, err = run("pretrain", "--model.n_layers=2", "--model.d_model=32", "--model.n_heads=4",
-                       "--model.max_seq_len=32", f"--data.inputs={root / 'corpus'}", "--data.vocab_size=320",
-                       "--data.seq_len=32", f"--data.prepared_dir={root / 'prep'}", "--data.val_fraction=0.1",
-                       "--train.max_steps=3", "--train.warmup_steps=1", "--train.batch_size=4",
-                       "--train.eval_batches=2", "--train.progress=false", "--train.device=cpu",
-                       f"--train.out_dir={out}")
-    assert code == 0, err
-    return root, out
+@pytest.fixture
+def source_run(tiny_gpt_run):
+    return tiny_gpt_run
 
 
 def test_prune_command_unstructured_then_evaluate(source_run, one_thread):
