@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 import json
 import os
@@ -164,7 +163,7 @@ def prune_arms(teacher: Path, out: Path, scorer: Scorer, sparsities) -> list[dic
             batches = itertools.islice(eval_batches(train, scorer.task_data.collate, batch_size=scorer.batch, seed=0,
                                                     rank=0, world=1), 4)
             structured_prune(model, kind, sparsity, scorer.task, batches)
-            note = (f"{model.config.n_heads} heads per block left" if kind == "heads"
+            note = (f"{model.config.n_heads} head{'s' if model.config.n_heads > 1 else ''} per block left" if kind == "heads"
                     else f"d_ff {model.config.d_ff} left")
         folder = out / f"pruned-{kind}-{sparsity:g}"
         ckpt.save_model(folder, model, task=scorer.task.name)

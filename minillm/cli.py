@@ -158,7 +158,7 @@ def cmd_distill(args, overrides) -> int:
         raise UsageError(f"{data[0]} (set by {sources[data[0]]}): distill reads the teacher's data; it takes "
                          f"model, train and distill settings")
     if "teacher" in user.get("distill", {}):
-        raise UsageError(f"--distill.teacher: give the teacher with --teacher RUN")
+        raise UsageError("--distill.teacher: give the teacher with --teacher RUN")
     config = config_io.build_config(distill.DistillConfig, {**user.get("distill", {}), "teacher": args.teacher},
                                     "distill")
     _refuse_unused(sources, "distill", config.fields_without_effect())

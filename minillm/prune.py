@@ -323,7 +323,7 @@ class PruneConfig:
         """{field: why} for the fields that this config sets aside."""
         if self.structured is None:
             return dict.fromkeys(("importance", "importance_batches"), "pruning is unstructured (structured is None)")
-        unused = {"scope": f"structured pruning removes the same number of units from every block"}
+        unused = {"scope": "structured pruning removes the same number of units from every block"}
         if self.importance == "weight":
             unused["importance_batches"] = "importance is 'weight'"
         return unused
