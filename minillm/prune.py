@@ -11,11 +11,13 @@ heads are left dense.
 Structured pruning removes whole attention heads or MLP hidden channels and really shrinks the
 tensors. Importance follows Michel, Levy & Neubig (2019), "Are Sixteen Heads Really Better than
 One?": put a gate xi_h = 1 on the output of each head h (on each hidden channel j of the MLP),
-and score it by the loss's sensitivity to the gate, accumulated over a few batches X:
+and score it by the loss's sensitivity to the gate, accumulated over a few batches b:
 
-    I_h = sum_{x in X} | dL(x) / d xi_h |
+    I_h = sum_b | dL_b / d xi_h |        (L_b: the task's loss summed over batch b)
 
-A head whose output the loss does not depend on scores 0 and goes first. ``importance="weight"``
+Michel et al. take the absolute value per example; per batch costs one backward pass per batch
+instead of one per example, at the price of letting opposite signs within a batch cancel. A head
+whose output the loss does not depend on scores 0 and goes first. ``importance="weight"``
 scores instead by the L2 norm of the weights that read the unit's output (out_proj's columns of
 the head, fc_out's column of the channel), which needs no data.
 
