@@ -1,4 +1,4 @@
-"""The ``minillm`` command: pretrain | finetune | evaluate | generate | prepare | configs | bench.
+"""The ``minillm`` command: pretrain | finetune | evaluate | generate | prepare | distill | prune | configs | bench.
 
     minillm pretrain                                  # tiny GPT on the embedded corpus, ~5 min on 2 cores
     minillm pretrain --model bert                     # tiny BERT, MLM + NSP
@@ -6,6 +6,8 @@
     minillm finetune --model seq2seq --data.train_file=train.jsonl --data.validation_file=dev.jsonl
     minillm generate --checkpoint runs/pretrain-gpt --prompt "Return the"
     minillm evaluate --checkpoint runs/finetune-bert
+    minillm distill --teacher runs/pretrain-gpt --model.n_layers=2   # a 2-layer student of the teacher
+    minillm prune --checkpoint runs/pretrain-gpt --sparsity 0.5 --out runs/pruned
     minillm configs                                   # the configs shipped with minillm
     minillm pretrain --config gpt2-124m-gpu --data.inputs=corpus/*.txt --train.max_steps=20000
     python -m minillm --version                       # the same command, without the console script
@@ -39,7 +41,7 @@ from minillm.data import DataConfig
 from minillm.tasks import get_task
 
 BENCHMARKS = ("attention", "layer_norm", "data", "train")  # `bench all`: the speed benchmarks
-EXPERIMENTS = ("finetune",)  # minutes to an hour: run by name only (pretrained vs scratch)
+EXPERIMENTS = ("finetune", "make-smaller", "quality-per-minute")  # minutes to an hour: run by name only
 SUITES = {"gpu": "gpu_suite"}  # by name only: `bench gpu` runs benchmarks/gpu_suite.py (needs --out)
 
 
@@ -146,6 +148,53 @@ def cmd_evaluate(args, overrides) -> int:
     return 0
 
 
+def cmd_distill(args, overrides) -> int:
+    """Train a student on the teacher's soft targets (minillm.distill): --model.* fields of the
+    student, --train.* on top of the teacher's training settings, --distill.* of DistillConfig."""
+    from minillm import distill
+
+    user, sources = config_io.user_layer(distill.SECTIONS, args.config, overrides)
+    data = sorted(key for key in sources if key.startswith("data."))
+    if data:
+        raise UsageError(f"{data[0]} (set by {sources[data[0]]}): distill reads the teacher's data; it takes "
+                         f"model, train and distill settings")
+    if "teacher" in user.get("distill", {}):
+        raise UsageError("--distill.teacher: give the teacher with --teacher RUN")
+    config = config_io.build_config(distill.DistillConfig, {**user.get("distill", {}), "teacher": args.teacher},
+                                    "distill")
+    _refuse_unused(sources, "distill", config.fields_without_effect())
+    distill.distill(config, user.get("model", {}), user.get("train", {}))
+    return 0
+
+
+def cmd_prune(args, overrides) -> int:
+    from minillm.prune import PruneConfig, prune_checkpoint
+    from minillm.train_config import TrainConfig
+
+    bad = sorted(k for k in overrides if not k.startswith("train."))
+    if bad:
+        raise UsageError(f"--{bad[0]}: prune takes only --train.* overrides (for --finetune-steps)")
+    if overrides and args.finetune_steps == 0:
+        raise UsageError(f"--{next(iter(overrides))}: would have no effect without --finetune-steps")
+    user, _ = config_io.user_layer({"train": TrainConfig}, None, overrides)
+    config = PruneConfig(checkpoint=args.checkpoint, sparsity=args.sparsity, structured=args.structured,
+                         scope=args.scope, importance=args.importance, importance_batches=args.importance_batches,
+                         finetune_steps=args.finetune_steps)
+    given = {"scope": args.scope != "global", "importance": args.importance != "gradient",
+             "importance_batches": args.importance_batches != 8}
+    for name, why in config.fields_without_effect().items():
+        if given.get(name):
+            raise UsageError(f"--{name.replace('_', '-')}: would have no effect: {why}")
+    prune_checkpoint(config, args.out, overwrite=args.overwrite, train_overrides=user.get("train", {}))
+    return 0
+
+
+def _refuse_unused(sources: dict[str, str], section: str, unused: dict[str, str]) -> None:
+    for name, why in unused.items():
+        if f"{section}.{name}" in sources:
+            raise UsageError(f"{section}.{name} (set by {sources[f'{section}.{name}']}) would have no effect: {why}")
+
+
 def cmd_configs(args, overrides) -> int:
     """The shipped configs: name, the command they run, their model, their one-line description."""
     _no_overrides("configs", overrides)
@@ -175,7 +224,7 @@ def cmd_bench(args, overrides) -> int:
     folder = _benchmarks_folder()
     names = BENCHMARKS if args.name == "all" else (args.name,)
     for name in names:
-        script = folder / f"{SUITES.get(name, name)}.py"
+        script = folder / f"{SUITES.get(name, name.replace('-', '_'))}.py"  # make-smaller: make_smaller.py
         if not script.is_file():
             raise UsageError(f"bench: {script} not found")
         command = [sys.executable, str(script), *args.args]
@@ -304,6 +353,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when there is one (default: %(default)s)")
 
+    p = sub.add_parser("distill", help="train a smaller student on a teacher's soft targets (Hinton et al., 2015)",
+                       description="The student is the teacher's architecture with --model.* changes (fewer layers "
+                                   "or narrower), trained on the teacher's task and data with "
+                                   "alpha * T^2 * KL(teacher || student) + (1 - alpha) * hard-label loss; "
+                                   "--distill.init_from_teacher=true copies the teacher's blocks into a student "
+                                   "with fewer layers. Tasks: causal-lm, mlm, mlm-nsp, classification.",
+                       epilog="Also: --model.FIELD=V (the student), --train.FIELD=V (on top of the teacher's "
+                              "training settings; out_dir defaults to runs/distill), --distill.FIELD=V "
+                              "(DistillConfig in minillm/distill.py: temperature, alpha, hidden_weight, "
+                              "hidden_layers, init_from_teacher, init_layers).")
+    p.add_argument("--teacher", metavar="RUN", required=True, help="the teacher's checkpoint or run directory")
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file with [model], [train], [distill] sections")
+
+    p = sub.add_parser("prune", help="prune a checkpoint: magnitude (unstructured), attention heads or MLP channels",
+                       description="Unstructured: zero the --sparsity fraction of smallest weights of the blocks' "
+                                   "linear layers. --structured heads|mlp: remove that fraction of each block's "
+                                   "attention heads or MLP channels, the least important by Michel et al. (2019) "
+                                   "(the same number in every block), which shrinks the tensors. Optionally "
+                                   "fine-tune afterwards (--finetune-steps, --train.* overrides). Writes a run "
+                                   "directory that evaluate and generate read.")
+    p.add_argument("--checkpoint", metavar="RUN", required=True, help="checkpoint or run directory to prune")
+    p.add_argument("--sparsity", metavar="S", type=float, required=True, help="fraction removed, in [0, 1)")
+    p.add_argument("--structured", choices=("heads", "mlp"), default=None,
+                   help="remove whole heads or MLP channels (default: unstructured magnitude pruning)")
+    p.add_argument("--scope", choices=("global", "layer"), default="global",
+                   help="unstructured: rank weights over all layers or within each (default: %(default)s)")
+    p.add_argument("--importance", choices=("gradient", "weight"), default="gradient",
+                   help="structured: |dL/d gate| over a few batches, or weight norm (default: %(default)s)")
+    p.add_argument("--importance-batches", metavar="N", type=_at_least(1), default=8,
+                   help="structured, gradient importance: training batches (default: %(default)s)")
+    p.add_argument("--finetune-steps", metavar="N", type=_at_least(0), default=0,
+                   help="fine-tune this many steps after pruning (default: 0)")
+    p.add_argument("--out", metavar="DIR", required=True, help="run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
     sub.add_parser("configs", help="list the configs shipped with minillm (for --config NAME)",
                    description="Each config shipped with minillm: its name (for --config NAME), the command and "
                                "model it runs, and what it is for.")
@@ -319,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"pretrain": cmd_train, "finetune": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate,
-            "evaluate": cmd_evaluate, "export": cmd_export, "configs": cmd_configs, "bench": cmd_bench}
+            "evaluate": cmd_evaluate, "export": cmd_export, "distill": cmd_distill, "prune": cmd_prune,
+            "configs": cmd_configs, "bench": cmd_bench}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
