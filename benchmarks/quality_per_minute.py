@@ -2,7 +2,7 @@
 
     python benchmarks/quality_per_minute.py --text default --minutes 1,2,5
     python benchmarks/quality_per_minute.py --text book.txt --minutes 1,2
-    minillm bench quality_per_minute --text default --minutes 1
+    minillm bench quality-per-minute --text default --minutes 1
 
 The text (a file, or ``default``: the embedded corpus, its documents joined by blank lines) is
 normalised (``\\r\\n`` -> ``\\n``, trailing spaces dropped, runs of blank lines -> one blank line,
