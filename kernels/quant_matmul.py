@@ -32,13 +32,18 @@ Within a step every output column n has one scale s_n and one zero point z_n, so
 The centred codes q - z are integers in [-255, 255], exact in float16 and bfloat16 (and fp32), so
 the inner sum runs on tensor cores with the weight tile cast to x's dtype without any rounding,
 accumulated in float32; the scale multiplies the float32 partial sum once per step and column.
-An int4 tile is read as bytes (each byte by the two k lanes that share it) and split by a shift
-of 4 * (k % 2) and a mask of 0xF. Float32 inputs use input_precision="ieee" (exact fp32 FMA,
-not TF32), as the attention kernel does.
+The weight tile is loaded as stored, (BLOCK_N, BLOCK_K) with k contiguous (vectorised loads), and
+transposed for the dot. An int4 tile is loaded as (BLOCK_N, BLOCK_K / 2) bytes; the low and high
+nibbles are joined side by side and flattened, which puts inputs 2j and 2j + 1 back in order.
+Float32 inputs use input_precision="ieee" (exact fp32 FMA, not TF32), as the attention kernel
+does, on a narrow tile: float32 is supported, not fast. Offsets are int32, so x, y and the codes
+must each hold fewer than 2^31 elements (checked).
 
-Memory traffic: the codes (N K bits / 8 bytes), the scales and zero points (5 N G bytes), x once
-per column block (M K s), y once (M N s); against dequantize-then-matmul, which writes and reads
-the whole dequantized weight (2 N K s bytes more) on every call.
+Memory traffic, with s bytes per element of x and b bits per weight: the codes N K b / 8 bytes,
+the scales and zero points N G (4 + 1) bytes, read once per block of BLOCK_M rows; x (M K s) once
+per block of BLOCK_N columns; y (M N s) once. At M <= 16 (decoding) that is one read of the
+codes: b / 16 of an fp16 weight's bytes. Dequantize-then-matmul moves the codes too, then writes
+and reads the whole dequantized weight (2 N K * 4 bytes, float32) on every call.
 """
 
 from __future__ import annotations
