@@ -21,7 +21,9 @@ Not supported:
       (with grad mode on) is refused rather than given a result gradients cannot flow through;
     - group sizes that are not multiples of 32 (except the whole row): the dispatcher's `auto`
       uses the reference for those, and this function raises;
-    - float64 (use the reference), and CPU tensors outside the interpreter.
+    - float64 (use the reference), and CPU tensors outside the interpreter;
+    - torch.compile: unlike the attention and norm kernels, this one is not registered as a torch
+      custom op (kernels/ops.py), and compiling a model through it is untested.
 
 Algorithm. Each program owns a (BLOCK_M, BLOCK_N) tile of y and walks K in steps of BLOCK_K, a
 step that never crosses a group boundary (BLOCK_K divides group_size, or there is one group).
