@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import platform
 import statistics
 import tempfile
