@@ -1,9 +1,9 @@
 """Triton kernels for minillm's GPU hot path, each file opening with its pure-PyTorch reference.
 
 Installed as `minillm.kernels`. Kernels never import model code; the model reaches them only
-through `minillm.dispatch`. The one minillm module they import is `minillm.attention`, the
-torch-only attention math that is both the model's `reference` backend and the oracle the
-attention kernel is tested against.
+through `minillm.dispatch`. The minillm modules they import are `minillm.attention` and
+`minillm.quantize`: torch-only math that is both the model's `reference` backend and the oracle
+the attention and quantized-matmul kernels are tested against.
 
 Public API (``from minillm.kernels import ...``)
 ------------------------------------------------
@@ -20,6 +20,9 @@ Attention (kernels/attention.py):
 Norms (kernels/norms.py):
     layer_norm, rms_norm, add_layer_norm, add_rms_norm, and their references
     layer_norm_reference, rms_norm_reference, add_layer_norm_reference, add_rms_norm_reference
+Quantized matmul (kernels/quant_matmul.py):
+    quant_matmul(x, qweight, scales, zeros=None, bits=8, group_size=None)   int8 / packed int4 weights
+    quant_matmul_reference                                     dequantize, then torch.matmul
 Custom ops (kernels/ops.py, torch only): `ops`, registering torch.ops.minillm.attention_forward,
 attention_backward, norm_forward and norm_backward, which torch.compile traces without a break.
 Checks (kernels/tolerance.py, torch only; `import minillm.kernels.tolerance`): the three-way
@@ -44,6 +47,7 @@ _EXPORTS = {
         ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "layer_norm_reference",
          "rms_norm_reference", "add_layer_norm_reference", "add_rms_norm_reference"),
         "norms"),
+    **dict.fromkeys(("quant_matmul", "quant_matmul_reference"), "quant_matmul"),
 }
 
 __all__ = sorted(_EXPORTS) + ["ops"]

@@ -64,6 +64,14 @@ it to a base model you already hold; `load_weights` into a LoRA-wrapped model (r
 adapter's tensors after the same check. Checkpoints of older minillm versions, which held every
 weight under LoRA's names, still load.
 
+Quantized checkpoints (`quantize_checkpoint`, `minillm quantize`). One directory, like save_model's:
+model.safetensors holds the attention and MLP projections as int8 or packed int4 codes with
+their scales (and zero points) (minillm.quantize has the format), everything else as it was;
+config.json keeps the task, model and data configs and adds "quantization" (bits, group_size,
+scheme, the quantized layers, the source checkpoint). `load_model` builds QuantizedLinear layers
+from it, so generate and evaluate load it; it is for inference only: init_from, save_model and
+export refuse it.
+
 Only tensors, numbers, strings, lists, tuples and dicts go into state.pt, so it loads with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code. A checkpoint file
 that does not decode (cut short, overwritten) is a ValueError naming the file, from every loader.
@@ -98,6 +106,7 @@ from minillm.lora import LoRALinear, add_lora, unwrap_model
 from minillm.lora import merge_lora as merge
 from minillm.prompts import (KeyValuePrefix, SoftPrompt, add_virtual_tokens, fold_prefixes, folded_tensors,
                              reparameterisations)
+from minillm.quantized import QuantizedLinear, make_quantized_layers, quantize_model
 from minillm.tasks import build_model, upgrade_saved_configs
 from minillm.train_config import resume_differences
 
@@ -106,6 +115,7 @@ WEIGHTS, STATE, CONFIG, TOKENIZER = "model.safetensors", "state.pt", "config.jso
 # Hugging Face tokenizer (a fine-tune of a Hugging Face model): any one of these names says which.
 TOKENIZER_FILES = (TOKENIZER, "tokenizer.json", "vocab.json", "vocab.txt")
 ADAPTER = "adapter"  # the safetensors metadata key of a LoRA run's adapter description
+QUANTIZATION = "quantization"  # config.json entry of a quantized checkpoint (quantize_checkpoint)
 LATEST, BEST = "latest", "best"
 PROBE = "probe"  # LP-FT's probe stage (minillm finetune): a run directory inside the run's
 # What a run writes into out_dir: moved aside together when an overwrite=True run replaces it.
@@ -327,6 +337,9 @@ def save_model(directory: str | os.PathLike, model: nn.Module, *, task: str | No
     if _adapter_targets(model):
         raise ValueError(f"save_model: the model has adapters or virtual tokens ({_adapter_targets(model)[0]}...), "
                          f"which a plain checkpoint cannot describe; save the run's adapter checkpoint instead")
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError("save_model: the model has quantized layers, which need their settings saved too; "
+                         "write it with quantize_checkpoint(path, out, bits, group_size, scheme)")
     task = task_of(model) if task is None else task
     get_task(task, "task").check_model(model)
     target = Path(directory)
@@ -358,6 +371,48 @@ def save_model(directory: str | os.PathLike, model: nn.Module, *, task: str | No
             os.replace(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def quantize_checkpoint(path: str | os.PathLike, out: str | os.PathLike, bits: int, group_size: int | None = None,
+                        scheme: str = "symmetric") -> Path:
+    """Write a weight-quantized copy of a checkpoint (or a run's latest one) into `out`, a new or empty
+    directory; returns it. The attention and MLP projections become int8 or packed int4 codes with
+    float32 scales (and zero points) (minillm.quantized.quantize_model; group_size None: one group per
+    output channel); everything else is copied as it is. config.json keeps the task, model and data
+    configs and adds {"quantization": {bits, group_size, scheme, layers, source}}, which `load_model`
+    reads to build QuantizedLinear layers, so `minillm generate` and `minillm evaluate` load it.
+    The directory is written beside `out` and renamed into place: a failure leaves no half of it.
+    """
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"quantize_checkpoint: out {target} exists and is not an empty directory; choose a new one")
+    model, configs, tokenizer = load_model(path)
+    if QUANTIZATION in configs:
+        raise ValueError(f"quantize_checkpoint: {path} is quantized already ({configs[QUANTIZATION]['bits']}-bit); quantize "
+                         f"the checkpoint it was made from")
+    source = Path(path) if is_hf_directory(Path(path)) else resolve_checkpoint(path)
+    layers = quantize_model(model, bits, group_size, scheme)
+    tensors, ties = _weights_for_saving(model)
+    spec = {"bits": bits, "group_size": group_size, "scheme": scheme, "layers": layers,
+            "source": str(source.resolve())}
+    saved = {key: configs[key] for key in ("task", "model", "data") if key in configs}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        metadata = {"format": "pt", "ties": json.dumps(ties), QUANTIZATION: json.dumps(spec)}
+        (tmp / WEIGHTS).write_bytes(safetensors.torch.save(tensors, metadata=metadata))
+        (tmp / CONFIG).write_text(json.dumps({**saved, QUANTIZATION: spec}, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        os.replace(tmp, target)  # onto a missing or empty directory: atomic
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 
@@ -999,7 +1054,11 @@ def load_model(path: str | os.PathLike, merge_lora: bool = True, **runtime) -> t
         check_vocab(model_config, tokenizer, f"load_model({checkpoint})")
     model = build_model(model_config, task)
     adapter = read_adapter(checkpoint)
-    if adapter is not None:
+    if QUANTIZATION in configs:  # quantize_checkpoint's: int8/int4 layers in place of the projections
+        spec = configs[QUANTIZATION]
+        make_quantized_layers(model, spec["layers"], spec["bits"], spec["group_size"], spec["scheme"])
+        load_weights(model, checkpoint)
+    elif adapter is not None:
         base = Path(adapter.base_checkpoint)
         if not base.exists():
             raise FileNotFoundError(f"load_model: {checkpoint} is a LoRA adapter on the base {base}, which is not "
@@ -1044,6 +1103,9 @@ def init_from(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> dict
     else:
         checkpoint = resolve_checkpoint(path)
         configs = read_configs(checkpoint)
+        if QUANTIZATION in configs:
+            raise ValueError(f"init_from: {checkpoint} is a quantized checkpoint, for inference only; start from the "
+                             f"checkpoint it was made from ({configs[QUANTIZATION].get('source')})")
         saved_config, tensors = configs.get("model", {}), read_weights(checkpoint)
         adapter = read_adapter(checkpoint)
         if adapter is not None and adapter.method != "lora":

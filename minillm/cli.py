@@ -1,4 +1,4 @@
-"""The ``minillm`` command: pretrain | finetune | evaluate | generate | prepare | distill | prune | configs | bench.
+"""The ``minillm`` command: pretrain | finetune | evaluate | generate | prepare | distill | prune | quantize | configs | bench.
 
     minillm pretrain                                  # tiny GPT on the embedded corpus, ~5 min on 2 cores
     minillm pretrain --model bert                     # tiny BERT, MLM + NSP
@@ -8,6 +8,7 @@
     minillm evaluate --checkpoint runs/finetune-bert
     minillm distill --teacher runs/pretrain-gpt --model.n_layers=2   # a 2-layer student of the teacher
     minillm prune --checkpoint runs/pretrain-gpt --sparsity 0.5 --out runs/pruned
+    minillm quantize --checkpoint runs/pretrain-gpt --bits 4 --out runs/gpt-int4   # then generate/evaluate it
     minillm configs                                   # the configs shipped with minillm
     minillm pretrain --config gpt2-124m-gpu --data.inputs=corpus/*.txt --train.max_steps=20000
     python -m minillm --version                       # the same command, without the console script
@@ -40,7 +41,7 @@ from minillm import __version__, config_io, recipes
 from minillm.data import DataConfig
 from minillm.tasks import get_task
 
-BENCHMARKS = ("attention", "layer_norm", "data", "train")  # `bench all`: the speed benchmarks
+BENCHMARKS = ("attention", "layer_norm", "quant_matmul", "data", "train")  # `bench all`: the speed benchmarks
 EXPERIMENTS = ("finetune", "make-smaller", "quality-per-minute")  # minutes to an hour: run by name only
 SUITES = {"gpu": "gpu_suite"}  # by name only: `bench gpu` runs benchmarks/gpu_suite.py (needs --out)
 
@@ -195,6 +196,24 @@ def _refuse_unused(sources: dict[str, str], section: str, unused: dict[str, str]
             raise UsageError(f"{section}.{name} (set by {sources[f'{section}.{name}']}) would have no effect: {why}")
 
 
+def cmd_quantize(args, overrides) -> int:
+    from minillm import checkpoint as ckpt
+
+    _no_overrides("quantize", overrides)
+    group_size = DEFAULT_GROUP_SIZE[args.bits] if args.group_size is None else args.group_size
+    group_size = None if group_size == "channel" else group_size
+    out = ckpt.quantize_checkpoint(args.checkpoint, args.out, args.bits, group_size, args.scheme)
+    spec = ckpt.read_configs(out)[ckpt.QUANTIZATION]
+    before, after = Path(spec["source"]) / ckpt.WEIGHTS, out / ckpt.WEIGHTS
+    grouping = "one group per output channel" if group_size is None else f"groups of {group_size}"
+    sizes = f"{after.stat().st_size / 1e6:.2f} MB"
+    if before.is_file():
+        sizes = f"{before.stat().st_size / 1e6:.2f} MB -> {sizes}"
+    print(f"{out}: {len(spec['layers'])} linear layers as {args.bits}-bit {args.scheme} codes, {grouping}; "
+          f"{ckpt.WEIGHTS} {sizes}")
+    return 0
+
+
 def cmd_configs(args, overrides) -> int:
     """The shipped configs: name, the command they run, their model, their one-line description."""
     _no_overrides("configs", overrides)
@@ -248,6 +267,16 @@ def _no_overrides(command: str, overrides: dict) -> None:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+# --group-size when it is not given: per-channel int8, groups of 128 for int4.
+DEFAULT_GROUP_SIZE = {8: "channel", 4: 128}
+
+
+def _group_size(text: str):
+    if text == "channel":
+        return text
+    return _at_least(1)(text)
 
 
 def _at_least(low: int):
@@ -388,6 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", required=True, help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
+    p = sub.add_parser("quantize", help="write an int8/int4 weight-quantized copy of a checkpoint",
+                       description="The attention and MLP projections become int8 (per output channel by "
+                                   "default) or packed int4 (groups of 128 inputs by default) codes with float32 "
+                                   "scales, and zero points with --scheme asymmetric; embeddings, heads and norms "
+                                   "stay in floating point. `minillm generate` and `minillm evaluate` load the "
+                                   "result; on a GPU the Triton kernel multiplies by it, elsewhere PyTorch "
+                                   "dequantizes it first.")
+    p.add_argument("--checkpoint", metavar="DIR", required=True,
+                   help="checkpoint or run directory (its latest checkpoint)")
+    p.add_argument("--bits", type=int, choices=(8, 4), required=True, help="bits per weight")
+    p.add_argument("--group-size", metavar="N|channel", type=_group_size, default=None,
+                   help="inputs sharing one scale, or 'channel' for a whole output row (default: channel for "
+                        "--bits 8, 128 for --bits 4)")
+    p.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric",
+                   help="symmetric: absmax scale; asymmetric: min-max scale and a zero point (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", required=True, help="the checkpoint directory to write (new or empty)")
+
     sub.add_parser("configs", help="list the configs shipped with minillm (for --config NAME)",
                    description="Each config shipped with minillm: its name (for --config NAME), the command and "
                                "model it runs, and what it is for.")
@@ -404,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"pretrain": cmd_train, "finetune": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate,
             "evaluate": cmd_evaluate, "export": cmd_export, "distill": cmd_distill, "prune": cmd_prune,
-            "configs": cmd_configs, "bench": cmd_bench}
+            "quantize": cmd_quantize, "configs": cmd_configs, "bench": cmd_bench}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -1,4 +1,4 @@
-"""The one place that decides how attention and normalisation run.
+"""The one place that decides how attention, normalisation and quantized matmuls run.
 
 The model calls `attention(...)`, `layer_norm(...)` and `rms_norm(...)` from here and never knows
 how a kernel is launched; kernels never import model code. Each function takes a `backend` name
@@ -40,6 +40,12 @@ is about to run: `import minillm`, the reference, sdpa and torch backends, and `
 import it. Asking for `triton` where it is not installed raises a ValueError that says so and
 names the backends to use instead.
 
+quantized matmul backends (QuantizedLinear.backend, minillm.quantized)
+    reference  dequantize the whole weight, then torch.matmul (minillm/quantize.py)
+    triton     minillm's kernel, dequantizing in registers (kernels/quant_matmul.py; same device rule)
+    auto       triton on CUDA when Triton is installed and the kernel takes the layer's group size
+               (a whole row, or a multiple of its K tile), the reference elsewhere.
+
 A backend that cannot run the inputs it is given raises a ValueError; nothing falls back silently.
 """
 
@@ -53,6 +59,7 @@ import torch.nn.functional as F
 
 from minillm import measured
 from minillm.attention import attention_reference
+from minillm.quantize import quant_matmul_reference
 
 _ATTENTION_INSTEAD = "attn_backend='auto', 'sdpa' or 'reference'"
 _NORM_INSTEAD = "norm_backend='auto' or 'torch'"
@@ -184,3 +191,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: 
 
         return triton_rms_norm(x, (x.shape[-1],), weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+_QUANT_INSTEAD = "backend='auto' or 'reference'"
+
+
+def resolve_quant_backend(backend: str, x: torch.Tensor, group_size: int, in_features: int) -> str:
+    """'triton' or 'reference' for a quantized matmul of x. auto: the Triton kernel on CUDA when
+    Triton is installed and the kernel takes this group size (kernels/quant_matmul.py:
+    `kernel_supports`), else the reference (dequantize the weight, then torch.matmul)."""
+    if backend == "auto":
+        if not (x.is_cuda and triton_available()):
+            return "reference"
+        from minillm.kernels.quant_matmul import kernel_supports
+
+        return "triton" if kernel_supports(group_size, in_features) else "reference"
+    if backend == "triton":
+        _require_triton(x, "quant backend", _QUANT_INSTEAD)
+        return "triton"
+    if backend == "reference":
+        return "reference"
+    raise ValueError(f"quant backend: got {backend!r}, expected one of 'auto', 'reference', 'triton'")
+
+
+def quant_matmul(
+    x: torch.Tensor,  # (..., K)
+    qweight: torch.Tensor,  # (N, K) int8/uint8, or (N, K/2) uint8 packed int4
+    scales: torch.Tensor,  # (N, K / group_size)
+    zeros: torch.Tensor | None,  # (N, K / group_size) uint8, asymmetric only
+    bits: int,
+    group_size: int,
+    backend: str = "auto",
+) -> torch.Tensor:  # (..., N)
+    """x @ w'^T with w' the dequantized weight (minillm.quantize), by the chosen backend."""
+    in_features = qweight.shape[-1] * (2 if bits == 4 else 1)
+    if resolve_quant_backend(backend, x, group_size, in_features) == "reference":
+        return quant_matmul_reference(x, qweight, scales, zeros, bits, group_size)
+    from minillm.kernels.quant_matmul import quant_matmul as triton_quant_matmul
+
+    return triton_quant_matmul(x, qweight, scales, zeros, bits, group_size)

@@ -69,6 +69,10 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwri
             raise FileExistsError(f"--out: {out} holds files an export does not write ({others[:5]}); "
                                   f"--overwrite only replaces an earlier export")
     model, configs, tokenizer = load_model(checkpoint, merge_lora=True)
+    if "quantization" in configs:
+        raise ValueError(f"--checkpoint: {checkpoint} is a quantized checkpoint; transformers' GPT-2/BERT/T5 classes "
+                         f"hold floating-point weights, so export the checkpoint it was made from "
+                         f"({configs['quantization'].get('source')})")
     if tokenizer is None:
         raise ValueError(f"--checkpoint: {checkpoint} has no tokenizer; transformers needs one to read and write text")
     family = hf_config_of(model)["model_type"]  # refuses, naming the field, what transformers cannot express
