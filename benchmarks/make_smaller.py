@@ -14,7 +14,7 @@ Arms, each scored on the same validation windows of the teacher's corpus (mean n
   (init_from_teacher, every other block);
 * the teacher pruned without fine-tuning: unstructured magnitude pruning and structured pruning
   of heads and MLP channels (Michel et al., 2019), at 25%, 50% and 75% (--quick: 50% only);
-* the teacher's weights quantized to int8 and int4 through ``minillm.quantize.quantize_checkpoint``
+* the teacher's weights quantized to int8 and int4 through ``minillm.checkpoint.quantize_checkpoint``
   when this checkout has it (a row says so when it does not).
 
 Size on disk is the safetensors file of each model (unstructured pruning keeps dense tensors, so
@@ -174,19 +174,13 @@ def prune_arms(teacher: Path, out: Path, scorer: Scorer, sparsities) -> list[dic
 
 
 def quantize_arms(teacher: Path, out: Path, scorer: Scorer) -> list[dict]:
-    """int8 per channel and int4 in groups of 32, symmetric, through h-quant's quantize_checkpoint."""
-    try:
-        from minillm.quantize import quantize_checkpoint
-    except ImportError:
-        return [{"method": "quantized (int8, int4)", "parameters": None, "size_bytes": None, "val_loss": None,
-                 "tokens_per_s": None, "note": "quantization not available in this checkout (no "
-                                               "minillm.quantize.quantize_checkpoint)"}]
+    """int8 per channel and int4 in groups of 32, symmetric (``minillm.checkpoint.quantize_checkpoint``)."""
     from minillm import checkpoint as ckpt
 
     rows = []
     for bits, group_size in ((8, None), (4, 32)):
         folder = out / f"quantized-int{bits}"
-        quantize_checkpoint(teacher, folder, bits, group_size, "symmetric")
+        ckpt.quantize_checkpoint(teacher, folder, bits, group_size, "symmetric")
         model, _, _ = ckpt.load_model(folder)
         where = "per channel" if group_size is None else f"groups of {group_size}"
         rows.append(row(f"quantized, int{bits}", model, weights_bytes(folder), scorer,
