@@ -88,6 +88,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from minillm.adalora import AdaLoRALinear
 from minillm.config import ModelConfig
 from minillm.distributed import seed_everything
 from minillm.lora import LoRALinear, add_lora, unwrap_model
@@ -594,6 +595,7 @@ def training_state(trainer) -> dict:
         "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": rngs,
         "best_value": trainer.best_value, "best_step": trainer.best_step, "evals_since_best": trainer.evals_since_best,
         "data": {"micro_batches": trainer.micro_batches, "world": trainer.world, "batch_size": trainer.config.batch_size},
+        **({"adalora": trainer.rank_allocator.state_dict()} if getattr(trainer, "rank_allocator", None) else {}),
     }
 
 
@@ -610,6 +612,8 @@ def restore_training_state(trainer, checkpoint: Path) -> None:
     trainer.best_value, trainer.best_step = state["best_value"], state["best_step"]
     trainer.evals_since_best = state["evals_since_best"]
     trainer.last_saved_step = trainer.step
+    if getattr(trainer, "rank_allocator", None) is not None:  # AdaLoRA: its importance averages and rank pattern
+        trainer.rank_allocator.load_state_dict(state["adalora"])
     saved = state["data"]
     if saved["world"] != trainer.world or saved["batch_size"] != trainer.config.batch_size:
         warnings.warn(
@@ -768,6 +772,8 @@ class Adapter:
     base: str  # TrainConfig.init_from, as given
     base_checkpoint: str  # the checkpoint (or Hugging Face directory) it resolved to, absolute
     base_sha256: str  # fingerprint of every other tensor (_fingerprint)
+    method: str = "lora"  # "lora" or "adalora" (minillm.adalora: lora_E between A and B)
+    rank_pattern: dict | None = None  # AdaLoRA: {layer: [kept?] per triplet}; masked λ are saved as 0
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -821,9 +827,11 @@ def plan_adapter(model: nn.Module, config, base_digests: dict[str, str]) -> Adap
             saved.append(name)
     source = Path(config.init_from)
     resolved = source if is_hf_directory(source) else resolve_checkpoint(source)
-    return Adapter(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets,
-                   tensors=saved, base=config.init_from, base_checkpoint=str(resolved.resolve()),
-                   base_sha256=_fingerprint(base))
+    adalora = config.finetune_mode == "adalora"
+    return Adapter(rank=config.adalora_init_rank if adalora else config.lora_rank, alpha=config.lora_alpha,
+                   dropout=config.lora_dropout, targets=targets, tensors=saved, base=config.init_from,
+                   base_checkpoint=str(resolved.resolve()), base_sha256=_fingerprint(base),
+                   method="adalora" if adalora else "lora")
 
 
 def read_adapter(path: str | os.PathLike) -> Adapter | None:
@@ -880,7 +888,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"load_adapter: {checkpoint} is a different architecture: " + "; ".join(mismatch))
     _check_base(model, adapter, checkpoint, "load_adapter")
     leaves = tuple(sorted({name.rpartition(".")[2] for name in adapter.targets}))  # "q_proj", "fc_in"...
-    add_lora(model, adapter.rank, adapter.alpha, adapter.dropout, targets=leaves)
+    layer = AdaLoRALinear if adapter.method == "adalora" else LoRALinear
+    add_lora(model, adapter.rank, adapter.alpha, adapter.dropout, targets=leaves, layer=layer)
     _load_adapter_tensors(model, checkpoint, adapter, "load_adapter")
     return model
 
