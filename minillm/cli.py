@@ -41,6 +41,7 @@ from minillm.tasks import get_task
 
 BENCHMARKS = ("attention", "layer_norm", "data", "train")  # `bench all`: the speed benchmarks
 EXPERIMENTS = ("finetune",)  # minutes to an hour: run by name only (pretrained vs scratch)
+EXPERIMENTS += ("finetune-methods",)  # every finetune_mode side by side, and few-shot (benchmarks/finetune_methods.py)
 
 
 class UsageError(Exception):
@@ -184,7 +185,7 @@ def cmd_bench(args, overrides) -> int:
     folder = _benchmarks_folder()
     names = BENCHMARKS if args.name == "all" else (args.name,)
     for name in names:
-        script = folder / f"{name}.py"
+        script = folder / f"{name.replace('-', '_')}.py"
         if not script.is_file():
             raise UsageError(f"bench: {script} not found")
         command = [sys.executable, str(script), *args.args]

@@ -1,6 +1,6 @@
 """PET-style cloze classification (task "cloze", minillm.data.cloze): the questions it builds, the
-loss over the verbalizer's logits at the mask, its errors, and `minillm finetune` end to end on
-test_cli's tiny BERT run and CSV task."""
+loss over the verbalizer's logits at the mask, and its errors (`minillm finetune --train.task=cloze`
+end to end: tests/test_finetune_methods.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from minillm.data.cloze import ClozeCollator, ClozeDataset, parse_verbalizer
 from minillm.metrics import IGNORE_INDEX
 from minillm.tasks import build_model, get_task
 from minillm.trainer import seed_everything
-from test_cli import TINY_TRAIN, bert_run, run, work  # noqa: F401  (test_cli's tiny corpus, CSV task, BERT run)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -105,21 +104,3 @@ def test_errors_name_the_setting():
     assert parse_verbalizer("pos=good, neg=bad", ["neg", "pos"]) == ["bad", "good"]
     assert parse_verbalizer(None, ["neg", "pos"]) == ["neg", "pos"]
 
-
-def test_finetune_cloze_from_the_command_line(work, bert_run):  # noqa: F811
-    out_dir = work / "cloze"
-    files = [f"--data.train_file={work / 'train.csv'}", f"--data.validation_file={work / 'dev.csv'}",
-             "--data.seq_len=32", "--train.task=cloze"]
-    code, out, err = run("finetune", f"--train.init_from={bert_run[0]}", *files, "--data.cloze_verbalizer=no=e,yes=a",
-                         "--data.cloze_pattern={text} it is [MASK] .", *TINY_TRAIN, "--train.max_steps=4",
-                         f"--train.out_dir={out_dir}")
-    assert code == 0, err
-    assert "as cloze questions '{text} it is [MASK] .', words {'no': 'e', 'yes': 'a'}" in out
-    assert "validation accuracy" in out and "majority-class baseline" in out
-    code, out, err = run("evaluate", "--checkpoint", out_dir / "best")
-    assert code == 0, err
-    assert "(cloze)" in out and "accuracy" in out
-    # a word of several pieces: one line naming the word
-    code, out, err = run("finetune", f"--train.init_from={bert_run[0]}", *files, *TINY_TRAIN,
-                         "--data.cloze_verbalizer=no=e,yes=valuefunctionmodule", f"--train.out_dir={work / 'c2'}")
-    assert code == 2 and "the word 'valuefunctionmodule' is" in err and err.strip().count("\n") == 0

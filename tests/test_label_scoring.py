@@ -102,24 +102,3 @@ def test_bad_settings_name_the_argument(kwargs, message):
         score_labels(gpt(), CharTokenizer(), examples([("x", 1)]), **settings)
 
 
-
-# =============================================================================================
-# minillm evaluate --label-scoring
-# =============================================================================================
-
-from test_cli import gpt_run, run, work  # noqa: E402,F401  (the tiny corpus, CSV task and GPT run of test_cli)
-
-
-def test_evaluate_label_scoring_from_the_command_line(work, gpt_run):  # noqa: F811
-    gpt_dir, _ = gpt_run
-    files = [f"--data.train_file={work / 'train.csv'}", f"--data.validation_file={work / 'dev.csv'}",
-             f"--data.test_file={work / 'test.csv'}"]
-    code, out, err = run("evaluate", "--checkpoint", gpt_dir, "--label-scoring", "--shots=1", "--device=cpu", *files)
-    assert code == 0, err
-    assert "label scoring, 1-shot, test split (40 examples, words ['no', 'yes']): accuracy" in out
-    code, out, err = run("evaluate", "--checkpoint", gpt_dir, "--label-scoring", "--verbalizer=bad,good,other",
-                         "--device=cpu", *files)
-    assert code == 2 and err.strip().count("\n") == 0
-    assert "--verbalizer: got 3 words ['bad', 'good', 'other'], expected one per label ['no', 'yes']" in err
-    code, out, err = run("evaluate", "--checkpoint", gpt_dir, "--shots=2")
-    assert code == 2 and "--shots: only with --label-scoring" in err and err.strip().count("\n") == 0
