@@ -113,11 +113,12 @@ class TrainConfig:
     finetune_mode: str = "full"
     """"full" (every weight), "lora" (low-rank adapters; needs init_from: the run saves only the
     adapter, on top of that base), "adalora" (LoRA in SVD form with a shrinking rank budget, see
-    :mod:`minillm.adalora`; needs init_from and saves only the adapter, like LoRA), "bitfit" (biases only), "freeze" (embeddings and the first
-    freeze_layers blocks frozen): in these the task head always trains. "keep": train exactly the
-    parameters whose requires_grad is True as the model arrives (a model prepared by peft's
-    get_peft_model, or frozen by hand), the head included. A model that arrives with frozen
-    parameters is refused in every mode but "keep", rather than unfrozen behind the caller's back."""
+    :mod:`minillm.adalora`; needs init_from and saves only the adapter, like LoRA), "bitfit"
+    (biases only), "freeze" (embeddings and the first freeze_layers blocks frozen): in these the
+    task head always trains. "keep": train exactly the parameters whose requires_grad is True as
+    the model arrives (a model prepared by peft's get_peft_model, or frozen by hand), the head
+    included. A model that arrives with frozen parameters is refused in every mode but "keep",
+    rather than unfrozen behind the caller's back."""
     lora_rank: int = 8
     """LoRA rank r of the update B A."""
     lora_alpha: float = 16.0
