@@ -59,7 +59,9 @@ weights with another fingerprint is a ValueError. `load_model` finds the base, a
 adapter and merges it (merge_lora=True: plain weights, e.g. for export); `load_adapter` applies
 it to a base model you already hold; `load_weights` into a LoRA-wrapped model (resume) loads the
 adapter's tensors after the same check. Checkpoints of older minillm versions, which held every
-weight under LoRA's names, still load.
+weight under LoRA's names, still load. An AdaLoRA run (finetune_mode="adalora") is saved the same
+way: its adapter says method "adalora" and holds P, Λ (lora_E, masked values zero) and Q, with
+the rank pattern in its description; its state.pt keeps the rank allocator's averages for resuming.
 
 Only tensors, numbers, strings, lists, tuples and dicts go into state.pt, so it loads with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code. A checkpoint file
