@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from minillm.config import ModelConfig
 from minillm.data import DataConfig
-from minillm.data.classification import examples_from_pairs
+from minillm.data.classification import ClassificationExamples, examples_from_pairs
 from minillm.data.cloze import ClozeCollator, ClozeDataset, parse_verbalizer
 from minillm.metrics import IGNORE_INDEX
 from minillm.tasks import build_model, get_task
@@ -67,6 +67,16 @@ def test_a_cloze_question_is_the_pattern_with_the_text_and_one_mask():
     assert torch.equal(batch["mlm_labels"], expected)
 
 
+def test_a_pair_pattern_cuts_the_longest_text_first():
+    tok = WordTokenizer()
+    pairs = ClassificationExamples(["a b c d e", "f"], ["g h", "i j k l m n"], [0, 1], None, "t")
+    dataset = ClozeDataset(pairs, tok, max_len=9, pattern="{text} ? [MASK] , {text_pair}", words=["no", "yes"])
+    w = tok.vocab
+    # 2 specials + "?" + mask + "," = 5: 4 tokens left for the two texts, the longer one cut first
+    assert dataset[0]["input_ids"].tolist() == [CLS, w["a"], w["b"], w["?"], MASK, w[","], w["g"], w["h"], SEP]
+    assert dataset[1]["input_ids"].tolist() == [CLS, w["f"], w["?"], MASK, w[","], w["i"], w["j"], w["k"], SEP]
+
+
 def test_the_loss_is_cross_entropy_over_the_verbalizer_logits_at_the_mask():
     seed_everything(0)
     tok = WordTokenizer()
@@ -98,9 +108,9 @@ def test_errors_name_the_setting():
         DataConfig(cloze_pattern="{text} is good")
     with pytest.raises(ValueError, match=r"DataConfig.cloze_pattern: got '\[MASK\] news', expected a pattern"):
         DataConfig(cloze_pattern="[MASK] news")
+    pairs = ClassificationExamples(["a", "b"], ["c", "d"], [0, 1], None, "t")
     with pytest.raises(ValueError, match=r"expected a \{text_pair\} for the second text"):
-        ClozeDataset(examples_from_pairs([("a", 0), ("b", 1)], ["x", "y"], "t").__class__(
-            ["a", "b"], ["c", "d"], [0, 1], None, "t"), tok, 16, "{text} [MASK]", ["x", "y"])
+        ClozeDataset(pairs, tok, 16, "{text} [MASK]", ["x", "y"])
     assert parse_verbalizer("pos=good, neg=bad", ["neg", "pos"]) == ["bad", "good"]
     assert parse_verbalizer(None, ["neg", "pos"]) == ["neg", "pos"]
 
