@@ -62,7 +62,9 @@ weights with another fingerprint is a ValueError. `load_model` finds the base, a
 adapter and merges it (merge_lora=True: plain weights, e.g. for export); `load_adapter` applies
 it to a base model you already hold; `load_weights` into a LoRA-wrapped model (resume) loads the
 adapter's tensors after the same check. Checkpoints of older minillm versions, which held every
-weight under LoRA's names, still load.
+weight under LoRA's names, still load. An AdaLoRA run (finetune_mode="adalora") is saved the same
+way: its adapter says method "adalora" and holds P, Λ (lora_E, masked values zero) and Q, with
+the rank pattern in its description; its state.pt keeps the rank allocator's averages for resuming.
 
 Quantized checkpoints (`quantize_checkpoint`, `minillm quantize`). One directory, like save_model's:
 model.safetensors holds the attention and MLP projections as int8 or packed int4 codes with
@@ -100,6 +102,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from minillm.adapters import AdaptedSublayer, add_adapters
+from minillm.adalora import AdaLoRALinear
 from minillm.config import ModelConfig
 from minillm.distributed import seed_everything
 from minillm.lora import LoRALinear, add_lora, unwrap_model
@@ -660,6 +663,7 @@ def training_state(trainer) -> dict:
         "data": {"micro_batches": trainer.micro_batches, "world": trainer.world, "batch_size": trainer.config.batch_size},
         # a prefix run's MLP (minillm.prompts): its weights file holds only the folded prefix
         "prefix_reparameterisation": reparameterisations(trainer.raw_model),
+        **({"adalora": trainer.rank_allocator.state_dict()} if getattr(trainer, "rank_allocator", None) else {}),
     }
 
 
@@ -676,6 +680,8 @@ def restore_training_state(trainer, checkpoint: Path) -> None:
     trainer.best_value, trainer.best_step = state["best_value"], state["best_step"]
     trainer.evals_since_best = state["evals_since_best"]
     trainer.last_saved_step = trainer.step
+    if getattr(trainer, "rank_allocator", None) is not None:  # AdaLoRA: its importance averages and rank pattern
+        trainer.rank_allocator.load_state_dict(state["adalora"])
     saved = state["data"]
     if saved["world"] != trainer.world or saved["batch_size"] != trainer.config.batch_size:
         warnings.warn(
@@ -841,6 +847,7 @@ class Adapter:
     base: str  # TrainConfig.init_from, as given
     base_checkpoint: str  # the checkpoint (or Hugging Face directory) it resolved to, absolute
     base_sha256: str  # fingerprint of every other tensor (_fingerprint)
+    rank_pattern: dict | None = None  # AdaLoRA: {layer: [kept?] per triplet}; masked λ are saved as 0
 
 
 def _adapter_targets(model: nn.Module) -> list[str]:
@@ -851,9 +858,10 @@ def _adapter_targets(model: nn.Module) -> list[str]:
 
 def _attach(model: nn.Module, adapter: Adapter) -> None:
     """Add to a plain base model the modules `adapter` describes (its tensors are loaded after)."""
-    if adapter.method == "lora":
+    if adapter.method in ("lora", "adalora"):  # AdaLoRA: lora_E (the singular values) between A and B
         leaves = tuple(sorted({name.rpartition(".")[2] for name in adapter.targets}))  # "q_proj", "fc_in"...
-        add_lora(model, adapter.rank, adapter.alpha, adapter.dropout, targets=leaves)
+        layer = AdaLoRALinear if adapter.method == "adalora" else LoRALinear
+        add_lora(model, adapter.rank, adapter.alpha, adapter.dropout, targets=leaves, layer=layer)
     elif adapter.method == "adapter":
         add_adapters(model, adapter.settings["adapter_size"])
     elif adapter.method in ("prefix", "deep-prompt", "prompt"):
@@ -921,8 +929,9 @@ def plan_adapter(model: nn.Module, config, base_digests: dict[str, str]) -> Adap
     source = Path(config.init_from)
     resolved = source if is_hf_directory(source) else resolve_checkpoint(source)
     method = config.finetune_mode
-    if method == "lora":
-        described = dict(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
+    if method in ("lora", "adalora"):
+        rank = config.adalora_init_rank if method == "adalora" else config.lora_rank
+        described = dict(rank=rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
     elif method == "adapter":
         described = dict(settings={"adapter_size": config.adapter_size})
     else:

@@ -39,11 +39,13 @@ from pathlib import Path
 
 from minillm import __version__, config_io, recipes
 from minillm.data import DataConfig
+from minillm.label_scoring import evaluate_checkpoint
 from minillm.tasks import get_task
 
 BENCHMARKS = ("attention", "layer_norm", "quant_matmul", "data", "train")  # `bench all`: the speed benchmarks
 EXPERIMENTS = ("finetune", "make-smaller", "quality-per-minute")  # minutes to an hour: run by name only
 SUITES = {"gpu": "gpu_suite"}  # by name only: `bench gpu` runs benchmarks/gpu_suite.py (needs --out)
+EXPERIMENTS += ("finetune-methods",)  # every finetune_mode side by side, and few-shot (benchmarks/finetune_methods.py)
 
 
 class UsageError(Exception):
@@ -144,6 +146,15 @@ def cmd_evaluate(args, overrides) -> int:
     if bad:
         raise UsageError(f"--{bad[0]}: evaluate takes only --data.* overrides (on top of the checkpoint's saved data)")
     user, sources = config_io.user_layer({"data": DataConfig}, args.config, overrides)
+    scoring = {"--shots": args.shots, "--verbalizer": args.verbalizer, "--template": args.template}
+    if args.label_scoring:
+        verbalizer = args.verbalizer.split(",") if args.verbalizer else None
+        evaluate_checkpoint(args.checkpoint, user.get("data", {}), shots=args.shots or 0, verbalizer=verbalizer,
+                            template=args.template, batch_size=args.batch_size, device=args.device)
+        return 0
+    given = [flag for flag, value in scoring.items() if value is not None]
+    if given:
+        raise UsageError(f"{given[0]}: only with --label-scoring (zero-/few-shot scoring with a causal LM)")
     recipes.evaluate(args.checkpoint, overrides=user.get("data", {}), sources=sources, batch_size=args.batch_size,
                      max_batches=args.max_batches, device=args.device)
     return 0
@@ -381,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on the first N batches (default: 0, the whole held-out set)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when there is one (default: %(default)s)")
+    p.add_argument("--label-scoring", action="store_true",
+                   help="classify by scoring each label's word with a causal LM, no training (minillm.label_scoring) "
+                        "on the classification data (the embedded task unless --data.* says otherwise)")
+    p.add_argument("--shots", metavar="N", type=_at_least(0), default=None,
+                   help="--label-scoring: labelled examples per class put in the prompt (default: 0, zero-shot)")
+    p.add_argument("--verbalizer", metavar="W1,W2,...", default=None,
+                   help="--label-scoring: one word per label, in label order (default: the label names)")
+    p.add_argument("--template", metavar="TEXT", default=None,
+                   help="--label-scoring: the prompt of one example, with {text} (default: 'Text: {text}\\nLabel:')")
 
     p = sub.add_parser("distill", help="train a smaller student on a teacher's soft targets (Hinton et al., 2015)",
                        description="The student is the teacher's architecture with --model.* changes (fewer layers "

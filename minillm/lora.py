@@ -10,6 +10,8 @@ For inference `merge_lora` folds the update into the weight, W <- W + (alpha / r
 wrappers disappear: no extra latency. LoRA wraps the attention projections (q, k, v, out) and
 the MLP projections (fc_in, fc_gate, fc_out) of every block.
 
+AdaLoRA (finetune_mode="adalora") is LoRA in SVD form with a rank budget: see `minillm.adalora`.
+
 BitFit (Ben Zaken et al., 2022) trains only the bias terms. "freeze" freezes the embeddings and
 the first `freeze_layers` blocks (of each stack). In these modes the task head (the classifier,
 the NSP head) trains: it is new and has nothing to fall back on. "keep" changes nothing: the
@@ -79,9 +81,10 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-             targets: tuple[str, ...] = LORA_TARGETS) -> list[str]:
+             targets: tuple[str, ...] = LORA_TARGETS, layer: type = LoRALinear) -> list[str]:
     """Wrap every nn.Linear inside the model's blocks whose name is one of `targets` (default: all
-    of LORA_TARGETS); returns the wrapped module names, in the model's order."""
+    of LORA_TARGETS) in `layer` (LoRALinear, or a subclass such as AdaLoRA's); returns the wrapped
+    module names, in the model's order."""
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown or not targets:
         raise ValueError(f"add_lora: targets must be a non-empty selection of {LORA_TARGETS}, got {tuple(targets)}")
@@ -93,7 +96,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
             parent_name, _, leaf = name.rpartition(".")
             if leaf in targets and isinstance(module, nn.Linear):
                 parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, leaf, LoRALinear(module, rank, alpha, dropout))
+                setattr(parent, leaf, layer(module, rank, alpha, dropout))
                 wrapped.append(f"{block_name}.{name}")
     if not wrapped:
         raise ValueError(f"add_lora: found no {tuple(targets)} layers in {type(model).__name__}")
@@ -162,7 +165,7 @@ def check_frozen_parameters(model: nn.Module, mode: str) -> None:
 
 
 def apply_finetune_mode(model: nn.Module, config) -> dict:
-    """Set requires_grad for `config.finetune_mode` ("full", "lora", "bitfit", "freeze", "keep",
+    """Set requires_grad for `config.finetune_mode` ("full", "lora", "adalora", "bitfit", "freeze", "keep",
     "adapter", "prefix", "deep-prompt", "prompt").
 
     `config` is a TrainConfig (finetune_mode, lora_rank, lora_alpha, lora_dropout,
@@ -185,6 +188,11 @@ def apply_finetune_mode(model: nn.Module, config) -> dict:
         model.requires_grad_(False)
         length = config.prefix_length if mode == "prefix" else config.prompt_length
         add_virtual_tokens(model, mode, length, config.prefix_hidden)  # new: trainable
+    elif mode == "adalora":
+        from minillm.adalora import add_adalora  # adalora.py builds on this module's LoRALinear
+
+        model.requires_grad_(False)
+        add_adalora(model, config.adalora_init_rank, config.lora_alpha, config.lora_dropout)  # P, Λ, Q: trainable
     elif mode == "bitfit":
         model.requires_grad_(False)
         for name, param in model.named_parameters():
@@ -203,8 +211,8 @@ def apply_finetune_mode(model: nn.Module, config) -> dict:
                 block.requires_grad_(False)
     else:
         raise ValueError(
-            f"TrainConfig.finetune_mode: got {mode!r}, expected 'full', 'lora', 'bitfit', 'freeze', 'keep', "
-            f"'adapter', 'prefix', 'deep-prompt' or 'prompt'"
+            f"TrainConfig.finetune_mode: got {mode!r}, expected 'full', 'lora', 'adalora', 'bitfit', 'freeze', "
+            f"'keep', 'adapter', 'prefix', 'deep-prompt' or 'prompt'"
         )
     for param in head_parameters(model):
         param.requires_grad_(True)

@@ -59,10 +59,12 @@ from minillm.data import (
     read_seq2seq_pairs,
     stdlib_seq2seq_task,
 )
+from minillm.data.cloze import ClozeCollator, ClozeDataset, check_pattern, parse_verbalizer
 from minillm.generation import generate_seq2seq
 from minillm.lora import unwrap_model
 from minillm.metrics import IGNORE_INDEX, classification_metrics, confusion_matrix, perplexity, text_scores
-from minillm.model import CausalLM, MaskedLM, Model, Seq2SeqLM, SequenceClassifier, XLNetClassifier, XLNetLM
+from minillm.model import (CausalLM, MaskedLM, Model, ModelOutput, Seq2SeqLM, SequenceClassifier, XLNetClassifier,
+                           XLNetLM)
 from minillm.tokenizer import Tokenizer
 
 # DataConfig fields every task reads, and those read when the corpus is (pretraining tasks
@@ -674,3 +676,52 @@ class ClassificationTask(Task):
         why = "" if split == "test" else " (no data.test_file: this split also picked the best checkpoint)"
         return [f"{split} accuracy {metrics['accuracy']:.1%} (macro-F1 {metrics['macro_f1']:.3f}, MCC "
                 f"{metrics['mcc']:.3f}) vs majority-class baseline {data.baselines['majority_baseline']:.1%}{why}"]
+
+
+@register
+class ClozeTask(ClassificationTask):
+    """PET-style cloze classification (Schick & Schütze, 2021; :mod:`minillm.data.cloze`): a masked
+    LM fills the [MASK] of ``data.cloze_pattern``, and the class scores are its MLM head's logits
+    for the verbalizer's words (``data.cloze_verbalizer``). The classification data, metrics and
+    report; the model is the masked LM itself (its head is pretrained: no new head, no probe), with
+    num_labels set to the verbalizer's K for the confusion matrix."""
+
+    name = "cloze"
+    model_class = MaskedLM
+    architectures = ("encoder",)
+    new_head = False
+    data_fields = ClassificationTask.data_fields | {"cloze_pattern", "cloze_verbalizer"}
+
+    def build_model(self, config):
+        return MaskedLM(config, nsp=False)
+
+    def check_model(self, model):
+        Task.check_model(self, model)
+
+    def check(self, model, data):
+        super().check(model, data)
+        check_pattern(data.cloze_pattern)
+
+    def datasets(self, data, tokenizer, model, samples):
+        _supervised_files(data, self.name, default_ok=True)
+        splits = classification_examples(data)
+        labels = splits["train"].label_map.names
+        words = parse_verbalizer(data.cloze_verbalizer, labels)
+        sets = {name: ClozeDataset(examples, tokenizer, data.seq_len, data.cloze_pattern, words)
+                for name, examples in splits.items() if examples is not None}
+        held_out = splits["test"] if splits["test"] is not None else splits["validation"]
+        majority = Counter(splits["train"].labels).most_common(1)[0][0]
+        summary = (f"data: {len(sets['train'])} train / {len(sets['validation'])} validation"
+                   + (f" / {len(sets['test'])} test" if "test" in sets else "") + f" examples as cloze questions "
+                   f"{data.cloze_pattern!r}, words {dict(zip(labels, words))}")
+        return TaskData(
+            sets["train"], sets["validation"], sets.get("test"), ClozeCollator(tokenizer, sets["train"].verbalizer),
+            summary, {"majority_baseline": sum(y == majority for y in held_out.labels) / len(held_out.labels)}, labels,
+        )
+
+    def forward(self, model, batch):
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
+                    labels=batch["mlm_labels"], loss_reduction="sum", masked_logits_only=True)  # (B, V): the masks
+        label_logits = out.logits[:, batch["verbalizer_ids"]]  # (B, K): the verbalizer's words
+        loss = F.cross_entropy(label_logits.float(), batch["labels"], reduction="sum")
+        return ModelOutput(logits=label_logits, loss=loss), {"loss": loss}

@@ -18,9 +18,10 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 FINETUNE_MODES = ("full", "lora", "bitfit", "freeze", "keep")
+FINETUNE_MODES += ("adalora",)  # minillm.adalora
 FINETUNE_MODES += ("adapter", "prefix", "deep-prompt", "prompt")  # minillm.adapters, minillm.prompts
 # Modes whose runs save only what they train, on top of init_from (minillm.checkpoint, "LoRA runs").
-ADAPTER_MODES = ("lora", "adapter", "prefix", "deep-prompt", "prompt")
+ADAPTER_MODES = ("lora", "adalora", "adapter", "prefix", "deep-prompt", "prompt")
 RESUME_CHANGES = ("refuse", "allow")
 
 # Resuming: the saved config is the base. These fields only say how the run is launched, and are
@@ -114,13 +115,15 @@ class TrainConfig:
     """Stop after this many evaluations without improvement; 0 never stops early."""
     finetune_mode: str = "full"
     """"full" (every weight), "lora" (low-rank adapters; needs init_from: the run saves only the
-    adapter, on top of that base), "bitfit" (biases only), "freeze" (embeddings and the first
+    adapter, on top of that base), "adalora" (LoRA in SVD form with a shrinking rank budget, see
+    :mod:`minillm.adalora`), "bitfit" (biases only), "freeze" (embeddings and the first
     freeze_layers blocks frozen), "adapter" (Houlsby bottleneck adapters), "prefix" (prefix tuning),
-    "deep-prompt" (P-tuning v2), "prompt" (prompt tuning): these four need init_from too and save
-    only what they train (minillm.adapters, minillm.prompts). In these the task head always trains. "keep": train exactly the
-    parameters whose requires_grad is True as the model arrives (a model prepared by peft's
-    get_peft_model, or frozen by hand), the head included. A model that arrives with frozen
-    parameters is refused in every mode but "keep", rather than unfrozen behind the caller's back."""
+    "deep-prompt" (P-tuning v2), "prompt" (prompt tuning): adalora and these four need init_from too
+    and save only what they train (minillm.adapters, minillm.prompts). In these the task head always
+    trains. "keep": train exactly the parameters whose requires_grad is True as the model arrives (a
+    model prepared by peft's get_peft_model, or frozen by hand), the head included. A model that
+    arrives with frozen parameters is refused in every mode but "keep", rather than unfrozen behind
+    the caller's back."""
     lora_rank: int = 8
     """LoRA rank r of the update B A."""
     lora_alpha: float = 16.0
@@ -138,6 +141,23 @@ class TrainConfig:
     prompt_length: int = 20
     """finetune_mode="prompt" or "deep-prompt": P, the soft-prompt vectors at the input (prompt) or
     the keys and values of every block (deep-prompt, P-tuning v2); they take the first P positions."""
+    adalora_init_rank: int = 12
+    """finetune_mode="adalora" (see :mod:`minillm.adalora`; lora_alpha and lora_dropout apply too):
+    the rank r every adapted layer starts with."""
+    adalora_target_rank: int = 8
+    """AdaLoRA: the average rank per layer at the end (the final budget is this times the layers)."""
+    adalora_ortho_weight: float = 0.1
+    """AdaLoRA: weight of the orthogonality regulariser ||PᵀP - I||²_F + ||QQᵀ - I||²_F in the loss."""
+    adalora_beta1: float = 0.85
+    """AdaLoRA: EMA decay of the sensitivity |w dL/dw| (the paper's β1)."""
+    adalora_beta2: float = 0.85
+    """AdaLoRA: EMA decay of the sensitivity's uncertainty (the paper's β2)."""
+    adalora_warmup_steps: int = 0
+    """AdaLoRA: steps at the full initial rank before the budget starts shrinking (t_i)."""
+    adalora_final_steps: int = 0
+    """AdaLoRA: steps at the end with the rank pattern fixed (t_f)."""
+    adalora_mask_interval: int = 10
+    """AdaLoRA: optimizer steps between two reallocations while the budget shrinks."""
     freeze_layers: int = 0
     """finetune_mode="freeze": number of leading blocks to freeze (embeddings are frozen too)."""
     layer_lr_decay: float = 1.0
@@ -186,11 +206,12 @@ class TrainConfig:
         if not self.out_dir:
             fail("out_dir", "a directory path")
         for name in ("batch_size", "grad_accum_steps", "lora_rank", "adapter_size", "prefix_length", "prefix_hidden",
-                     "prompt_length"):
+                     "prompt_length", "adalora_init_rank", "adalora_target_rank", "adalora_mask_interval"):
             if getattr(self, name) < 1:
                 fail(name, "an integer >= 1")
         for name in ("max_steps", "warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-                     "early_stopping_patience", "freeze_layers", "probe_steps", "num_workers"):
+                     "early_stopping_patience", "freeze_layers", "probe_steps", "num_workers",
+                     "adalora_warmup_steps", "adalora_final_steps"):
             if getattr(self, name) < 0:
                 fail(name, "an integer >= 0")
         if self.log_every < 1:
@@ -234,8 +255,30 @@ class TrainConfig:
         if self.finetune_mode in ADAPTER_MODES and self.init_from is None:
             fail("init_from", f"a pretrained checkpoint when finetune_mode={self.finetune_mode!r} (it adapts a base "
                               f"model, and the run saves only what it trains, on top of it)")
+        self._check_adalora(fail)
         if self.finetune_mode == "freeze" and self.freeze_layers == 0:
             fail("freeze_layers", "an integer >= 1 when finetune_mode='freeze'")
+
+    def _check_adalora(self, fail) -> None:
+        """The adalora_* fields (only when finetune_mode="adalora")."""
+        if self.finetune_mode != "adalora":
+            return
+        if self.init_from is None:
+            fail("init_from", "a pretrained checkpoint when finetune_mode='adalora' (AdaLoRA adapts a base model, "
+                              "and the run saves only the adapter, on top of it)")
+        if self.max_steps == 0:
+            fail("max_steps", "a positive number of steps when finetune_mode='adalora' (its rank budget schedule "
+                              "is laid out over max_steps)")
+        if self.adalora_target_rank > self.adalora_init_rank:
+            fail("adalora_target_rank", f"an integer in [1, adalora_init_rank={self.adalora_init_rank}]")
+        if not (self.adalora_ortho_weight >= 0 and math.isfinite(self.adalora_ortho_weight)):
+            fail("adalora_ortho_weight", "a finite number >= 0")
+        for name in ("adalora_beta1", "adalora_beta2"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                fail(name, "a number in (0, 1)")
+        if self.adalora_warmup_steps + self.adalora_final_steps >= self.max_steps:
+            fail("adalora_final_steps", f"fewer than max_steps - adalora_warmup_steps = "
+                                        f"{self.max_steps - self.adalora_warmup_steps} (the budget needs steps to shrink)")
 
     def fields_without_effect(self) -> dict[str, str]:
         """{field: why} for the fields this config sets aside (LoRA's rank outside LoRA mode...): a
@@ -243,6 +286,12 @@ class TrainConfig:
         unused = {}
         if self.finetune_mode != "lora":
             unused.update(dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout"), "finetune_mode is not 'lora'"))
+        if self.finetune_mode == "adalora":
+            unused["lora_rank"] = "finetune_mode is 'adalora' (its ranks are adalora_init_rank and adalora_target_rank)"
+            del unused["lora_alpha"], unused["lora_dropout"]
+        else:
+            unused.update(dict.fromkeys([f.name for f in dataclasses.fields(self) if f.name.startswith("adalora_")],
+                                        "finetune_mode is not 'adalora'"))
         if self.finetune_mode != "freeze":
             unused["freeze_layers"] = "finetune_mode is not 'freeze'"
         if self.finetune_mode != "adapter":

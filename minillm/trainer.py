@@ -42,9 +42,13 @@ any other mode is refused, since it would unfreeze them. A model prepared with `
 (``get_peft_model(model, LoraConfig(...))``) is unwrapped (``minillm.lora.unwrap_model``): the
 trainer trains, evaluates and saves the minillm model inside, whose layers hold the adapters, and
 its checkpoints hold the full weights under peft's names (resume with the same get_peft_model).
-A LoRA run (finetune_mode="lora"; likewise "adapter", "prefix", "deep-prompt", "prompt") loads its
-base (``init_from``) also when it resumes, and saves only the adapter (see :mod:`minillm.checkpoint`);
-a prefix run takes its MLP back from the training state (``minillm.prompts.unfold_prefixes``).
+A LoRA run (finetune_mode="lora"; likewise "adalora", "adapter", "prefix", "deep-prompt", "prompt")
+loads its base (``init_from``) also when it resumes, and saves only the adapter (see
+:mod:`minillm.checkpoint`); a prefix run takes its MLP back from the training state
+(``minillm.prompts.unfold_prefixes``). An AdaLoRA run (see :mod:`minillm.adalora`) adds its
+orthogonality regulariser to each step's loss (``adalora_ortho_weight``; the logged loss is the
+task's alone), and its rank allocator runs after each optimizer step, before the gradients are
+cleared; its final ranks per layer are printed and returned in the summary (``"adalora_ranks"``).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minillm import checkpoint as ckpt
+from minillm.adalora import build_rank_allocator, orthogonality_penalty
 from minillm import config_io, distributed
 from minillm.batches import eval_batches, to_device, train_batches
 from minillm.distributed import seed_everything
@@ -152,7 +157,9 @@ class Trainer:
             for param, requires_grad in arrived:
                 param.requires_grad_(requires_grad)
         self.trainable = apply_finetune_mode(model, config)
-        self.adapter = None  # what an adapter run saves (checkpoint.Adapter); None: the full weights
+        # AdaLoRA's hook: its regulariser joins the loss, its rank allocator runs after each step
+        self.rank_allocator = build_rank_allocator(model, config) if config.finetune_mode == "adalora" else None
+        self.adapter = None  # what a LoRA run saves (checkpoint.Adapter); None: the full weights
         if lora:
             self.adapter = (ckpt.read_adapter(resume_from) if resume_from
                             else ckpt.plan_adapter(model, config, base_digests))
@@ -283,6 +290,12 @@ class Trainer:
         if self.is_main and self.log.records:
             plot_metrics(self.log.jsonl, self.out_dir / "metrics.png")
         self.log.close()
+        extra = {}
+        if self.rank_allocator is not None:
+            extra["adalora_ranks"] = self.rank_allocator.ranks()
+            if self.is_main:
+                ranks = ", ".join(f"{name}={rank}" for name, rank in extra["adalora_ranks"].items())
+                print(f"AdaLoRA ranks at step {self.step} ({sum(extra['adalora_ranks'].values())} in all): {ranks}")
         return {
             "steps": self.step, "stopped": stop_reason, "tokens": self.tokens_seen,
             "tokens_per_s": (self.tokens_seen - start_tokens) / max(train_seconds, 1e-9),
@@ -290,7 +303,7 @@ class Trainer:
             "train_loss": next((r["loss"] for r in reversed(self.log.records) if r["kind"] == "train"), None),
             "best_metric": c.early_stopping_metric, "best_value": self.best_value, "best_step": self.best_step,
             "final": self.last_eval, "trainable_parameters": self.trainable["trainable"],
-            "train_seconds": self.train_seconds, "last_lr": lr,
+            "train_seconds": self.train_seconds, "last_lr": lr, **extra,
         }
 
     def _accumulate(self, micro: list[dict]) -> float:
@@ -306,7 +319,11 @@ class Trainer:
                 with distributed.autocast(self.device, self.dtype):
                     _, sums = self.task.forward(self.model, batch)
                     loss = sum(sums[term] / totals[term] for term in sums)
-                self.scaler.scale(loss * self.world).backward()  # DDP averages over ranks: undo it
+                    objective = loss
+                    if self.rank_allocator is not None:  # once per step: 1/len(micro) of it per micro-batch
+                        penalty = orthogonality_penalty(self.raw_model)
+                        objective = loss + self.config.adalora_ortho_weight * penalty / len(micro)
+                self.scaler.scale(objective * self.world).backward()  # DDP averages over ranks: undo it
             total_loss += loss.detach()
         return total_loss.item()
 
@@ -322,6 +339,8 @@ class Trainer:
             self._diverged(f"the gradient norm is {grad_norm}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.rank_allocator is not None and math.isfinite(grad_norm):  # AdaLoRA: needs the gradients
+            self.rank_allocator.step(self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -388,6 +407,8 @@ class Trainer:
         """Checkpoint the current step (rank 0 writes; every rank must call it under DDP)."""
         state = ckpt.training_state(self)  # a collective under DDP: every rank's RNG state
         path = None
+        if self.rank_allocator is not None:
+            self.adapter.rank_pattern = self.rank_allocator.rank_pattern
         if self.is_main:
             path = ckpt.save_checkpoint(self.out_dir, self.step, self.raw_model, state, self.configs, self.tokenizer,
                                         adapter=self.adapter)

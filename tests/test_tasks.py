@@ -52,7 +52,7 @@ def test_corpus_tasks_batches_fit_their_model(corpus, task, name):
 
 def test_every_task_is_one_registered_object():
     assert list(TASKS) == ["causal-lm", "mlm", "mlm-nsp", "permutation-lm", "span-corruption", "seq2seq",
-                          "classification"]
+                          "classification", "cloze"]
     for name, task in TASKS.items():
         assert task.name == name and get_task(name) is task
     with pytest.raises(ValueError, match=r"task: got 'rlhf', expected one of \('causal-lm'"):

@@ -75,6 +75,12 @@ class DataConfig:
     train_examples: int = 0
     """Classification: train on this many examples, a random sample (``seed``) of the training
     split, to see how a model fares with few labels; 0 keeps them all."""
+    cloze_pattern: str = "{text} This is about [MASK]."
+    """Task "cloze" (PET, see :mod:`minillm.data.cloze`): the question a masked LM answers, with
+    {text} (and {text_pair} for text pairs) and one [MASK]."""
+    cloze_verbalizer: str | None = None
+    """Task "cloze": one single-token word per label, ``"label=word,label=word"``; None: the label
+    names themselves."""
     validation_file: str | None = None
     """Classification / seq2seq pairs: validation file; it picks the best checkpoint."""
     test_file: str | None = None
@@ -117,6 +123,8 @@ class DataConfig:
               "an int >= 0 (0: every training example)")
         check(self.test_file is None or self.train_file not in (None, "default"), "test_file",
               "None unless train_file names a file (the embedded task has its own test split)")
+        check(self.cloze_pattern.count("[MASK]") == 1 and self.cloze_pattern.count("{text}") == 1, "cloze_pattern",
+              "a pattern with {text} once and [MASK] once, such as '{text} This is about [MASK].'")
         if self.glue_task is not None:
             from minillm.data.classification import GLUE_TASKS
 
