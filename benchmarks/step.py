@@ -10,10 +10,14 @@ otherwise), gradient clipping at 1.0. minillm's side is its `CausalLM` (same con
 learned positions, pre-norm LayerNorm, tanh-GELU, dropout 0) with the optimizer its trainer
 builds (`minillm.optim.build_optimizer`) and the same clipping.
 
-A step is forward + backward + clip + AdamW + zero_grad on one batch. The two alternate in blocks
-of `--block` steps inside one process, so both see the same machine load, and the figure is the
-median over every timed step of each; the ratio minillm / baseline below 1 means minillm is faster.
-Results go to benchmarks/results/step_<device>.json.
+Arms: the baseline in fp32 (its recipe runs fp32 on a CPU); minillm in fp32 (the same
+arithmetic: what the code costs); and minillm at the precision its trainer picks on this machine by
+default (``precision="auto"``: bf16 autocast on a CPU that computes bf16 natively, see
+`minillm.distributed.pick_dtype`), when that is not fp32. The headline ratio is the last over the
+baseline: each as it trains by default. A step is forward + backward + clip + AdamW + zero_grad on
+one batch. The arms alternate in blocks of `--block` steps inside one process, so all see the same
+machine load, and the figure is the median over every timed step of each; a ratio below 1 means
+minillm is faster. Results go to benchmarks/results/step_cpu.json.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm.config import ModelConfig
+from minillm.distributed import autocast, pick_dtype
 from minillm.model import CausalLM
 from minillm.optim import build_optimizer
 from minillm.train_config import TrainConfig
@@ -95,11 +100,14 @@ def fused_adamw(params, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.1)
 
 
 # ---------------------------------------------------------------------------------------------
-# The two steps, alternating
+# The steps, alternating
 # ---------------------------------------------------------------------------------------------
 
 
 def run(vocab: int, block: int, width: int, layers: int, heads: int, batch: int, rounds: int, per_block: int) -> dict:
+    """Median ms per step of the baseline (fp32, as its CPU recipe runs), of minillm in fp32 (the
+    same arithmetic), and of minillm at the precision its trainer picks here by default
+    (TrainConfig.precision="auto", minillm.distributed.pick_dtype), when that is not fp32."""
     torch.manual_seed(0)
     baseline = MinimalGPT(vocab, block, width, layers, heads).train()
     baseline_opt = fused_adamw(baseline.parameters(), 1e-3)
@@ -107,8 +115,7 @@ def run(vocab: int, block: int, width: int, layers: int, heads: int, batch: int,
                          max_seq_len=block, pos_encoding="learned", norm="layernorm", norm_placement="pre",
                          activation="gelu_tanh", bias=False, embed_dropout=0.0, attn_dropout=0.0,
                          resid_dropout=0.0, attn_backend="auto", norm_backend="auto")
-    ours = CausalLM(config).train()
-    ours_opt = build_optimizer(ours, TrainConfig(task="causal-lm", lr=1e-3, weight_decay=0.1))
+    default_dtype = pick_dtype("auto", torch.device("cpu"))
     generator = torch.Generator().manual_seed(1)
     data = [torch.randint(0, vocab, (batch, block + 1), generator=generator) for _ in range(8)]
 
@@ -121,37 +128,53 @@ def run(vocab: int, block: int, width: int, layers: int, heads: int, batch: int,
         baseline_opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    def minillm_step(i: int) -> float:
-        chunk = data[i % len(data)]
-        loss = ours(chunk[:, :-1], labels=chunk[:, :-1]).loss  # the model shifts its labels itself
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0, foreach=True)
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
-        return loss.item()
+    def minillm_step_fn(dtype: torch.dtype):
+        model = CausalLM(config).train()
+        optimizer = build_optimizer(model, TrainConfig(task="causal-lm", lr=1e-3, weight_decay=0.1))
+        device = torch.device("cpu")
 
-    times = {"minillm": [], "baseline": []}
-    for r in range(rounds + 1):  # round 0 warms both up and is not timed
-        for name, step in (("baseline", baseline_step), ("minillm", minillm_step)):
+        def minillm_step(i: int) -> float:
+            chunk = data[i % len(data)]
+            with autocast(device, dtype):  # what the Trainer wraps its forward in (none for fp32)
+                loss = model(chunk[:, :-1], labels=chunk[:, :-1]).loss  # the model shifts its labels itself
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+        return minillm_step
+
+    steps = {"baseline": baseline_step, "minillm_fp32": minillm_step_fn(torch.float32)}
+    if default_dtype != torch.float32:
+        steps["minillm_default"] = minillm_step_fn(default_dtype)
+    times = {name: [] for name in steps}
+    for r in range(rounds + 1):  # round 0 warms every arm up and is not timed
+        for name, step in steps.items():
             for i in range(per_block):
                 start = time.perf_counter()
                 step(r * per_block + i)
                 if r:
                     times[name].append(time.perf_counter() - start)
-    ours_ms, base_ms = (1e3 * statistics.median(times[k]) for k in ("minillm", "baseline"))
+    ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
+    ms.setdefault("minillm_default", ms["minillm_fp32"])
     return {
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "shape": {"vocab": vocab, "block": block, "width": width, "layers": layers,
                                                "heads": heads, "batch": batch},
         "baseline_optimizer": "fused" if baseline_opt.defaults.get("fused") else "foreach",
-        "steps_timed_each": len(times["minillm"]),
-        "minillm_ms_per_step": ours_ms, "baseline_ms_per_step": base_ms, "ratio_minillm_over_baseline": ours_ms / base_ms,
+        "minillm_default_precision": str(default_dtype).removeprefix("torch."),
+        "steps_timed_each": len(times["baseline"]),
+        "baseline_ms_per_step": ms["baseline"], "minillm_fp32_ms_per_step": ms["minillm_fp32"],
+        "minillm_default_ms_per_step": ms["minillm_default"],
+        "ratio_fp32_over_baseline": ms["minillm_fp32"] / ms["baseline"],
+        "ratio_minillm_over_baseline": ms["minillm_default"] / ms["baseline"],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=40, help="alternations of the two (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=40, help="alternations of the arms (default: %(default)s)")
     parser.add_argument("--block", type=int, default=5, help="steps of one kind in a row (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -159,10 +182,14 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args.vocab, args.seq_len, 128, 4, 4, args.batch, args.rounds, args.block)
     print(f"{result['device']}, torch {result['torch']}; 4 layers, 128 wide, 4 heads, batch {args.batch} x {args.seq_len}")
-    print(f"minimal GPT ({result['baseline_optimizer']} AdamW): {result['baseline_ms_per_step']:.2f} ms/step")
-    print(f"minillm CausalLM:                {result['minillm_ms_per_step']:.2f} ms/step")
-    print(f"ratio minillm / minimal GPT:     {result['ratio_minillm_over_baseline']:.3f} "
-          f"(median of {result['steps_timed_each']} steps each)")
+    print(f"minimal GPT, fp32 ({result['baseline_optimizer']} AdamW):   {result['baseline_ms_per_step']:.2f} ms/step")
+    print(f"minillm CausalLM, fp32:                    {result['minillm_fp32_ms_per_step']:.2f} ms/step "
+          f"(ratio {result['ratio_fp32_over_baseline']:.3f}: the same arithmetic)")
+    if result["minillm_default_precision"] != "float32":
+        print(f"minillm CausalLM, its default here ({result['minillm_default_precision']} autocast): "
+              f"{result['minillm_default_ms_per_step']:.2f} ms/step")
+    print(f"ratio minillm (as it trains by default) / minimal GPT (as its recipe runs): "
+          f"{result['ratio_minillm_over_baseline']:.3f} (median of {result['steps_timed_each']} steps each)")
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, "step_cpu.json")
     with open(path, "w") as f:

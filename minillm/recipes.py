@@ -463,6 +463,8 @@ def train(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=prin
     trainer = Trainer(net, run.train, task_data.train, task_data.validation, collate_fn=task_data.collate,
                       configs_to_save=saved, tokenizer=run.tokenizer, hooks=hooks,
                       before_training=(lambda body: _probe_head(body, run, saved, echo)) if probing else None)
+    _say(echo, f"device: {trainer.device}, precision {train.precision} -> "
+               f"{'fp32' if trainer.dtype == torch.float32 else str(trainer.dtype).removeprefix('torch.') + ' autocast'}")
     summary = trainer.fit()
     best = trainer.out_dir / ckpt.BEST
     if task.keep_best and best.exists():  # the best checkpoint on validation is the one reported

@@ -92,7 +92,8 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     precision: str = "auto"
     """"fp32", "bf16" (autocast), "fp16" (autocast + gradient scaler), "auto" (bf16 on a GPU that
-    supports it, else fp32)."""
+    supports it and on a CPU with native bf16 arithmetic, AVX512-BF16 or AMX; fp32 elsewhere). Weights
+    and optimizer state stay fp32 in every mode; the report names the precision the run used."""
     compile: bool = False
     """Wrap the model in torch.compile (needs a working compiler toolchain)."""
     seed: int = 0
