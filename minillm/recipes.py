@@ -436,10 +436,11 @@ def _differs_from_default(config, name: str) -> bool:
 
 
 def train(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=print, hooks=None, num_samples: int = 3,
-          sources: dict[str, str] | None = None, show_config: bool = False) -> dict:
+          sources: dict[str, str] | None = None, show_config: bool = False, clock=time.perf_counter) -> dict:
     """Resolve the run, train it, report its figures next to the task's baseline.
 
-    ``hooks`` go to the Trainer. ``sources`` ({"section.field": where the user set it}) lets
+    ``hooks`` and ``clock`` go to the Trainer (``clock``: what measures the training time that
+    ``max_minutes`` budgets, e.g. ``time.process_time`` for a budget of CPU time). ``sources`` ({"section.field": where the user set it}) lets
     :func:`resolve` refuse settings that would have no effect. ``show_config`` prints the
     resolved config, which is what <out_dir>/config.toml and every checkpoint save.
 
@@ -461,7 +462,7 @@ def train(model: ModelConfig, data: DataConfig, train: TrainConfig, *, echo=prin
     saved = {"data": run.data} | ({"labels": task_data.labels} if task_data.labels is not None else {})
     probing = bool(train.probe_steps) and train.init_from is not None and task.new_head
     trainer = Trainer(net, run.train, task_data.train, task_data.validation, collate_fn=task_data.collate,
-                      configs_to_save=saved, tokenizer=run.tokenizer, hooks=hooks,
+                      configs_to_save=saved, tokenizer=run.tokenizer, hooks=hooks, clock=clock,
                       before_training=(lambda body: _probe_head(body, run, saved, echo)) if probing else None)
     _say(echo, f"device: {trainer.device}, precision {train.precision} -> "
                f"{'fp32' if trainer.dtype == torch.float32 else str(trainer.dtype).removeprefix('torch.') + ' autocast'}")
