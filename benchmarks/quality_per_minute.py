@@ -184,8 +184,7 @@ def train_minillm(train_file: Path, work: Path, minutes: float, extra: list[str]
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"quality_per_minute: minillm pretrain failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    state = torch.load(run / "latest" / "state.pt", weights_only=False) if (run / "latest").is_dir() else \
-        torch.load(next(run.glob("step_*")) / "state.pt", weights_only=False)
+    state = torch.load(ckpt.resolve_checkpoint(run) / "state.pt", weights_only=False)  # the run's last checkpoint
     lr_line = next((line for line in done.stdout.splitlines() if line.startswith("learning rate:")), "")
     return run, {"steps": state["step"], "train_seconds": state["train_seconds"], "command_seconds": wall,
                  "schedule": lr_line}

@@ -127,10 +127,12 @@ FINETUNE = {**SHORT_RUN, "batch_size": 32, "max_steps": 600, "lr": 1e-3, "warmup
             "eval_batches": 0, "weight_decay": 0.01, "early_stopping_metric": "mcc"}
 
 RECIPES = {
+    # Windows of 64 tokens, 8 to a batch: at equal compute, more and smaller steps beat longer windows and
+    # bigger batches at this size (docs/measured/defaults_sweep_cpu*.md, README "Quality per minute").
     ("pretrain", "gpt"): Recipe(
-        "pretrain", "gpt", "causal-lm", {"preset": "tiny"}, CORPUS,
-        {**SHORT_RUN, "max_steps": 0, "max_minutes": 4.0, "lr": 2e-3, "warmup_steps": 30, "eval_batches": 0,
-         "weight_decay": 0.1}),
+        "pretrain", "gpt", "causal-lm", {"preset": "tiny", "max_seq_len": 64}, {**CORPUS, "seq_len": 64},
+        {**SHORT_RUN, "batch_size": 8, "max_steps": 0, "max_minutes": 4.0, "lr": 2e-3, "warmup_steps": 30,
+         "eval_every": 400, "eval_batches": 0, "weight_decay": 0.1}),
     ("pretrain", "bert"): Recipe(
         "pretrain", "bert", "mlm-nsp", {"preset": "tiny-bert"}, CORPUS,
         {**SHORT_RUN, "max_steps": 1000, "lr": 1e-3, "warmup_steps": 50, "eval_batches": 20, "weight_decay": 0.01}),
