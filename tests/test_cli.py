@@ -17,9 +17,11 @@ from minillm import cli, recipes
 from minillm.config_io import load_configs
 
 TINY_MODEL = ["--model.n_layers=1", "--model.d_model=32", "--model.n_heads=2", "--model.max_seq_len=64"]
+# fp32: some tests compare runs to each other exactly (torchrun against one process, resumed against
+# straight); precision="auto" is bf16 autocast on a CPU with native bf16 (tests/test_trainer.py tests it).
 TINY_TRAIN = ["--train.max_steps=4", "--train.warmup_steps=1", "--train.batch_size=4", "--train.eval_every=2",
               "--train.eval_batches=2", "--train.progress=false", "--train.lr=3e-3", "--train.device=cpu",
-              "--train.probe_steps=0"]
+              "--train.probe_steps=0", "--train.precision=fp32"]
 
 WORDS = ("the a module function returns value list string file path object class method error raises if when "
          "with for each new name data").split()

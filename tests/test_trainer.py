@@ -77,8 +77,11 @@ class PadCollator:
 
 
 def train_config(tmp_path: Path, name: str, **overrides) -> TrainConfig:
+    """fp32 unless a test says otherwise: several compare runs exactly (accumulation against one batch,
+    torchrun against one process), and precision="auto" is bf16 autocast on a CPU with native bf16."""
     fields = dict(out_dir=str(tmp_path / name), task="causal-lm", batch_size=4, max_steps=6, warmup_steps=2,
-                  lr=3e-3, eval_every=0, eval_batches=2, log_every=1, checkpoint_every=0, progress=False)
+                  lr=3e-3, eval_every=0, eval_batches=2, log_every=1, checkpoint_every=0, progress=False,
+                  precision="fp32")  # overrides win: {**fields, **overrides}
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -239,7 +242,7 @@ def test_accumulation_equals_one_large_batch(tmp_path):
                            make_model().state_dict()["decoder.blocks.0.mlp.fc_in.weight"])
 
 
-DDP_SETTINGS = dict(max_steps=3, warmup_steps=1, grad_accum_steps=2, lr=1e-2, grad_clip=0.5)
+DDP_SETTINGS = dict(max_steps=3, warmup_steps=1, grad_accum_steps=2, lr=1e-2, grad_clip=0.5, precision="fp32")
 
 
 def ddp_worker(out_dir: str) -> None:
@@ -573,3 +576,13 @@ def test_plot_metrics_leaves_the_matplotlib_backend_alone(tmp_path):
 
 if __name__ == "__main__":
     ddp_worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_only(monkeypatch, native):
+    from minillm import distributed
+
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert distributed.pick_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert distributed.pick_dtype("fp32", cpu) == torch.float32 and distributed.pick_dtype("bf16", cpu) == torch.bfloat16
