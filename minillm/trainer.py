@@ -227,8 +227,12 @@ class Trainer:
         batches = train_batches(self.train_data, self.collate_fn, batch_size=c.batch_size, seed=c.seed,
                                 rank=self.rank, world=self.world, start=self.micro_batches, num_workers=c.num_workers,
                                 pin_memory=self.device.type == "cuda")
-        bar = tqdm(total=c.max_steps or None, initial=self.step, disable=not (self.is_main and c.progress),
-                   dynamic_ncols=True, desc=c.task)
+        # A time-fitted run has no step count: its bar counts the seconds of the budget instead, so it
+        # shows the time left (tqdm's ETA), with the step in the postfix.
+        budget_s = round(60 * c.max_minutes) if c.time_fitted else None
+        bar = tqdm(total=budget_s if c.time_fitted else c.max_steps, unit="s" if c.time_fitted else "it",
+                   initial=min(budget_s, round(self.train_seconds)) if c.time_fitted else self.step,
+                   disable=not (self.is_main and c.progress), dynamic_ncols=True, desc=c.task)
         start, start_tokens, stop_reason = time.perf_counter(), self.tokens_seen, "max_steps"
         # Training time: what the checkpoint saved plus this session's clock. The clock is read at the
         # start of each step (the schedule) and at the stop check (the budget and the saved time), never
@@ -260,8 +264,12 @@ class Trainer:
                 row = self._step_row(loss, lr, grad_norm, (self.tokens_seen - start_tokens) / elapsed, micro[0])
                 if self.step % c.log_every == 0 or self.step == c.max_steps:
                     self.log.log(self.step, "train", row)
-                bar.update(1)
-                bar.set_postfix(_postfix(row, self.last_eval), refresh=False)
+                if c.time_fitted:
+                    bar.update(min(budget_s, round(self.train_seconds)) - bar.n)  # the time this step started at
+                else:
+                    bar.update(1)
+                bar.set_postfix({**({"step": self.step} if c.time_fitted else {}), **_postfix(row, self.last_eval)},
+                                refresh=False)
                 self._hook("on_step_end", row)
                 # evaluate
                 last = self.step == c.max_steps

@@ -143,8 +143,8 @@ def fit(tmp_path, name: str, clock: FakeClock, stop_at: int | None = None, **ove
         if trainer.step == stop_at:
             trainer.should_stop = True
 
-    config = wsd(out_dir=str(tmp_path / name), lr=3e-3, batch_size=4, log_every=1, eval_every=0, checkpoint_every=0,
-                 progress=False, **overrides)
+    config = wsd(**{"out_dir": str(tmp_path / name), "lr": 3e-3, "batch_size": 4, "log_every": 1, "eval_every": 0,
+                    "checkpoint_every": 0, "progress": False, **overrides})
     trainer = Trainer(make_model(), config, Windows(32, 1), Windows(4, 2), collate_fn=CausalLMCollator(),
                       hooks={"on_step_end": advance}, clock=clock)
     return trainer, trainer.fit()
@@ -195,3 +195,11 @@ def test_a_run_that_ends_in_its_warmup_is_not_called_decayed():
     line = schedule_summary(config, last_lr=lr_at(0, config), elapsed_s=5.0, steps=1)
     assert "ended in its warmup (step 1 of warmup_steps=30)" in line and "NOT decayed" in line
     assert "ended decayed" not in line
+
+
+def test_a_time_fitted_bar_counts_the_budget_and_shows_the_step(tmp_path, capsys):
+    _, summary = fit(tmp_path, "bar", FakeClock(), progress=True)
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    # the budget is 60 s; the last step started at 60 s (10 steps of 6 s): the bar is full, with the step
+    assert "60/60" in last and f"step={summary['steps']}" in last, last
