@@ -1,8 +1,6 @@
 """Knowledge distillation (minillm.distill): the loss against the formula computed by hand, where
 gradients flow, the student run end to end through `minillm distill`, and the refusals."""
 
-import contextlib
-import io
 import json
 import math
 
@@ -10,7 +8,6 @@ import pytest
 import torch
 
 from minillm import checkpoint as ckpt
-from minillm import cli
 from minillm.config import preset
 from minillm.distill import (
     DistillationTask,
@@ -21,22 +18,9 @@ from minillm.distill import (
     spread,
 )
 from minillm.tasks import build_model, get_task
+from test_cli import one_line_error, run  # the CLI helpers every CLI test shares
 
 TINY = dict(vocab_size=50, d_model=16, n_layers=2, n_heads=2, max_seq_len=16)
-
-
-def run(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("minillm: error: "), err
-    for needle in needles:
-        assert needle in err, err
 
 
 # ----------------------------------------------------------------------------- the loss

@@ -1,14 +1,11 @@
 """Pruning (minillm.prune): exact sparsity, 0% changes nothing, structured pruning shrinks the
 tensors and removes only what the outputs do not need, `minillm prune` end to end, refusals."""
 
-import contextlib
-import io
 
 import pytest
 import torch
 
 from minillm import checkpoint as ckpt
-from minillm import cli
 from minillm.config import preset
 from minillm.prune import (
     PruneConfig,
@@ -21,22 +18,9 @@ from minillm.prune import (
     unit_importance,
 )
 from minillm.tasks import build_model, get_task
+from test_cli import one_line_error, run  # the CLI helpers every CLI test shares
 
 TINY = dict(vocab_size=50, d_model=24, n_layers=2, n_heads=4, d_ff=40, max_seq_len=16)
-
-
-def run(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("minillm: error: "), err
-    for needle in needles:
-        assert needle in err, err
 
 
 def gpt(**fields):
