@@ -8,8 +8,10 @@
 
 Methods. Every mode of ``minillm.train_config.FINETUNE_MODES`` (but "keep", which trains whatever
 the caller left trainable) runs as `minillm finetune` from the same pretrained BERT (``--init``),
-with the same step budget (``--steps``), learning rate and data, for every seed: a mode added to
-FINETUNE_MODES appears here without a change. Settings a mode needs: LoRA rank 8, AdaLoRA from
+with the same step budget (``--steps``) and data, for every seed, each at its own peak learning
+rate (``METHOD_LR``: the fewer numbers a method moves, the larger its steps, as in the papers;
+``--lr`` sets one rate for all): a mode added to FINETUNE_MODES appears here without a change
+(at 1e-3 until it has a rate in METHOD_LR). Settings a mode needs: LoRA rank 8, AdaLoRA from
 rank 12 to an average of 8 (warmup a tenth of the steps, the last fifth fixed), freeze: the first
 block. The data is the embedded stdlib-docstring task, or ``--tsv TRAIN DEV`` (a GLUE task with
 ``--glue-task``, any TSV with ``--data.*`` overrides; the dev file is then the reported split).
@@ -44,6 +46,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = {"model.max_seq_len": None, "data.seq_len": "32", "train.batch_size": "8", "train.eval_every": "0",
          "train.eval_batches": "2", "train.log_every": "5"}
 SKIPPED_MODES = ("keep",)  # trains what the caller left trainable: not a method of its own
+
+
+# Each method's peak learning rate (as notebook 3): a method that moves fewer numbers takes larger
+# steps, as in its paper; prompt tuning, which moves the fewest, the largest. --lr sets one for all.
+METHOD_LR = {"full": 5e-4, "freeze": 5e-4, "lora": 2e-3, "adalora": 2e-3, "bitfit": 5e-3, "adapter": 1e-3,
+             "prefix": 5e-3, "deep-prompt": 1e-2, "prompt": 3e-2}
+DEFAULT_LR = 1e-3  # a mode not in METHOD_LR (one added to FINETUNE_MODES later)
 
 
 def mode_overrides(mode: str, steps: int) -> dict[str, str]:
@@ -177,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "(default: runs/pretrain-gpt when it exists)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="one peak learning rate for every run (default: each method's own, METHOD_LR)")
     parser.add_argument("--shots", type=int, nargs="*", default=[16, 32, 64], help="few-shot sizes per class")
     parser.add_argument("--tsv", nargs=2, metavar=("TRAIN", "DEV"), default=None, help="a GLUE-style train/dev pair")
     parser.add_argument("--glue-task", default=None, help="the GLUE layout of --tsv (e.g. sst2, cola)")
@@ -199,7 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    base = {"train.max_steps": str(args.steps), "train.lr": str(args.lr), "train.warmup_steps": str(args.steps // 10),
+    if args.lr is not None and args.lr <= 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    base = {"train.max_steps": str(args.steps), "train.warmup_steps": str(args.steps // 10),
             "train.probe_steps": "0", "train.early_stopping_metric": "accuracy"}
     if args.quick:
         base |= {k: v for k, v in QUICK.items() if v is not None}
@@ -216,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         out = Path(args.out or tmp)
         for mode in modes:
             for seed in args.seeds:
-                settings = {**base, **mode_overrides(mode, args.steps), "train.finetune_mode": mode,
+                lr = args.lr if args.lr is not None else METHOD_LR.get(mode, DEFAULT_LR)
+                settings = {"train.lr": str(lr), **base, **mode_overrides(mode, args.steps), "train.finetune_mode": mode,
                             "train.seed": str(seed), "data.seed": str(seed)}
                 run = {"method": mode, "seed": seed, **fine_tune(args.init, settings, str(out / f"{mode}-{seed}"))}
                 print(f"  {mode:<10} seed={seed}: accuracy {run['accuracy']:.1%}, MCC {run['mcc']:.3f}, "
@@ -230,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         for shots in args.shots:
             for arm, extra in arms.items():
                 for seed in args.seeds:
-                    settings = {**base, **extra, "train.seed": str(seed), "data.seed": str(seed),
+                    lr = args.lr if args.lr is not None else METHOD_LR["full"]
+                    settings = {"train.lr": str(lr), **base, **extra, "train.seed": str(seed), "data.seed": str(seed),
                                 "data.train_examples": str(shots * num_labels(base))}
                     try:
                         run = fine_tune(args.init, settings, str(out / f"few-{arm[:4]}-{shots}-{seed}"))

@@ -77,9 +77,10 @@ def _jobs(heavy: bool) -> list[CompileJob]:
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def compiled(tmp_path_factory):  # PTX and cubins under pytest's tmp dirs, which it prunes
     heavy = os.environ.get("MINILLM_AOT_HEAVY") == "1"
-    return compile_kernels(_jobs(heavy), workers=max(2, min(8, os.cpu_count() or 2)))
+    return compile_kernels(_jobs(heavy), workers=max(2, min(8, os.cpu_count() or 2)),
+                           out_dir=str(tmp_path_factory.mktemp("aot_attention")))
 
 
 def _is_fp32(info) -> bool:

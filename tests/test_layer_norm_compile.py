@@ -71,8 +71,8 @@ def _shipped_jobs():
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    return compile_kernels(_shipped_jobs())
+def compiled(tmp_path_factory):  # PTX and cubins under pytest's tmp dirs, which it prunes
+    return compile_kernels(_shipped_jobs(), out_dir=str(tmp_path_factory.mktemp("aot_layer_norm")))
 
 
 def test_blocks_cover_every_row_length():

@@ -54,8 +54,9 @@ def _shipped_jobs(heavy: bool):
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    return compile_kernels(_shipped_jobs(heavy=os.environ.get("MINILLM_AOT_HEAVY") == "1"))
+def compiled(tmp_path_factory):  # PTX and cubins under pytest's tmp dirs, which it prunes
+    heavy = os.environ.get("MINILLM_AOT_HEAVY") == "1"
+    return compile_kernels(_shipped_jobs(heavy=heavy), out_dir=str(tmp_path_factory.mktemp("aot_quant_matmul")))
 
 
 def test_every_shipped_config_compiles(compiled):
