@@ -22,7 +22,8 @@ on the test split, or validation when there is none), wall time per run.
 
 Few-shot: ``--shots 16 32 64`` labelled examples per class (``data.train_examples`` = shots x
 classes, a seeded random sample, not stratified) for head fine-tuning (mode "full") and PET cloze
-(task "cloze", ``--cloze-verbalizer``: one single-token word per label), and zero-shot label
+(task "cloze", ``--cloze-verbalizer``: one single-token word per label; on the embedded task
+``EMBEDDED_WORDS`` unless given), and zero-shot label
 scoring with a causal LM (``--gpt``: a GPT checkpoint; ``--label-words``), which trains nothing.
 Zero-shot scoring uses no labelled example and nothing random: it runs once. A cloze arm whose
 words are not single tokens, or scoring without ``--gpt``, is reported as skipped with the reason.
@@ -53,6 +54,12 @@ SKIPPED_MODES = ("keep",)  # trains what the caller left trainable: not a method
 METHOD_LR = {"full": 5e-4, "freeze": 5e-4, "lora": 2e-3, "adalora": 2e-3, "bitfit": 5e-3, "adapter": 1e-3,
              "prefix": 5e-3, "deep-prompt": 1e-2, "prompt": 3e-2}
 DEFAULT_LR = 1e-3  # a mode not in METHOD_LR (one added to FINETUNE_MODES later)
+# PET's verbalizer for the embedded task: the label's name where the default 4096-piece tokenizer
+# keeps it whole, else a one-token word of its package. (Label scoring needs no such thing: it scores
+# every label name's tokens.)
+EMBEDDED_WORDS = {"asyncio": "asyncio", "distutils": "distutils", "email": "email", "idlelib": "editor",
+                  "importlib": "import", "lib2to3": "grammar", "logging": "logging", "tkinter": "widget",
+                  "other": "other"}
 
 
 def mode_overrides(mode: str, steps: int) -> dict[str, str]:
@@ -220,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.glue_task:
             base["data.glue_task"] = args.glue_task
     base |= overrides
+    if not args.tsv and "data.train_file" not in overrides:  # the embedded task: PET's one-token words
+        args.cloze_verbalizer = args.cloze_verbalizer or ",".join(f"{k}={v}" for k, v in EMBEDDED_WORDS.items())
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     modes = [m for m in FINETUNE_MODES if m not in SKIPPED_MODES]
     print(f"device: {device}; {len(modes)} methods x {len(args.seeds)} seeds, {args.steps} steps each, from {args.init}")

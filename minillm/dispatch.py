@@ -151,10 +151,28 @@ def attention(
     if chosen == "reference":
         return attention_reference(query, key, value, **options)
     if chosen == "sdpa":
+        if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+            return _cpu_sdpa_in_fp32(query, key, value, options)
         return F.scaled_dot_product_attention(query, key, value, **options)
     from minillm.kernels.attention import scaled_dot_product_attention
 
     return scaled_dot_product_attention(query, key, value, **options)
+
+
+def _cpu_sdpa_in_fp32(query, key, value, options: dict) -> torch.Tensor:
+    """SDPA of bf16/fp16 inputs on a CPU, computed in fp32 and returned in the inputs' dtype.
+
+    torch's CPU attention kernels are slower in half precision than in fp32: at the tiny GPT's
+    shapes, bf16 autocast made its backward 5x slower (2.8 ms against 0.53 ms per call) and the whole
+    training step spent 41% of its time there (benchmarks/step.py, under torch.profiler). The
+    matmuls around it stay in bf16, where they are faster. Autocast is off inside, so it cannot cast
+    the fp32 inputs back down."""
+    mask = options["attn_mask"]
+    if mask is not None and mask.is_floating_point():
+        options = {**options, "attn_mask": mask.float()}  # an additive mask takes the scores' dtype
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), **options)
+    return out.to(query.dtype)
 
 
 def _use_triton_norm(x: torch.Tensor, backend: str, op: str = "layer_norm") -> bool:
