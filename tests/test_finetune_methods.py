@@ -37,6 +37,22 @@ def test_the_methods_benchmark_runs_every_mode_and_the_few_shot_arms(work, bert_
     assert (tmp_path / "finetune_methods_cpu.csv").read_text().startswith("method,")
 
 
+def test_the_methods_benchmark_on_a_gpt_body(work, gpt_run, tmp_path):  # noqa: F811
+    """--model gpt: every method on the causal LM; PET's arm is skipped with its reason."""
+    code, out, err = run("bench", "finetune-methods", "--quick", "--model=gpt", f"--init={gpt_run[0]}",
+                         f"--gpt={gpt_run[0]}", "--seeds", "0", "--steps=2", "--shots", "4", f"--results={tmp_path}",
+                         "--tsv", work / "train.csv", work / "dev.csv")
+    assert code == 0, err
+    results = json.loads((tmp_path / "finetune_methods_gpt_cpu.json").read_text())
+    assert results["model"] == "gpt"
+    assert [row["method"] for row in results["methods"]] == [m for m in FINETUNE_MODES if m != "keep"]
+    assert all(row["trainable"] > 0 and row["bytes"] > 0 for row in results["methods"])
+    few = {row["arm"]: row for row in results["few_shot"]}
+    assert "needs a masked LM" in few["PET cloze, 4/class"]["skipped"]
+    assert "skipped" not in few["head fine-tuning, 4/class"] and "skipped" not in few["zero-shot scoring, 0/class"]
+    assert not (tmp_path / "finetune_methods_cpu.json").exists()  # the BERT table is not overwritten
+
+
 # =============================================================================================
 # minillm evaluate --label-scoring, minillm finetune --train.task=cloze
 # =============================================================================================
