@@ -10,7 +10,8 @@
 Methods. Every mode of ``minillm.train_config.FINETUNE_MODES`` (but "keep", which trains whatever
 the caller left trainable) runs as `minillm finetune --model bert|gpt` (``--model``) from the same
 pretrained body (``--init``),
-with the same step budget (``--steps``) and data, for every seed, each at its own peak learning
+with the same step budget (``--steps``) and data (prefix and prompt tuning: the text cut to what
+their virtual tokens leave of ``max_seq_len``), for every seed, each at its own peak learning
 rate (``METHOD_LR``: the fewer numbers a method moves, the larger its steps, as in the papers;
 ``--lr`` sets one rate for all): a mode added to FINETUNE_MODES appears here without a change
 (at 1e-3 until it has a rate in METHOD_LR). Settings a mode needs: LoRA rank 8, AdaLoRA from
@@ -92,11 +93,17 @@ def weights_size(out_dir: str) -> int:
 
 def fine_tune(init: str, overrides: dict[str, str], out_dir: str, family: str = "bert") -> dict:
     """One `minillm finetune` run; its figures, size and wall time."""
-    from minillm import recipes
+    from minillm import checkpoint, recipes
 
     overrides = {**overrides, "train.init_from": init, "train.out_dir": out_dir, "train.progress": "false",
                  "train.overwrite": "true"}
     c, _ = recipes.configs("finetune", family, None, overrides)
+    if c["train"].virtual_tokens is not None:
+        # A prefix or soft prompt comes first and shares the body's max_seq_len (64 for the tiny GPT):
+        # the text gets what is left, as `minillm finetune` would ask for.
+        room = checkpoint.read_configs(init)["model"]["max_seq_len"] - c["train"].virtual_tokens[1]
+        if c["data"].seq_len > room:
+            c, _ = recipes.configs("finetune", family, None, {**overrides, "data.seq_len": str(room)})
     started = time.perf_counter()
     result = recipes.finetune(c["model"], c["data"], c["train"], echo=lambda *lines: None)
     return {"accuracy": result["metrics"]["accuracy"], "mcc": result["metrics"]["mcc"], "split": result["split"],
@@ -148,6 +155,8 @@ def write_csv(rows: list[dict]) -> str:
 
 
 def plot(methods: list[dict], few_shot: list[dict], path: Path, title: str) -> None:
+    """MCC by method (accuracy flatters "always the majority class"), trainable parameters by
+    method, and few-shot MCC against labelled examples per class, one line per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,21 +165,26 @@ def plot(methods: list[dict], few_shot: list[dict], path: Path, title: str) -> N
     done = [r for r in methods if "skipped" not in r]
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.5))
     names = [r["method"] for r in done]
-    left.bar(names, [r["accuracy_mean"] for r in done], yerr=[r["accuracy_std"] for r in done], capsize=4)
-    left.axhline(done[0]["majority_baseline"], color="gray", linestyle="--", label="majority class")
-    left.set_ylabel("accuracy (mean ± std over seeds)")
+    left.bar(names, [r["mcc_mean"] for r in done], yerr=[r["mcc_std"] for r in done], capsize=4)
+    left.axhline(0.0, color="gray", linestyle="--", label="majority class (MCC 0)")
+    left.set_ylabel("test MCC (mean ± std over seeds)")
     left.legend()
     middle.bar(names, [r["trainable"] for r in done], color="tab:orange")
     middle.set_yscale("log")
     middle.set_ylabel("trainable parameters (log scale)")
-    for arm in dict.fromkeys(r["arm"] for r in few_shot if "skipped" not in r):
-        points = [r for r in few_shot if r["arm"] == arm and "skipped" not in r]
-        right.errorbar([r["shots"] for r in points], [r["accuracy_mean"] for r in points],
-                       yerr=[r["accuracy_std"] for r in points], marker="o", capsize=4, label=arm)
+    trained = [r for r in few_shot if "skipped" not in r and r["shots"] > 0]
+    for arm in dict.fromkeys(r["arm"].rsplit(", ", 1)[0] for r in trained):  # "PET cloze, 16/class" -> "PET cloze"
+        points = [r for r in trained if r["arm"].rsplit(", ", 1)[0] == arm]
+        right.errorbar([r["shots"] for r in points], [r["mcc_mean"] for r in points],
+                       yerr=[r["mcc_std"] for r in points], marker="o", capsize=4, label=arm)
+    for r in few_shot:
+        if "skipped" not in r and r["shots"] == 0:
+            right.axhline(r["mcc_mean"], color="tab:green", linestyle=":", label="zero-shot label scoring (GPT)")
     right.set_xlabel("labelled examples per class")
-    right.set_ylabel("accuracy")
+    right.set_ylabel("test MCC")
     right.set_title("few-shot")
-    right.legend()
+    if right.has_data():
+        right.legend()
     for axis in (left, middle):
         axis.tick_params(axis="x", rotation=30)
     fig.suptitle(title)

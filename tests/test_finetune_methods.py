@@ -38,10 +38,12 @@ def test_the_methods_benchmark_runs_every_mode_and_the_few_shot_arms(work, bert_
 
 
 def test_the_methods_benchmark_on_a_gpt_body(work, gpt_run, tmp_path):  # noqa: F811
-    """--model gpt: every method on the causal LM; PET's arm is skipped with its reason."""
+    """--model gpt: every method on the causal LM; PET's arm is skipped with its reason. The text
+    fills the GPT's whole max_seq_len (64), so prefix and prompt runs get it cut to what their
+    virtual tokens leave."""
     code, out, err = run("bench", "finetune-methods", "--quick", "--model=gpt", f"--init={gpt_run[0]}",
                          f"--gpt={gpt_run[0]}", "--seeds", "0", "--steps=2", "--shots", "4", f"--results={tmp_path}",
-                         "--tsv", work / "train.csv", work / "dev.csv")
+                         "--tsv", work / "train.csv", work / "dev.csv", "--data.seq_len=64")
     assert code == 0, err
     results = json.loads((tmp_path / "finetune_methods_gpt_cpu.json").read_text())
     assert results["model"] == "gpt"
