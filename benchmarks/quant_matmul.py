@@ -28,30 +28,17 @@ import csv
 import json
 import os
 import platform
-import statistics
-import time
+import sys
 
 import torch
 
 from minillm.quantize import dequantize_weight, quant_matmul_reference, quantize_weight
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from layer_norm import bench  # noqa: E402  (one timing rule for the kernel benchmarks: do_bench on a GPU)
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 VARIANTS = [(8, "symmetric", None), (8, "asymmetric", None), (4, "symmetric", 128), (4, "asymmetric", 128)]
-
-
-def bench(fn, device, reps):
-    """Median seconds per call: triton's do_bench on a GPU (L2 flushed between calls), wall clock on CPU."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=reps * 4, return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bytes_moved(m, n, k, bits, group_size, zeros, act_bytes):
