@@ -532,6 +532,20 @@ class SpanCorruptionTask(_EncoderDecoderTask):
 # =============================================================================================
 
 
+def _split_sizes(sets: dict) -> str:
+    """The sizes every supervised task's summary opens with: "data: N train / M validation (/ K test)"."""
+    return (f"data: {len(sets['train'])} train / {len(sets['validation'])} validation"
+            + (f" / {len(sets['test'])} test" if "test" in sets else ""))
+
+
+def _majority_baseline(splits: dict) -> float:
+    """Accuracy of always answering the training split's most frequent label, on the split a run
+    reports (test, else validation)."""
+    held_out = splits["test"] if splits["test"] is not None else splits["validation"]
+    majority = Counter(splits["train"].labels).most_common(1)[0][0]
+    return sum(label == majority for label in held_out.labels) / len(held_out.labels)
+
+
 def _supervised_files(data: DataConfig, task: str, default_ok: bool) -> None:
     """Refuse a supervised run without its files, naming the field."""
     if data.train_file is None:
@@ -568,8 +582,7 @@ class Seq2SeqTask(_EncoderDecoderTask):
             pairs = {split: read_seq2seq_pairs(path, data.text_field, data.target_field, data.encoding_errors)
                      for split, path in files.items() if path is not None}
         sets = {split: Seq2SeqPairDataset(p, tokenizer, data.seq_len, data.seq_len) for split, p in pairs.items()}
-        summary = (f"data: {len(sets['train'])} train / {len(sets['validation'])} validation"
-                   + (f" / {len(sets['test'])} test" if "test" in sets else "") + " (source, target) pairs")
+        summary = _split_sizes(sets) + " (source, target) pairs"
         return TaskData(sets["train"], sets["validation"], sets.get("test"), Seq2SeqCollator(tokenizer), summary,
                         pairs=pairs)
 
@@ -633,16 +646,12 @@ class ClassificationTask(Task):
         sets = {name: ClassificationDataset(examples, tokenizer, data.seq_len)
                 for name, examples in splits.items() if examples is not None}
         labels = splits["train"].label_map.names
-        held_out = splits["test"] if splits["test"] is not None else splits["validation"]
-        majority = Counter(splits["train"].labels).most_common(1)[0][0]
-        summary = (f"data: {len(sets['train'])} train / {len(sets['validation'])} validation"
-                   + (f" / {len(sets['test'])} test" if "test" in sets else "") + f" examples, {len(labels)} labels "
-                   f"{labels}")
+        summary = _split_sizes(sets) + f" examples, {len(labels)} labels {labels}"
         return TaskData(
             sets["train"], sets["validation"], sets.get("test"),
             # segment ids only for a body that has segment embeddings (BERT's); a GPT reads [SEP]
             ClassificationCollator(tokenizer, segments=model.type_vocab_size > 0), summary,
-            {"majority_baseline": sum(label == majority for label in held_out.labels) / len(held_out.labels)}, labels,
+            {"majority_baseline": _majority_baseline(splits)}, labels,
         )
 
     def target_counts(self, batch):
@@ -709,14 +718,11 @@ class ClozeTask(ClassificationTask):
         words = parse_verbalizer(data.cloze_verbalizer, labels)
         sets = {name: ClozeDataset(examples, tokenizer, data.seq_len, data.cloze_pattern, words)
                 for name, examples in splits.items() if examples is not None}
-        held_out = splits["test"] if splits["test"] is not None else splits["validation"]
-        majority = Counter(splits["train"].labels).most_common(1)[0][0]
-        summary = (f"data: {len(sets['train'])} train / {len(sets['validation'])} validation"
-                   + (f" / {len(sets['test'])} test" if "test" in sets else "") + f" examples as cloze questions "
-                   f"{data.cloze_pattern!r}, words {dict(zip(labels, words))}")
+        summary = (_split_sizes(sets) + f" examples as cloze questions {data.cloze_pattern!r}, "
+                   f"words {dict(zip(labels, words))}")
         return TaskData(
             sets["train"], sets["validation"], sets.get("test"), ClozeCollator(tokenizer, sets["train"].verbalizer),
-            summary, {"majority_baseline": sum(y == majority for y in held_out.labels) / len(held_out.labels)}, labels,
+            summary, {"majority_baseline": _majority_baseline(splits)}, labels,
         )
 
     def forward(self, model, batch):
